@@ -1,0 +1,462 @@
+"""Public ops: argument checks, backend choice, fake kernels and autograd formulas.
+
+The kernels are torch custom ops in two families with identical schemas and identical
+semantics (docs/internals.md):
+- ``torch.ops.westar_ops.*``: C++, registered for the CPU and (when built) CUDA keys;
+- ``torch.ops.westar_triton.*``: Triton, defined in :mod:`westar_ops.triton`.
+This module registers a fake kernel and an autograd formula for each family, and the
+public functions below pick the family from ``backend`` and the tensors' device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import torch
+
+from westar_ops import _loader  # noqa: F401  (loads the C++ library that defines the ops)
+
+__all__ = [
+    "sa_hdn_loss",
+    "ordinal_ranking_loss",
+    "lora_delta_sq_norm",
+    "available_backends",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "cpu", "triton", "cuda")
+STATS_GRAD_MODES = {"none": 0, "scale": 1, "full": 2}
+ORDINAL_KINDS = {"margin": 0, "logistic": 1}
+NUM_STATS = 8  # columns of the per-context stats tensor (csrc/include/westar/sa_hdn_math.h)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ID_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
+_INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _cuda_built() -> bool:
+    from westar_ops import _build_info
+
+    return bool(_build_info.WITH_CUDA)
+
+
+def _triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_ops() -> SimpleNamespace:
+    """The Triton family, imported on first use (importing triton is slow)."""
+    try:
+        importlib.import_module("westar_ops.triton")
+    except ImportError as err:  # triton missing, or a kernel module failed to import
+        raise RuntimeError(
+            f"backend='triton' needs the triton package ({err}); "
+            "install it with `pip install triton`"
+        ) from err
+    return torch.ops.westar_triton
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The backends that can run on ``device`` in this installation."""
+    device = torch.device(device)
+    found = []
+    if device.type == "cpu":
+        found.append("cpu")
+        if _triton_interpreter() and importlib.util.find_spec("triton") is not None:
+            found.append("triton")
+    elif device.type == "cuda":
+        if _cuda_built():
+            found.append("cuda")
+        if importlib.util.find_spec("triton") is not None:
+            found.append("triton")
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn ``backend`` ("auto" | "cpu" | "triton" | "cuda") into a concrete backend.
+
+    "auto" picks "cpu" for CPU tensors and, for CUDA tensors, the CUDA C++ kernels when
+    the extension was built with them, else Triton.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"westar_ops runs on CPU and CUDA tensors, got device {device}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu"
+        return "cuda" if _cuda_built() else "triton"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if not _cuda_built():
+            raise RuntimeError(
+                "backend='cuda': westar_ops was built without CUDA kernels "
+                "(rebuild with WESTAR_CUDA=1 and nvcc available, or use backend='triton')"
+            )
+    if backend == "triton" and device.type == "cpu" and not _triton_interpreter():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs only under Triton's interpreter: set "
+            "TRITON_INTERPRET=1 before westar_ops.triton is imported, or use backend='cpu'"
+        )
+    return backend
+
+
+def _family(backend: str):
+    return _triton_ops() if backend == "triton" else torch.ops.westar_ops
+
+
+# ------------------------------------------------------------------- argument checks
+
+
+def _check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got {t.dtype}"
+        )
+
+
+def _image_view(name: str, t: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) -> (B, H, W) view."""
+    if t.dim() == 3:
+        return t
+    if t.dim() == 4 and t.shape[1] == 1:
+        return t.squeeze(1)
+    raise ValueError(f"{name} must have shape (B, H, W) or (B, 1, H, W), got {tuple(t.shape)}")
+
+
+def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but pred is on {ref.device}")
+
+
+def _eager() -> bool:
+    """Data-dependent checks (values, not shapes) run in eager mode only."""
+    return not torch.compiler.is_compiling()
+
+
+def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad):
+    pred = _check_tensor("pred", pred)
+    _check_float("pred", pred)
+    pred3 = _image_view("pred", pred)
+    target = _check_tensor("target", target)
+    _check_float("target", target)
+    _check_device("target", target, pred)
+    target3 = _image_view("target", target)
+    if target3.shape != pred3.shape:
+        raise ValueError(
+            f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
+        )
+    if target3.dtype != pred3.dtype:
+        target3 = target3.to(pred3.dtype)
+    batch, height, width = pred3.shape
+    if instances is not None:
+        instances = _check_tensor("instances", instances)
+        _check_device("instances", instances, pred)
+        if instances.dtype not in _ID_DTYPES:
+            raise TypeError(
+                "instances must be an integer tensor (uint8, int16, int32 or int64), "
+                f"got {instances.dtype}"
+            )
+        if instances.dim() == 3:
+            instances = instances.unsqueeze(1)
+        if instances.dim() != 4 or (
+            instances.shape[0],
+            instances.shape[2],
+            instances.shape[3],
+        ) != (batch, height, width):
+            raise ValueError(
+                f"instances must have shape (B, H, W) or (B, L, H, W) with (B, H, W) = "
+                f"{(batch, height, width)}, got {tuple(instances.shape)}"
+            )
+        if _eager() and instances.dtype != torch.uint8 and instances.numel() > 0:
+            if bool((instances < 0).any()):
+                raise ValueError(
+                    "instances must hold ids >= 0 (0 = no instance); found a negative id"
+                )
+    if valid is not None:
+        valid = _check_tensor("valid", valid)
+        _check_device("valid", valid, pred)
+        if valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+        valid = _image_view("valid", valid)
+        if valid.shape != pred3.shape:
+            raise ValueError(
+                f"valid must have shape (B, H, W) = {tuple(pred3.shape)}, got {tuple(valid.shape)}"
+            )
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if int(min_pixels) != min_pixels or min_pixels < 0:
+        raise ValueError(f"min_pixels must be an integer >= 0, got {min_pixels}")
+    if stats_grad not in STATS_GRAD_MODES:
+        raise ValueError(f"stats_grad must be one of {tuple(STATS_GRAD_MODES)}, got {stats_grad!r}")
+    return pred3, target3, instances, valid
+
+
+def _prepare_ordinal(pred, pairs, labels, kind):
+    pred = _check_tensor("pred", pred)
+    _check_float("pred", pred)
+    pred3 = _image_view("pred", pred)
+    batch, height, width = pred3.shape
+    pairs = _check_tensor("pairs", pairs)
+    labels = _check_tensor("labels", labels)
+    _check_device("pairs", pairs, pred)
+    _check_device("labels", labels, pred)
+    if pairs.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"pairs must be an integer tensor, got {pairs.dtype}")
+    if labels.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if pairs.dim() != 4 or pairs.shape[0] != batch or pairs.shape[2:] != (2, 2):
+        raise ValueError(
+            f"pairs must have shape (B, P, 2, 2) with B = {batch}, got {tuple(pairs.shape)}"
+        )
+    if labels.shape != pairs.shape[:2]:
+        raise ValueError(
+            f"labels must have shape (B, P) = {tuple(pairs.shape[:2])} to match pairs, "
+            f"got {tuple(labels.shape)}"
+        )
+    if kind not in ORDINAL_KINDS:
+        raise ValueError(f"kind must be one of {tuple(ORDINAL_KINDS)}, got {kind!r}")
+    pairs = pairs.to(torch.int64).contiguous()
+    labels = labels.to(torch.int64).contiguous()
+    if _eager() and pairs.numel() > 0:
+        used = ((labels >= -1) & (labels <= 1))[..., None, None]
+        y, x = pairs[..., 0], pairs[..., 1]
+        outside = used & ((y < 0) | (y >= height) | (x < 0) | (x >= width))[..., None]
+        if bool(outside.any()):
+            b, p = (int(i) for i in outside.nonzero()[0][:2])
+            raise ValueError(
+                f"pairs[{b}, {p}] = {pairs[b, p].tolist()} lies outside the {height}x{width} "
+                f"image (batch index {b}, pair {p}); coordinates are (y, x)"
+            )
+    return pred3, pairs, labels
+
+
+# ------------------------------------------------------------------------ public ops
+
+
+def sa_hdn_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    instances: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    *,
+    include_global: bool = True,
+    eps: float = 1e-6,
+    min_pixels: int = 1,
+    stats_grad: str = "full",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Semantics-aware hierarchical depth normalization loss (spec/ops.md).
+
+    Args:
+        pred: (B, H, W) or (B, 1, H, W) prediction, float16/bfloat16/float32/float64.
+        target: same shape; the pseudo-label or ground truth (no gradient). Cast to
+            pred's dtype if it differs.
+        instances: None, (B, H, W) or (B, L, H, W) integer ids; every id > 0 of a level
+            is one context, 0 means none. Ids may be sparse and up to 2**31 - 1.
+        valid: None or (B, H, W) bool; pixels that are False, or whose target is not
+            finite, belong to no context.
+        include_global: add one context of all valid pixels per image.
+        eps: added to the mean absolute deviation before dividing.
+        min_pixels: contexts with fewer valid pixels are skipped.
+        stats_grad: "full" (differentiate median and scale of pred), "scale" (scale
+            only) or "none" (both treated as constants).
+        backend: "auto" | "cpu" | "triton" | "cuda".
+
+    Returns:
+        0-dim tensor of pred's dtype: mean |pred_hat - target_hat| over all
+        (context, pixel) memberships; 0 when the batch has no context.
+    """
+    pred3, target3, instances, valid = _prepare_sa_hdn(
+        pred, target, instances, valid, eps, min_pixels, stats_grad
+    )
+    family = _family(resolve_backend(backend, pred.device))
+    loss, _, _, _ = family.sa_hdn_forward(
+        pred3,
+        target3,
+        instances,
+        valid,
+        bool(include_global),
+        float(eps),
+        int(min_pixels),
+        STATS_GRAD_MODES[stats_grad],
+    )
+    return loss
+
+
+def ordinal_ranking_loss(
+    pred: torch.Tensor,
+    pairs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float = 0.0,
+    kind: str = "margin",
+    equal_weight: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Batched pairwise ordinal loss (spec/ops.md).
+
+    Args:
+        pred: (B, H, W) or (B, 1, H, W) floating.
+        pairs: (B, P, 2, 2) integer pixel coordinates, pairs[b, p, 0] = (y_a, x_a),
+            pairs[b, p, 1] = (y_b, x_b).
+        labels: (B, P) integer: +1 wants pred[a] > pred[b], -1 wants pred[a] < pred[b],
+            0 wants equality; any other value (e.g. -100) marks an ignored pair, whose
+            coordinates are not read.
+        margin: hinge margin of kind="margin".
+        kind: "margin" (max(0, margin - l d)) or "logistic" (log(1 + exp(-l d))).
+        equal_weight: weight of the squared difference for label 0.
+        backend: "auto" | "cpu" | "triton" | "cuda".
+
+    Returns:
+        0-dim tensor of pred's dtype: the mean over used pairs (0 if none).
+    """
+    pred3, pairs, labels = _prepare_ordinal(pred, pairs, labels, kind)
+    family = _family(resolve_backend(backend, pred.device))
+    return family.ordinal_ranking_forward(
+        pred3, pairs, labels, float(margin), ORDINAL_KINDS[kind], float(equal_weight)
+    )
+
+
+def lora_delta_sq_norm(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, *, backend: str = "auto"
+) -> torch.Tensor:
+    """|| scaling * B @ A ||_F^2 via the r x r Gram matrices (spec/ops.md).
+
+    A: (r, d_in), B: (d_out, r), floating, same dtype and device. The op is written
+    with ATen matrix products, so every backend runs the same code; ``backend`` is
+    checked for consistency with the tensors' device only.
+    """
+    A = _check_tensor("A", A)
+    B = _check_tensor("B", B)
+    _check_float("A", A)
+    _check_float("B", B)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(
+            f"A must be (r, d_in) and B (d_out, r) with the same r, got A {tuple(A.shape)} "
+            f"and B {tuple(B.shape)}"
+        )
+    if B.device != A.device:
+        raise ValueError(f"B is on {B.device} but A is on {A.device}")
+    if B.dtype != A.dtype:
+        raise TypeError(f"A and B must share a dtype, got {A.dtype} and {B.dtype}")
+    if backend != "triton":
+        resolve_backend(backend, A.device)
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return torch.ops.westar_ops.lora_delta_sq_norm(A, B, float(scaling))
+
+
+# ------------------------------------------------------- fake kernels and autograd
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_family(namespace: str) -> None:
+    """Register fake kernels and autograd formulas for one op family (idempotent per family)."""
+    qual = f"{namespace}::"
+    family = getattr(torch.ops, namespace)
+
+    @torch.library.register_fake(qual + "sa_hdn_forward")
+    def _sa_hdn_forward_fake(
+        pred, target, instances, valid, include_global, eps, min_pixels, stats_grad
+    ):
+        batch, height, width = pred.shape
+        levels = int(include_global) + (instances.shape[1] if instances is not None else 0)
+        contexts = torch.library.get_ctx().new_dynamic_size()
+        return (
+            pred.new_empty(()),
+            pred.new_empty((levels, batch, height, width), dtype=torch.int32),
+            pred.new_empty((contexts, NUM_STATS), dtype=_stats_dtype(pred.dtype)),
+            pred.new_empty((contexts,), dtype=torch.int64),
+        )
+
+    @torch.library.register_fake(qual + "sa_hdn_backward")
+    def _sa_hdn_backward_fake(grad, pred, target, seg, stats, median_index, stats_grad):
+        return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+
+    def _sa_hdn_setup(ctx, inputs, output):
+        pred, target, _instances, _valid, _glob, _eps, _minp, stats_grad = inputs
+        _loss, seg, stats, median_index = output
+        ctx.mark_non_differentiable(seg, stats, median_index)
+        ctx.save_for_backward(pred, target, seg, stats, median_index)
+        ctx.stats_grad = stats_grad
+
+    def _sa_hdn_backward(ctx, grad_loss, _g_seg, _g_stats, _g_median):
+        pred, target, seg, stats, median_index = ctx.saved_tensors
+        grad_pred = family.sa_hdn_backward(
+            grad_loss, pred, target, seg, stats, median_index, ctx.stats_grad
+        )
+        return grad_pred, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        qual + "sa_hdn_forward", _sa_hdn_backward, setup_context=_sa_hdn_setup
+    )
+
+    @torch.library.register_fake(qual + "ordinal_ranking_forward")
+    def _ordinal_forward_fake(pred, pairs, labels, margin, kind, equal_weight):
+        return pred.new_empty(())
+
+    @torch.library.register_fake(qual + "ordinal_ranking_backward")
+    def _ordinal_backward_fake(grad, pred, pairs, labels, margin, kind, equal_weight):
+        return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+
+    def _ordinal_setup(ctx, inputs, output):
+        pred, pairs, labels, margin, kind, equal_weight = inputs
+        ctx.save_for_backward(pred, pairs, labels)
+        ctx.args = (margin, kind, equal_weight)
+
+    def _ordinal_backward(ctx, grad_loss):
+        pred, pairs, labels = ctx.saved_tensors
+        grad_pred = family.ordinal_ranking_backward(grad_loss, pred, pairs, labels, *ctx.args)
+        return grad_pred, None, None, None, None, None
+
+    torch.library.register_autograd(
+        qual + "ordinal_ranking_forward", _ordinal_backward, setup_context=_ordinal_setup
+    )
+
+
+def _register_lora() -> None:
+    @torch.library.register_fake("westar_ops::lora_delta_sq_norm")
+    def _lora_fake(A, B, scaling):
+        return A.new_empty(())
+
+    @torch.library.register_fake("westar_ops::lora_delta_sq_norm_backward")
+    def _lora_backward_fake(grad, A, B, scaling):
+        return torch.empty_like(A), torch.empty_like(B)
+
+    def _setup(ctx, inputs, output):
+        A, B, scaling = inputs
+        ctx.save_for_backward(A, B)
+        ctx.scaling = scaling
+
+    def _backward(ctx, grad):
+        A, B = ctx.saved_tensors
+        grad_a, grad_b = torch.ops.westar_ops.lora_delta_sq_norm_backward(grad, A, B, ctx.scaling)
+        return grad_a, grad_b, None
+
+    torch.library.register_autograd(
+        "westar_ops::lora_delta_sq_norm", _backward, setup_context=_setup
+    )
+
+
+register_family("westar_ops")
+_register_lora()
