@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from setuptools import build_meta as _orig
 from setuptools.build_meta import *  # noqa: F401,F403  (re-export the PEP 517 hooks)
 
 
@@ -30,9 +29,11 @@ def _target_torch_requirement() -> str:
     return f"torch=={version}" if out.returncode == 0 and version else "torch"
 
 
+# setuptools' own hooks would execute setup.py to find setup_requires, and setup.py
+# imports torch, which is what is being asked for; westar has no setup_requires.
 def get_requires_for_build_wheel(config_settings=None):
-    return _orig.get_requires_for_build_wheel(config_settings) + [_target_torch_requirement()]
+    return [_target_torch_requirement()]
 
 
 def get_requires_for_build_editable(config_settings=None):
-    return _orig.get_requires_for_build_editable(config_settings) + [_target_torch_requirement()]
+    return [_target_torch_requirement()]
