@@ -1,0 +1,758 @@
+// CPU kernels of sa_hdn_forward / sa_hdn_backward (contract: docs/internals.md).
+//
+// Forward, in O(N + K) apart from the selections:
+//  1. Label every (level, image) plane in parallel: ids > 0 of usable pixels are compacted
+//     through a small open-addressing hash table (never an array indexed by raw id), so
+//     the cost does not depend on how large or sparse the ids are. seg holds plane-local
+//     slots for now.
+//  2. Serially, per plane, sort its few unique ids and number the contexts that have at
+//     least max(min_pixels, 1) pixels in canonical order (level, image, id ascending).
+//  3. Counting sort: every plane scatters its pixels into its contexts' segments (pixel
+//     index, pred, target), in ascending pixel order; seg becomes the context number k.
+//  4. Per segment, an exact lower median and mean absolute deviation of pred and of
+//     target: a deterministic strided sample gives two pivots that bracket the median
+//     rank with high probability; one pass counts and sums the elements outside the
+//     pivots (relative to the pivots, so that no cancellation occurs) and collects the
+//     few inside; nth_element on those gives the median and the sums give the MAD. When
+//     the pivots miss (rare), the segment falls back to nth_element on all of it.
+//     Small segments run entirely in one task; big ones are split into fixed blocks.
+//  5. Per segment, S1, S2 and the loss numerator, in fixed blocks; partial sums are
+//     combined in block order and the loss in context order: deterministic.
+// Backward: one elementwise pass with westar::pixel_grad.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "westar/cpu_tasks.h"
+#include "westar/sa_hdn_math.h"
+
+namespace westar {
+namespace {
+
+using cpu::run_tasks;
+
+// Segments with at most this many pixels are handled by one task with nth_element.
+constexpr int64_t kSmallSegment = 1024;
+// Big segments are split into blocks of this many pixels for their elementwise passes.
+constexpr int64_t kBlock = 16384;
+// Partial sums inside a block use this many independent lanes (vectorizable, fixed order).
+constexpr int kLanes = 8;
+
+template <typename acc_t>
+struct KeyTraits;
+template <>
+struct KeyTraits<float> {
+  using key_t = uint32_t;
+  static float from_key(uint32_t k) { return float_from_ordered_key(k); }
+};
+template <>
+struct KeyTraits<double> {
+  using key_t = uint64_t;
+  static double from_key(uint64_t k) { return double_from_ordered_key(k); }
+};
+
+// ------------------------------------------------------------------ id compaction
+
+// Open-addressing hash map from id (> 0) to a plane-local slot number.
+class IdTable {
+ public:
+  IdTable() { rehash(64); }
+
+  // Slot of `id`, inserting it (with the next slot number) when new.
+  int32_t slot(int64_t id, std::vector<int64_t>& ids_by_slot) {
+    uint64_t h = hash(id) & mask_;
+    for (;;) {
+      const int64_t k = keys_[h];
+      if (k == id) return vals_[h];
+      if (k == kEmpty) break;
+      h = (h + 1) & mask_;
+    }
+    const int32_t s = static_cast<int32_t>(ids_by_slot.size());
+    ids_by_slot.push_back(id);
+    keys_[h] = id;
+    vals_[h] = s;
+    if (static_cast<uint64_t>(ids_by_slot.size()) * 2 > mask_ + 1) grow(ids_by_slot);
+    return s;
+  }
+
+ private:
+  static constexpr int64_t kEmpty = -1;
+  static uint64_t hash(int64_t id) {
+    uint64_t x = static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull;
+    return x ^ (x >> 29);
+  }
+  void rehash(uint64_t capacity) {
+    keys_.assign(capacity, kEmpty);
+    vals_.assign(capacity, 0);
+    mask_ = capacity - 1;
+  }
+  void grow(const std::vector<int64_t>& ids_by_slot) {
+    rehash((mask_ + 1) * 2);
+    for (size_t s = 0; s < ids_by_slot.size(); ++s) {
+      uint64_t h = hash(ids_by_slot[s]) & mask_;
+      while (keys_[h] != kEmpty) h = (h + 1) & mask_;
+      keys_[h] = ids_by_slot[s];
+      vals_[h] = static_cast<int32_t>(s);
+    }
+  }
+  std::vector<int64_t> keys_;
+  std::vector<int32_t> vals_;
+  uint64_t mask_ = 0;
+};
+
+// One (level, image) plane.
+struct Plane {
+  std::vector<int64_t> ids;        // slot -> id
+  std::vector<int64_t> counts;     // slot -> usable pixels
+  std::vector<int32_t> slot_to_k;  // slot -> context number, or -1 (skipped)
+  int64_t first_k = 0;
+  int64_t num_k = 0;
+  int64_t bad_pixel = -1;  // first pixel with a negative id, if any
+};
+
+template <typename acc_t>
+inline bool usable(const bool* valid, const acc_t* q, int64_t j) {
+  return (valid == nullptr || valid[j]) && std::isfinite(q[j]);
+}
+
+// Global level: every usable pixel of the image is in slot 0.
+template <typename acc_t>
+void label_global(const bool* valid, const acc_t* q, int64_t hw, int32_t* seg, Plane& plane) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < hw; ++j) {
+    const bool u = usable(valid, q, j);
+    seg[j] = u ? 0 : -1;
+    count += u;
+  }
+  if (count > 0) {
+    plane.ids.push_back(1);
+    plane.counts.push_back(count);
+  }
+}
+
+// Instance level: slots of the ids > 0 of usable pixels, in order of first appearance.
+template <typename id_t, typename acc_t>
+void label_instances(const id_t* ids, const bool* valid, const acc_t* q, int64_t hw, int32_t* seg,
+                     Plane& plane) {
+  IdTable table;
+  int64_t last_id = -1;
+  int32_t last_slot = -1;
+  int64_t run = 0;  // pixels counted for last_slot but not yet added to counts
+  for (int64_t j = 0; j < hw; ++j) {
+    const int64_t id = static_cast<int64_t>(ids[j]);
+    if (id <= 0 || !usable(valid, q, j)) {
+      if (id < 0 && plane.bad_pixel < 0) plane.bad_pixel = j;
+      seg[j] = -1;
+      continue;
+    }
+    if (id != last_id) {
+      if (last_slot >= 0) plane.counts[last_slot] += run;
+      run = 0;
+      last_id = id;
+      last_slot = table.slot(id, plane.ids);
+      if (plane.counts.size() < plane.ids.size()) plane.counts.push_back(0);
+    }
+    seg[j] = last_slot;
+    ++run;
+  }
+  if (last_slot >= 0) plane.counts[last_slot] += run;
+}
+
+// ---------------------------------------------------------------- per-segment math
+
+template <typename acc_t>
+struct SelectPartial {
+  int64_t n_lo = 0;    // elements < lo
+  int64_t n_hi = 0;    // elements > hi
+  int64_t n_cand = 0;  // elements in [lo, hi] (or unordered: NaN)
+  double s_lo = 0;     // sum of (lo - x) over x < lo
+  double s_hi = 0;     // sum of (x - hi) over x > hi
+};
+
+// Counts and sums the elements of x[0, len) outside [lo, hi] and, when there are at most
+// cap of them, writes the keys of the others to cand[0, count) (cand[count] may be
+// written too: cand holds cap + 1 keys).
+template <typename acc_t>
+SelectPartial<acc_t> select_pass(const acc_t* x, int64_t len, acc_t lo, acc_t hi,
+                                 typename KeyTraits<acc_t>::key_t* cand, int64_t cap) {
+  SelectPartial<acc_t> r;
+  acc_t s_lo[kLanes] = {}, s_hi[kLanes] = {};
+  int64_t n_lo[kLanes] = {}, n_hi[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = x[i + l];
+      const bool below = v < lo, above = v > hi;
+      n_lo[l] += below;
+      n_hi[l] += above;
+      s_lo[l] += below ? lo - v : acc_t(0);
+      s_hi[l] += above ? v - hi : acc_t(0);
+    }
+  }
+  for (; i < len; ++i) {
+    const acc_t v = x[i];
+    const bool below = v < lo, above = v > hi;
+    n_lo[0] += below;
+    n_hi[0] += above;
+    s_lo[0] += below ? lo - v : acc_t(0);
+    s_hi[0] += above ? v - hi : acc_t(0);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    r.n_lo += n_lo[l];
+    r.n_hi += n_hi[l];
+    r.s_lo += s_lo[l];
+    r.s_hi += s_hi[l];
+  }
+  r.n_cand = len - r.n_lo - r.n_hi;
+  if (r.n_cand <= cap) {
+    int64_t c = 0;
+    for (int64_t j = 0; j < len; ++j) {
+      const acc_t v = x[j];
+      cand[c] = ordered_key(v);
+      c += !(v < lo || v > hi);
+    }
+  }
+  return r;
+}
+
+// Lower median (rank k) and sum |x - t| of x[0, n), exactly, with nth_element on keys.
+// scratch holds n keys. Also returns the numbers of elements below and above t.
+template <typename acc_t>
+struct Selected {
+  acc_t t;
+  double abs_sum;
+  int64_t n_less;
+  int64_t n_greater;
+};
+
+template <typename acc_t>
+Selected<acc_t> select_exact(const acc_t* x, int64_t n, typename KeyTraits<acc_t>::key_t* scratch) {
+  using key_t = typename KeyTraits<acc_t>::key_t;
+  for (int64_t i = 0; i < n; ++i) scratch[i] = ordered_key(x[i]);
+  const int64_t k = lower_median_rank(n);
+  std::nth_element(scratch, scratch + k, scratch + n);
+  const key_t tk = scratch[k];
+  const acc_t t = KeyTraits<acc_t>::from_key(tk);
+  acc_t sums[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) sums[l] += std::abs(x[i + l] - t);
+  }
+  for (; i < n; ++i) sums[0] += std::abs(x[i] - t);
+  double abs_sum = 0;
+  for (int l = 0; l < kLanes; ++l) abs_sum += sums[l];
+  // After nth_element: keys before k are <= tk, after k are >= tk.
+  int64_t n_less = 0, n_greater = 0;
+  for (int64_t j = 0; j < k; ++j) n_less += scratch[j] < tk;
+  for (int64_t j = k + 1; j < n; ++j) n_greater += scratch[j] > tk;
+  return {t, abs_sum, n_less, n_greater};
+}
+
+// Finishes a pivot selection: cand holds the keys of the n_cand elements in [lo, hi],
+// p the combined partials. Returns false when the pivots missed the median rank.
+template <typename acc_t>
+bool select_finish(const SelectPartial<acc_t>& p, acc_t lo, acc_t hi, int64_t n,
+                   typename KeyTraits<acc_t>::key_t* cand, Selected<acc_t>* out) {
+  using key_t = typename KeyTraits<acc_t>::key_t;
+  const int64_t k = lower_median_rank(n);
+  const int64_t kc = k - p.n_lo;
+  if (kc < 0 || kc >= p.n_cand) return false;
+  std::nth_element(cand, cand + kc, cand + p.n_cand);
+  const key_t tk = cand[kc];
+  const acc_t t = KeyTraits<acc_t>::from_key(tk);
+  acc_t sums[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= p.n_cand; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) sums[l] += std::abs(KeyTraits<acc_t>::from_key(cand[i + l]) - t);
+  }
+  for (; i < p.n_cand; ++i) sums[0] += std::abs(KeyTraits<acc_t>::from_key(cand[i]) - t);
+  double abs_sum = 0;
+  for (int l = 0; l < kLanes; ++l) abs_sum += sums[l];
+  // Elements outside the pivots: |x - t| = (lo - x) + (t - lo) below, (x - hi) + (hi - t) above.
+  abs_sum += p.s_lo + static_cast<double>(p.n_lo) * (static_cast<double>(t) - static_cast<double>(lo));
+  abs_sum += p.s_hi + static_cast<double>(p.n_hi) * (static_cast<double>(hi) - static_cast<double>(t));
+  int64_t n_less = p.n_lo, n_greater = p.n_hi;
+  for (int64_t j = 0; j < kc; ++j) n_less += cand[j] < tk;
+  for (int64_t j = kc + 1; j < p.n_cand; ++j) n_greater += cand[j] > tk;
+  out->t = t;
+  out->abs_sum = abs_sum;
+  out->n_less = n_less;
+  out->n_greater = n_greater;
+  return true;
+}
+
+// Two pivots from a strided sample of x[0, n) that bracket the lower median's rank with
+// high probability.
+template <typename acc_t>
+void sample_pivots(const acc_t* x, int64_t n, acc_t* lo, acc_t* hi) {
+  using key_t = typename KeyTraits<acc_t>::key_t;
+  const double n23 = std::pow(static_cast<double>(n), 2.0 / 3.0);
+  const int64_t s = std::min<int64_t>(n, std::max<int64_t>(512, static_cast<int64_t>(n23)));
+  std::vector<key_t> sample(s);
+  for (int64_t i = 0; i < s; ++i) {
+    const int64_t pos = static_cast<int64_t>((static_cast<double>(i) + 0.5) * static_cast<double>(n) / s);
+    sample[i] = ordered_key(x[std::min(pos, n - 1)]);
+  }
+  const int64_t ks = lower_median_rank(n) * s / n;
+  const int64_t d = static_cast<int64_t>(2.0 * std::sqrt(static_cast<double>(s))) + 2;
+  const int64_t rl = std::max<int64_t>(0, ks - d);
+  const int64_t rh = std::min<int64_t>(s - 1, ks + d);
+  std::nth_element(sample.begin(), sample.begin() + rl, sample.end());
+  std::nth_element(sample.begin() + rl, sample.begin() + rh, sample.end());
+  *lo = KeyTraits<acc_t>::from_key(sample[rl]);
+  *hi = KeyTraits<acc_t>::from_key(sample[rh]);
+}
+
+// Sums of one block of a context: S1, S2, loss numerator, and the first position whose
+// pred equals the median (by key), or -1.
+template <typename acc_t>
+struct SumPartial {
+  double s1 = 0, s2 = 0, loss = 0;
+  int64_t median_pos = -1;
+};
+
+template <typename acc_t>
+SumPartial<acc_t> sum_pass(const acc_t* p, const acc_t* q, int64_t len, const acc_t* stat) {
+  SumPartial<acc_t> r;
+  acc_t s1[kLanes] = {}, s2[kLanes] = {}, ls[kLanes] = {};
+  const acc_t tp = stat[kMedianPred], dp = stat[kScalePred];
+  const acc_t tq = stat[kMedianTarget], dq = stat[kScaleTarget];
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t ph = normalize(p[i + l], tp, dp);
+      const acc_t d = ph - normalize(q[i + l], tq, dq);
+      const acc_t sg = sign(d);
+      s1[l] += sg;
+      s2[l] += sg * ph;
+      ls[l] += std::abs(d);
+    }
+  }
+  for (; i < len; ++i) {
+    const acc_t ph = normalize(p[i], tp, dp);
+    const acc_t d = ph - normalize(q[i], tq, dq);
+    const acc_t sg = sign(d);
+    s1[0] += sg;
+    s2[0] += sg * ph;
+    ls[0] += std::abs(d);
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    r.s1 += s1[l];
+    r.s2 += s2[l];
+    r.loss += ls[l];
+  }
+  const auto tk = ordered_key(tp);
+  for (int64_t j = 0; j < len; ++j) {
+    if (ordered_key(p[j]) == tk) {
+      r.median_pos = j;
+      break;
+    }
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------ forward
+
+struct Block {
+  int64_t k;      // context
+  int64_t start;  // offset in the segment arrays
+  int64_t len;
+  int64_t cand;   // offset in the candidate arrays
+  int64_t cap;    // candidate capacity
+};
+
+template <typename acc_t>
+struct ContextResult {
+  acc_t lo_p, hi_p, lo_q, hi_q;  // pivots (big segments)
+  double loss = 0;
+};
+
+template <typename acc_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
+    const at::Tensor& pred_in, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& instances,
+    const at::Tensor& valid, bool include_global, double eps, int64_t min_pixels) {
+  using key_t = typename KeyTraits<acc_t>::key_t;
+  const int64_t B = pred.size(0), H = pred.size(1), W = pred.size(2);
+  const int64_t hw = H * W;
+  const int64_t L = instances.defined() ? instances.size(1) : 0;
+  const int64_t G = include_global ? 1 : 0;
+  const int64_t C = G + L;
+  const acc_t* P0 = pred.data_ptr<acc_t>();
+  const acc_t* Q0 = target.data_ptr<acc_t>();
+  const bool* V0 = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  const at::ScalarType stats_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+
+  at::Tensor seg = at::empty({C, B, H, W}, pred.options().dtype(at::kInt));
+  int32_t* S0 = seg.data_ptr<int32_t>();
+  const int64_t num_planes = C * B;
+
+  // 1. Label the planes.
+  std::vector<Plane> planes(num_planes);
+  run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
+    const int64_t c = pi / B, b = pi % B;
+    const acc_t* q = Q0 + b * hw;
+    const bool* v = V0 ? V0 + b * hw : nullptr;
+    int32_t* s = S0 + pi * hw;
+    if (c < G) {
+      label_global(v, q, hw, s, planes[pi]);
+    } else {
+      const int64_t l = c - G;
+      AT_DISPATCH_INTEGRAL_TYPES(instances.scalar_type(), "sa_hdn_forward_cpu", [&] {
+        const scalar_t* ids = instances.data_ptr<scalar_t>() + (b * L + l) * hw;
+        label_instances<scalar_t, acc_t>(ids, v, q, hw, s, planes[pi]);
+      });
+    }
+  });
+  for (int64_t pi = 0; pi < num_planes; ++pi) {
+    if (planes[pi].bad_pixel >= 0) {
+      const int64_t c = pi / B, b = pi % B, j = planes[pi].bad_pixel;
+      TORCH_CHECK_VALUE(false, "instances must hold ids >= 0 (0 = no instance); found a negative id at "
+                        "instances[", b, ", ", c - G, ", ", j / W, ", ", j % W, "]");
+    }
+  }
+
+  // 2. Number the contexts in canonical order.
+  const int64_t min_n = std::max<int64_t>(min_pixels, 1);
+  std::vector<int64_t> seg_off, seg_len, seg_img;
+  int64_t total = 0;
+  for (int64_t pi = 0; pi < num_planes; ++pi) {
+    Plane& pl = planes[pi];
+    const int64_t slots = static_cast<int64_t>(pl.ids.size());
+    std::vector<int32_t> order(slots);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return pl.ids[a] < pl.ids[b]; });
+    pl.slot_to_k.assign(slots, -1);
+    pl.first_k = static_cast<int64_t>(seg_len.size());
+    for (int32_t s : order) {
+      if (pl.counts[s] < min_n) continue;
+      pl.slot_to_k[s] = static_cast<int32_t>(seg_len.size());
+      seg_off.push_back(total);
+      seg_len.push_back(pl.counts[s]);
+      seg_img.push_back(pi % B);
+      total += pl.counts[s];
+    }
+    pl.num_k = static_cast<int64_t>(seg_len.size()) - pl.first_k;
+  }
+  const int64_t K = static_cast<int64_t>(seg_len.size());
+  TORCH_CHECK(K < (int64_t(1) << 31), "sa_hdn_forward: too many contexts");
+
+  // 3. Counting sort of the pixels into their segments.
+  std::vector<int32_t> member(total);
+  std::vector<acc_t> sp(total), sq(total);
+  run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
+    const Plane& pl = planes[pi];
+    const int64_t b = pi % B;
+    const acc_t* p = P0 + b * hw;
+    const acc_t* q = Q0 + b * hw;
+    int32_t* s = S0 + pi * hw;
+    const int32_t* s2k = pl.slot_to_k.data();
+    std::vector<int64_t> cursor(pl.num_k);
+    for (int64_t i = 0; i < pl.num_k; ++i) cursor[i] = seg_off[pl.first_k + i];
+    int64_t* cur = cursor.data() - pl.first_k;
+    for (int64_t j = 0; j < hw; ++j) {
+      const int32_t slot = s[j];
+      if (slot < 0) continue;
+      const int32_t k = s2k[slot];
+      s[j] = k;
+      if (k < 0) continue;
+      const int64_t pos = cur[k]++;
+      member[pos] = static_cast<int32_t>(j);
+      sp[pos] = p[j];
+      sq[pos] = q[j];
+    }
+  });
+
+  // 4-5. Per-context statistics.
+  at::Tensor stats = at::empty({K, kNumStats}, pred.options().dtype(stats_dtype));
+  at::Tensor median_index = at::empty({K}, pred.options().dtype(at::kLong));
+  acc_t* ST = stats.data_ptr<acc_t>();
+  int64_t* MI = median_index.data_ptr<int64_t>();
+  std::vector<ContextResult<acc_t>> ctx(K);
+  const acc_t eps_acc = static_cast<acc_t>(eps);
+
+  auto set_scale_stats = [&](int64_t k, const Selected<acc_t>& sel_p, const Selected<acc_t>& sel_q) {
+    const double n = static_cast<double>(seg_len[k]);
+    acc_t* st = ST + k * kNumStats;
+    st[kMedianPred] = sel_p.t;
+    st[kScalePred] = static_cast<acc_t>(sel_p.abs_sum / n) + eps_acc;
+    st[kMedianTarget] = sel_q.t;
+    st[kScaleTarget] = static_cast<acc_t>(sel_q.abs_sum / n) + eps_acc;
+    st[kSumSignPred] = static_cast<acc_t>(sel_p.n_greater - sel_p.n_less);
+    st[kCount] = static_cast<acc_t>(seg_len[k]);
+  };
+  auto set_sum_stats = [&](int64_t k, const SumPartial<acc_t>& sums) {
+    acc_t* st = ST + k * kNumStats;
+    st[kSumSign] = static_cast<acc_t>(sums.s1);
+    st[kSumSignHat] = static_cast<acc_t>(sums.s2);
+    ctx[k].loss = sums.loss;
+    MI[k] = seg_img[k] * hw + member[seg_off[k] + sums.median_pos];
+  };
+
+  // Big segments first, so that uneven tasks balance across threads.
+  std::vector<int64_t> by_size(K);
+  std::iota(by_size.begin(), by_size.end(), 0);
+  std::stable_sort(by_size.begin(), by_size.end(), [&](int64_t a, int64_t b) { return seg_len[a] > seg_len[b]; });
+  std::vector<int64_t> big;
+  for (int64_t k : by_size)
+    if (seg_len[k] > kSmallSegment) big.push_back(k);
+
+  // 4a. Small segments entirely; pivots of the big ones.
+  run_tasks(K, total, [&](int64_t t) {
+    const int64_t k = by_size[t];
+    const int64_t n = seg_len[k], off = seg_off[k];
+    const acc_t* p = sp.data() + off;
+    const acc_t* q = sq.data() + off;
+    if (n > kSmallSegment) {
+      sample_pivots(p, n, &ctx[k].lo_p, &ctx[k].hi_p);
+      sample_pivots(q, n, &ctx[k].lo_q, &ctx[k].hi_q);
+      return;
+    }
+    key_t scratch[kSmallSegment];
+    const Selected<acc_t> sel_p = select_exact(p, n, scratch);
+    const Selected<acc_t> sel_q = select_exact(q, n, scratch);
+    set_scale_stats(k, sel_p, sel_q);
+    set_sum_stats(k, sum_pass(p, q, n, ST + k * kNumStats));
+  });
+
+  // Blocks of the big segments, in segment order.
+  std::vector<Block> blocks;
+  std::vector<int64_t> first_block(K + 1, 0);
+  int64_t cand_total = 0;
+  {
+    std::vector<int64_t> big_sorted = big;
+    std::sort(big_sorted.begin(), big_sorted.end());
+    for (int64_t k : big_sorted) {
+      first_block[k] = static_cast<int64_t>(blocks.size());
+      for (int64_t s = 0; s < seg_len[k]; s += kBlock) {
+        const int64_t len = std::min(kBlock, seg_len[k] - s);
+        const int64_t cap = len / 4 + 256;
+        blocks.push_back({k, seg_off[k] + s, len, cand_total, cap});
+        cand_total += cap + 1;  // select_pass may write one key past the last candidate
+      }
+    }
+  }
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  std::vector<key_t> cand_p(cand_total), cand_q(cand_total);
+  std::vector<SelectPartial<acc_t>> part_p(num_blocks), part_q(num_blocks);
+
+  // 4b. One pass per block: counts and sums outside the pivots, candidates inside.
+  run_tasks(num_blocks, total, [&](int64_t i) {
+    const Block& bl = blocks[i];
+    const ContextResult<acc_t>& cr = ctx[bl.k];
+    part_p[i] = select_pass(sp.data() + bl.start, bl.len, cr.lo_p, cr.hi_p, cand_p.data() + bl.cand, bl.cap);
+    part_q[i] = select_pass(sq.data() + bl.start, bl.len, cr.lo_q, cr.hi_q, cand_q.data() + bl.cand, bl.cap);
+  });
+
+  // 4c. Per big segment: gather the candidates, select, MAD.
+  auto finish = [&](int64_t k, const acc_t* x, std::vector<SelectPartial<acc_t>>& part, std::vector<key_t>& cand,
+                    acc_t lo, acc_t hi) {
+    const int64_t n = seg_len[k];
+    SelectPartial<acc_t> sum;
+    bool overflow = false;
+    int64_t c = 0;
+    key_t* dst = nullptr;
+    for (int64_t i = first_block[k]; i < num_blocks && blocks[i].k == k; ++i) {
+      const SelectPartial<acc_t>& pb = part[i];
+      sum.n_lo += pb.n_lo;
+      sum.n_hi += pb.n_hi;
+      sum.s_lo += pb.s_lo;
+      sum.s_hi += pb.s_hi;
+      if (pb.n_cand > blocks[i].cap) overflow = true;
+      if (!overflow) {
+        if (dst == nullptr) dst = cand.data() + blocks[i].cand;
+        std::memmove(dst + c, cand.data() + blocks[i].cand, sizeof(key_t) * pb.n_cand);
+        c += pb.n_cand;
+      }
+    }
+    sum.n_cand = n - sum.n_lo - sum.n_hi;
+    Selected<acc_t> sel;
+    if (overflow || !select_finish(sum, lo, hi, n, dst, &sel)) {
+      std::vector<key_t> scratch(n);
+      sel = select_exact(x, n, scratch.data());
+    }
+    return sel;
+  };
+  run_tasks(static_cast<int64_t>(big.size()), total, [&](int64_t t) {
+    const int64_t k = big[t];
+    const ContextResult<acc_t>& cr = ctx[k];
+    const Selected<acc_t> sel_p = finish(k, sp.data() + seg_off[k], part_p, cand_p, cr.lo_p, cr.hi_p);
+    const Selected<acc_t> sel_q = finish(k, sq.data() + seg_off[k], part_q, cand_q, cr.lo_q, cr.hi_q);
+    set_scale_stats(k, sel_p, sel_q);
+  });
+
+  // 5. S1, S2 and the loss numerator per block, combined in block order.
+  std::vector<SumPartial<acc_t>> part_s(num_blocks);
+  run_tasks(num_blocks, total, [&](int64_t i) {
+    const Block& bl = blocks[i];
+    part_s[i] = sum_pass(sp.data() + bl.start, sq.data() + bl.start, bl.len, ST + bl.k * kNumStats);
+  });
+  for (int64_t k : big) {
+    SumPartial<acc_t> sum;
+    for (int64_t i = first_block[k]; i < num_blocks && blocks[i].k == k; ++i) {
+      const SumPartial<acc_t>& pb = part_s[i];
+      sum.s1 += pb.s1;
+      sum.s2 += pb.s2;
+      sum.loss += pb.loss;
+      if (sum.median_pos < 0 && pb.median_pos >= 0) sum.median_pos = blocks[i].start - seg_off[k] + pb.median_pos;
+    }
+    TORCH_CHECK(sum.median_pos >= 0, "sa_hdn_forward: internal error, median element not found");
+    set_sum_stats(k, sum);
+  }
+
+  double loss_sum = 0;
+  for (int64_t k = 0; k < K; ++k) loss_sum += ctx[k].loss;
+  at::Tensor loss = at::zeros({}, pred.options().dtype(stats_dtype));
+  if (total > 0) {
+    loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(static_cast<acc_t>(loss_sum) / static_cast<acc_t>(total));
+  }
+  return {loss.to(pred_in.scalar_type()), seg, stats, median_index};
+}
+
+void check_image(const char* name, const at::Tensor& t, const at::Tensor& pred) {
+  TORCH_CHECK_VALUE(t.dim() == 3 && t.sizes() == pred.sizes(), "sa_hdn: ", name,
+                    " must have the shape of pred (B, H, W) = ", pred.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == pred.device(), "sa_hdn: ", name, " is on ", t.device(), " but pred is on ",
+                    pred.device());
+}
+
+at::Tensor to_acc(const at::Tensor& t) {
+  return (t.scalar_type() == at::kDouble ? t : t.to(at::kFloat)).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cpu(
+    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& instances,
+    const std::optional<at::Tensor>& valid, bool include_global, double eps, int64_t min_pixels,
+    int64_t stats_grad) {
+  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()), "sa_hdn: pred must be a floating tensor, got ",
+                   pred.scalar_type());
+  TORCH_CHECK_VALUE(pred.dim() == 3, "sa_hdn: pred must have shape (B, H, W), got ", pred.sizes());
+  check_image("target", target, pred);
+  TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "sa_hdn: target must have the dtype of pred (",
+                   pred.scalar_type(), "), got ", target.scalar_type());
+  TORCH_CHECK_VALUE(eps >= 0, "sa_hdn: eps must be >= 0, got ", eps);
+  TORCH_CHECK_VALUE(min_pixels >= 0, "sa_hdn: min_pixels must be >= 0, got ", min_pixels);
+  TORCH_CHECK_VALUE(stats_grad >= 0 && stats_grad <= 2, "sa_hdn: stats_grad must be 0, 1 or 2, got ", stats_grad);
+  TORCH_CHECK_VALUE(pred.size(1) * pred.size(2) < (int64_t(1) << 31), "sa_hdn: images of ", pred.size(1), "x",
+                    pred.size(2), " pixels are too large");
+  at::Tensor inst;
+  if (instances.has_value() && instances->defined()) {
+    inst = *instances;
+    TORCH_CHECK_TYPE(at::isIntegralType(inst.scalar_type(), /*includeBool=*/false),
+                     "sa_hdn: instances must be an integer tensor (uint8, int16, int32 or int64), got ",
+                     inst.scalar_type());
+    TORCH_CHECK_VALUE(inst.dim() == 4 && inst.size(0) == pred.size(0) && inst.size(2) == pred.size(1) &&
+                          inst.size(3) == pred.size(2),
+                      "sa_hdn: instances must have shape (B, L, H, W) with (B, H, W) = ", pred.sizes(), ", got ",
+                      inst.sizes());
+    TORCH_CHECK_VALUE(inst.device() == pred.device(), "sa_hdn: instances is on ", inst.device(),
+                      " but pred is on ", pred.device());
+    inst = inst.contiguous();
+  }
+  at::Tensor val;
+  if (valid.has_value() && valid->defined()) {
+    val = *valid;
+    TORCH_CHECK_TYPE(val.scalar_type() == at::kBool, "sa_hdn: valid must be a bool tensor, got ",
+                     val.scalar_type());
+    check_image("valid", val, pred);
+    val = val.contiguous();
+  }
+  const at::Tensor p = to_acc(pred), q = to_acc(target);
+  if (p.scalar_type() == at::kDouble) {
+    return sa_hdn_forward_impl<double>(pred, p, q, inst, val, include_global, eps, min_pixels);
+  }
+  return sa_hdn_forward_impl<float>(pred, p, q, inst, val, include_global, eps, min_pixels);
+}
+
+// ----------------------------------------------------------------------- backward
+
+template <typename acc_t>
+void sa_hdn_backward_impl(double grad, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& seg,
+                          const at::Tensor& stats, const at::Tensor& median_index, int stats_grad,
+                          at::Tensor& out) {
+  const int64_t C = seg.size(0);
+  const int64_t N = pred.numel();
+  const int64_t K = stats.size(0);
+  const acc_t* P = pred.data_ptr<acc_t>();
+  const acc_t* Q = target.data_ptr<acc_t>();
+  const int32_t* S = seg.data_ptr<int32_t>();
+  const acc_t* ST = stats.data_ptr<acc_t>();
+  const int64_t* MI = median_index.data_ptr<int64_t>();
+  acc_t* G = out.data_ptr<acc_t>();
+  double count = 0;
+  for (int64_t k = 0; k < K; ++k) count += static_cast<double>(ST[k * kNumStats + kCount]);
+  if (K == 0 || count == 0) {
+    std::fill(G, G + N, acc_t(0));
+    return;
+  }
+  const acc_t scale = static_cast<acc_t>(grad / count);
+  at::parallel_for(0, N, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const acc_t p = P[j], q = Q[j];
+      acc_t g = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int32_t k = S[c * N + j];
+        if (k < 0) continue;
+        g += pixel_grad<acc_t>(p, q, ST + static_cast<int64_t>(k) * kNumStats, MI[k] == j, stats_grad);
+      }
+      G[j] = g * scale;
+    }
+  });
+}
+
+at::Tensor sa_hdn_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
+                               const at::Tensor& seg, const at::Tensor& stats, const at::Tensor& median_index,
+                               int64_t stats_grad) {
+  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()), "sa_hdn_backward: pred must be a floating tensor, got ",
+                   pred.scalar_type());
+  TORCH_CHECK_VALUE(pred.dim() == 3, "sa_hdn_backward: pred must have shape (B, H, W), got ", pred.sizes());
+  check_image("target", target, pred);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "sa_hdn_backward: grad must hold one element, got ", grad.sizes());
+  TORCH_CHECK_TYPE(seg.scalar_type() == at::kInt, "sa_hdn_backward: seg must be int32, got ", seg.scalar_type());
+  TORCH_CHECK_VALUE(seg.dim() == 4 && seg.size(1) == pred.size(0) && seg.size(2) == pred.size(1) &&
+                        seg.size(3) == pred.size(2),
+                    "sa_hdn_backward: seg must have shape (C, B, H, W) with (B, H, W) = ", pred.sizes(), ", got ",
+                    seg.sizes());
+  const bool is_double = pred.scalar_type() == at::kDouble;
+  const at::ScalarType stats_dtype = is_double ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(stats.scalar_type() == stats_dtype, "sa_hdn_backward: stats must be ", stats_dtype, ", got ",
+                   stats.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == kNumStats, "sa_hdn_backward: stats must have shape (K, ",
+                    int(kNumStats), "), got ", stats.sizes());
+  TORCH_CHECK_TYPE(median_index.scalar_type() == at::kLong, "sa_hdn_backward: median_index must be int64, got ",
+                   median_index.scalar_type());
+  TORCH_CHECK_VALUE(median_index.dim() == 1 && median_index.size(0) == stats.size(0),
+                    "sa_hdn_backward: median_index must have shape (K,) = (", stats.size(0), ",), got ",
+                    median_index.sizes());
+  TORCH_CHECK_VALUE(stats_grad >= 0 && stats_grad <= 2, "sa_hdn_backward: stats_grad must be 0, 1 or 2, got ",
+                    stats_grad);
+  const at::Tensor p = to_acc(pred), q = to_acc(target.to(pred.scalar_type()));
+  const at::Tensor s = seg.contiguous(), st = stats.contiguous(), mi = median_index.contiguous();
+  const double g = grad.to(at::kDouble).contiguous().data_ptr<double>()[0];
+  at::Tensor out = at::empty(pred.sizes(), p.options());
+  if (is_double) {
+    sa_hdn_backward_impl<double>(g, p, q, s, st, mi, static_cast<int>(stats_grad), out);
+  } else {
+    sa_hdn_backward_impl<float>(g, p, q, s, st, mi, static_cast<int>(stats_grad), out);
+  }
+  return out.scalar_type() == pred.scalar_type() ? out : out.to(pred.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(westar_ops, CPU, m) {
+  m.impl("sa_hdn_forward", &sa_hdn_forward_cpu);
+  m.impl("sa_hdn_backward", &sa_hdn_backward_cpu);
+}
+
+}  // namespace westar
