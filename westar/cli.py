@@ -1,0 +1,379 @@
+"""`westar` command line: one function per subcommand, registered in COMMANDS.
+
+Adding a subcommand
+-------------------
+Either, inside this file::
+
+    def _foo_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bar", type=int, default=1)
+
+    @command("foo", "one-line help", _foo_arguments)
+    def _foo(args: argparse.Namespace) -> int | None:
+        ...                      # import heavy modules here, not at the top
+
+or, without touching this file, in a module of the package listed in PLUGIN_COMMANDS
+(e.g. westar/corrupt.py for `westar corrupt`): define
+
+    CLI_HELP = "one-line help"
+    def cli_arguments(parser): ...       # add the flags
+    def cli_run(args): ...               # do the work; return an exit code or None
+
+A plugin module that does not exist (yet) is simply not offered. Errors about the user's
+input (DataError, missing files, bad values) are printed as one line and exit with 2;
+set WESTAR_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["COMMANDS", "PLUGIN_COMMANDS", "Command", "command", "build_parser", "main"]
+
+
+@dataclass
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+# Subcommands defined by other modules of the package (see the module docstring).
+PLUGIN_COMMANDS: dict[str, str] = {"demo": "westar.demo", "corrupt": "westar.corrupt"}
+
+
+def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register the decorated function as `westar <name>`."""
+
+    def register(run):
+        COMMANDS[name] = Command(name, help, add_arguments, run)
+        return run
+
+    return register
+
+
+def _plugin(name: str, module_name: str) -> Command | None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            return None
+        raise
+    if not (hasattr(module, "cli_arguments") and hasattr(module, "cli_run")):
+        return None
+    return Command(name, getattr(module, "CLI_HELP", ""), module.cli_arguments, module.cli_run)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (defaults suppressed: only given flags override)."""
+    from westar.config import ABLATIONS, HDN_MODES, TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    choices = {
+        "hdn": HDN_MODES,
+        "ablation": tuple(ABLATIONS),
+        "output_space": ("disparity", "depth"),
+        "stats_grad": ("full", "scale", "none"),
+        "ordinal_kind": ("margin", "logistic"),
+        "mixed_precision": ("auto", "no", "fp16", "bf16"),
+    }
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("extra", "resume"):
+            continue
+        hint = hints[f.name]
+        default = getattr(defaults, f.name)
+        kw: dict = {"default": argparse.SUPPRESS, "help": f"(default: {default})"}
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        origin = typing.get_origin(base)
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is tuple:
+            targs = typing.get_args(base)
+            kw["type"] = targs[0]
+            kw["nargs"] = "+" if (len(targs) == 2 and targs[1] is Ellipsis) else len(targs)
+            if f.name == "image_size":
+                kw["nargs"] = "+"
+                kw["metavar"] = ("H", "W")
+        else:
+            kw["type"] = base
+        if f.name in choices:
+            kw["choices"] = choices[f.name]
+        p.add_argument(_flag(f.name), dest=f.name, **kw)
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TrainConfig JSON (e.g. a run's config.json); flags override")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=argparse.SUPPRESS,
+        help="continue from the latest checkpoint in --output-dir, or from the given one",
+    )
+    _add_config_flags(p)
+
+
+def config_from_args(args: argparse.Namespace):
+    """TrainConfig from --config, then --ablation's preset, then the explicit flags."""
+    from westar.config import ABLATIONS, TrainConfig
+
+    values: dict = {}
+    if getattr(args, "config", None):
+        with open(args.config) as f:
+            values.update(json.load(f))
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if hasattr(args, f.name)
+    }
+    ablation = given.get("ablation", values.get("ablation", "full"))
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}")
+    values.update(ABLATIONS[ablation])
+    values.update(given)
+    if "image_size" in values and len(values["image_size"]) == 1:
+        values["image_size"] = (values["image_size"][0],) * 2
+    return TrainConfig.from_dict(values)
+
+
+@command("train", "adapt a depth model to a folder of images (WeSTAR)", _train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    from westar.train import train
+
+    cfg = config_from_args(args)
+    if not cfg.data and not cfg.images_dir:
+        raise ValueError("train needs --data (dataset root) or --images-dir")
+    last = train(cfg)
+    if last:
+        print(json.dumps({k: last[k] for k in ("step", "loss", "st", "weak", "reg")}))
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _data_arguments(p: argparse.ArgumentParser, depth: bool = True) -> None:
+    p.add_argument("--data", help="dataset root holding images/ (and depth/)")
+    p.add_argument("--images", help="image folder (default <data>/images)")
+    if depth:
+        p.add_argument("--depth", help="ground-truth depth folder (default <data>/depth)")
+        p.add_argument(
+            "--depth-scale",
+            type=float,
+            default=1000.0,
+            help="16-bit PNG / integer depth: meters = value / scale (1000 = mm, 256 = KITTI)",
+        )
+    p.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning")
+
+
+def _folder(args, explicit: str | None, sub: str) -> str:
+    if explicit:
+        return explicit
+    if not args.data:
+        raise ValueError(f"give --data (dataset root) or --{sub}")
+    return os.path.join(args.data, sub)
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: hub id or local directory")
+    p.add_argument("--adapter", action="append", default=[], help="peft adapter dir (repeatable)")
+    p.add_argument(
+        "--which",
+        choices=("base", "adapter", "both"),
+        help="what to evaluate (default: both with --adapter, else base)",
+    )
+    _data_arguments(p)
+    p.add_argument("--max-depth", type=float, default=80.0, help="depth cap in meters")
+    p.add_argument("--min-depth", type=float, default=1e-3)
+    p.add_argument("--size", type=int, default=518, help="inference shorter side (x14)")
+    p.add_argument("--output-space", choices=("disparity", "depth"), default="disparity")
+    p.add_argument("--output", default="eval.json", help="metrics JSON path")
+    p.add_argument("--pictures", help="folder for colour-mapped before/after pictures")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+
+
+@command("eval", "AbsRel / delta1 of the base model and/or adapters", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    from westar.evaluate import evaluate
+
+    which = args.which or ("both" if args.adapter else "base")
+    if which != "base" and not args.adapter:
+        raise ValueError(f"--which {which} needs --adapter")
+    report = evaluate(
+        args.model,
+        _folder(args, args.images, "images"),
+        _folder(args, args.depth, "depth"),
+        adapters=args.adapter if which != "base" else [],
+        include_base=which != "adapter",
+        max_depth=args.max_depth,
+        min_depth=args.min_depth,
+        depth_scale=args.depth_scale,
+        size=args.size,
+        output_space=args.output_space,
+        output=args.output,
+        pictures_dir=args.pictures,
+        device=args.device,
+        skip_bad=args.skip_bad,
+        limit=args.limit,
+    )
+    for name, r in report["results"].items():
+        print(f"{name}: AbsRel {r['abs_rel']} delta1 {r['delta1']} ({r['images']} images)")
+    print(f"metrics written to {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def _masks_arguments(p: argparse.ArgumentParser) -> None:
+    _data_arguments(p, depth=False)
+    p.add_argument("--out", help="output folder (default <data>/instances)")
+    p.add_argument("--method", choices=("auto", "sam2", "felzenszwalb", "slic"), default="auto")
+    p.add_argument("--sam2-checkpoint", help="local SAM2 checkpoint (.pt)")
+    p.add_argument(
+        "--sam2-config", help="SAM2 model config name, e.g. configs/sam2.1/sam2.1_hiera_s.yaml"
+    )
+    p.add_argument("--overwrite", action="store_true", help="rewrite existing maps")
+    p.add_argument("--scale", type=float, default=200.0, help="felzenszwalb: scale")
+    p.add_argument("--sigma", type=float, default=0.8, help="felzenszwalb: smoothing")
+    p.add_argument("--min-size", type=int, help="felzenszwalb: minimum segment size (pixels)")
+    p.add_argument("--n-segments", type=int, default=64, help="slic: number of segments")
+
+
+@command("masks", "make instance label maps (SAM2, or scikit-image offline)", _masks_arguments)
+def _masks(args: argparse.Namespace) -> int:
+    from westar.masks import make_instance_maps
+
+    method = args.method
+    fallback = {}
+    if method in ("felzenszwalb", "auto"):
+        fallback = {"scale": args.scale, "sigma": args.sigma, "min_size": args.min_size}
+    elif method == "slic":
+        fallback = {"n_segments": args.n_segments}
+    result = make_instance_maps(
+        _folder(args, args.images, "images"),
+        _folder(args, args.out, "instances"),
+        method=method,
+        sam2_checkpoint=args.sam2_checkpoint,
+        sam2_config=args.sam2_config,
+        overwrite=args.overwrite,
+        skip_bad=args.skip_bad,
+        **fallback,
+    )
+    print(f"{result['method']}: wrote {result['written']} instance maps")
+    return 0
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def _pairs_arguments(p: argparse.ArgumentParser) -> None:
+    _data_arguments(p)
+    p.add_argument("--out", help="pairs JSON (default <data>/pairs.json)")
+    p.add_argument("--samples", type=int, default=5, help="anchor samples per image")
+    p.add_argument("--equal-ratio", type=float, default=1.03, help='"equal" below this ratio')
+    p.add_argument("--max-depth", type=float, help="ignore ground truth beyond this depth")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("pairs", "make ordinal annotations from ground-truth depth", _pairs_arguments)
+def _pairs(args: argparse.Namespace) -> int:
+    from westar.pairs import make_pairs_file
+
+    out = _folder(args, args.out, "pairs.json")
+    result = make_pairs_file(
+        _folder(args, args.images, "images"),
+        _folder(args, args.depth, "depth"),
+        out,
+        samples=args.samples,
+        equal_ratio=args.equal_ratio,
+        depth_scale=args.depth_scale,
+        max_depth=args.max_depth,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+    )
+    print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def _merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model: hub id or local directory")
+    p.add_argument("--adapter", required=True, help="peft adapter directory")
+    p.add_argument("--out", required=True, help="output directory for the merged model")
+
+
+@command("merge", "fold an adapter into the base model, save a plain HF model", _merge_arguments)
+def _merge(args: argparse.Namespace) -> int:
+    from westar.merge import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def all_commands() -> dict[str, Command]:
+    commands = dict(COMMANDS)
+    for name, module_name in PLUGIN_COMMANDS.items():
+        if name not in commands:
+            cmd = _plugin(name, module_name)
+            if cmd is not None:
+                commands[name] = cmd
+    return commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="westar",
+        description="WeSTAR: adapt monocular depth foundation models to a new domain",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in all_commands().values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from westar.data import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args._run(args)
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
+        if os.environ.get("WESTAR_DEBUG"):
+            raise
+        print(f"westar {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Training configuration: every weight and switch of WeSTAR, and the ablation presets.
+
+`TrainConfig` is a plain dataclass; the CLI builds its flags from the fields (see
+`westar.cli`), so a new field is a new flag. Ablations are presets that override a few
+fields (`apply_ablation`), e.g. ``--ablation no_weak`` sets ``lambda_w = 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["TrainConfig", "ABLATIONS", "apply_ablation", "HDN_MODES"]
+
+HDN_MODES = ("instances", "grid", "global")
+
+# name -> fields it overrides. "full" is the paper's method with the defaults.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no_weak": {"lambda_w": 0.0},  # self-training + regularization, no ordinal labels
+    "no_reg": {"lambda_r": 0.0},  # self-training + weak labels, no LoRA regularizer
+    "grid_hdn": {"hdn": "grid"},  # classic HDN: fixed grid contexts instead of instances
+    "self_training": {  # plain self-training: global median/MAD loss only
+        "lambda_w": 0.0,
+        "lambda_r": 0.0,
+        "hdn": "global",
+    },
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `westar train` needs. Defaults follow the paper where it says."""
+
+    # --- model and data
+    model: str = "depth-anything/Depth-Anything-V2-Small-hf"  # hub id or local directory
+    data: str = ""  # dataset root: images/, instances/, pairs.json (docs/formats.md)
+    output_dir: str = "runs/westar"
+    images_dir: str | None = None  # override <data>/images
+    instances_dir: str | None = None  # override <data>/instances
+    pairs_file: str | None = None  # override <data>/pairs.json
+    image_size: tuple[int, int] = (518, 518)  # (H, W) training resolution, multiples of 14
+    output_space: str = "disparity"  # what the model predicts: "disparity" or "depth"
+    skip_bad: bool = False  # skip unreadable/inconsistent samples with a warning
+
+    # --- LoRA student and EMA teacher
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None  # None: discover q/k/v projections
+    ema_decay: float = 0.996
+
+    # --- loss
+    lambda_st: float = 1.0
+    lambda_w: float = 0.001
+    lambda_r: float = 1.0
+    hdn: str = "instances"  # "instances" (SA-HDN), "grid" (classic HDN) or "global"
+    grid: tuple[int, ...] = (4, 2)  # grid levels for hdn="grid"
+    include_global: bool = True  # the global context in SA-HDN
+    stats_grad: str = "full"  # "full" | "scale" | "none" (westar_ops.sa_hdn_loss)
+    min_pixels: int = 1
+    ordinal_kind: str = "margin"  # "margin" | "logistic"
+    margin: float = 0.0
+    equal_weight: float = 1.0
+
+    # --- augmentation (strong = student, weak = teacher)
+    augment: bool = True
+    weak_jitter: float = 0.0  # brightness/contrast jitter of the teacher's view
+    jitter: float = 0.4  # brightness / contrast / saturation of the strong view
+    hue: float = 0.1
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    noise_prob: float = 0.5
+    noise_std: float = 0.05
+    gray_prob: float = 0.2
+
+    # --- optimization
+    steps: int = 1000
+    batch_size: int = 4  # per process
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    seed: int = 0
+    mixed_precision: str = "auto"  # "auto" (bf16/fp16 on GPU, no on CPU), "no", "fp16", "bf16"
+    cpu: bool = False  # force CPU even when a GPU is visible
+    num_workers: int = 0
+
+    # --- logging and checkpoints
+    log_every: int = 1
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    tensorboard: bool = True  # used when the tensorboard package is installed
+    progress: bool = True
+    resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint directory
+
+    ablation: str = "full"
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in the run
+
+    def __post_init__(self) -> None:
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(int(v) for v in self.image_size)
+        self.grid = tuple(int(v) for v in self.grid)
+        self.blur_sigma = tuple(float(v) for v in self.blur_sigma)
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+        self.validate()
+
+    def validate(self) -> None:
+        if len(self.image_size) != 2 or any(v <= 0 or v % 14 for v in self.image_size):
+            raise ValueError(
+                f"image_size must be (H, W) with positive multiples of 14 (ViT patch size), "
+                f"got {self.image_size}"
+            )
+        if self.hdn not in HDN_MODES:
+            raise ValueError(f"hdn must be one of {HDN_MODES}, got {self.hdn!r}")
+        if self.output_space not in ("disparity", "depth"):
+            raise ValueError(
+                f"output_space must be 'disparity' or 'depth', got {self.output_space!r}"
+            )
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"ablation must be one of {tuple(ABLATIONS)}, got {self.ablation!r}")
+        for name in ("lambda_st", "lambda_w", "lambda_r", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1:
+            raise ValueError("steps, batch_size and lora_rank must be >= 1")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(
+                f"mixed_precision must be auto|no|fp16|bf16, got {self.mixed_precision!r}"
+            )
+
+    # paths -------------------------------------------------------------------------
+    def resolved_images_dir(self) -> Path:
+        return Path(self.images_dir) if self.images_dir else Path(self.data) / "images"
+
+    def resolved_instances_dir(self) -> Path:
+        return Path(self.instances_dir) if self.instances_dir else Path(self.data) / "instances"
+
+    def resolved_pairs_file(self) -> Path:
+        return Path(self.pairs_file) if self.pairs_file else Path(self.data) / "pairs.json"
+
+    # serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return cls(**values)
+
+
+def apply_ablation(cfg: TrainConfig, name: str) -> TrainConfig:
+    """Return a copy of `cfg` with the preset `name` applied (see ABLATIONS)."""
+    if name not in ABLATIONS:
+        raise ValueError(f"unknown ablation {name!r}; choose from {tuple(ABLATIONS)}")
+    return dataclasses.replace(cfg, ablation=name, **ABLATIONS[name])

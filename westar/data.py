@@ -1,0 +1,463 @@
+"""Datasets on disk: images, instance label maps, ordinal pairs, ground-truth depth.
+
+Formats (full description in docs/formats.md):
+
+    <root>/images/<stem>.{png,jpg,jpeg,bmp,tif,tiff,webp}   RGB (any PIL mode is converted)
+    <root>/instances/<stem>.png   16-bit (or 8-bit) label map, 0 = no instance
+    <root>/instances/<stem>.npy   integer (H, W) or (L, H, W) label maps (L levels)
+    <root>/pairs.json             ordinal annotations, one file per dataset
+    <root>/depth/<stem>.npy       float depth in meters, 0 / non-finite = invalid
+    <root>/depth/<stem>.png       16-bit depth, meters = value / depth_scale
+    <root>/depth/<stem>.exr       float depth (needs imageio with an EXR plugin)
+
+Every reader raises `DataError` naming the file; nothing is silently cropped, resized
+or clipped to make an inconsistent sample fit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DataError",
+    "IMAGE_EXTENSIONS",
+    "RELATIONS",
+    "IGNORE_LABEL",
+    "relation_to_label",
+    "list_images",
+    "read_image",
+    "read_instances",
+    "read_depth",
+    "find_depth_file",
+    "load_pairs",
+    "save_pairs",
+    "Sample",
+    "AdaptationDataset",
+    "collate",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+DEPTH_EXTENSIONS = (".npy", ".png", ".exr")
+INSTANCE_EXTENSIONS = (".png", ".npy")
+RELATIONS = ("farther", "closer", "equal")
+IGNORE_LABEL = -100  # label of a padding pair (ignored by westar_ops.ordinal_ranking_loss)
+PAIRS_VERSION = 1
+
+
+class DataError(ValueError):
+    """A problem with an input file; the message names the file."""
+
+    def __init__(self, path: str | Path, message: str):
+        self.path = str(path)
+        super().__init__(f"{path}: {message}")
+
+
+# ---------------------------------------------------------------- ordinal labels
+
+
+def relation_to_label(relation: str, output_space: str = "disparity") -> int:
+    """Map "a is <relation> than b" to the sign wanted for pred[a] - pred[b].
+
+    The single place where depth order meets the model's output space: for a disparity
+    (inverse depth) output, "a is farther" means pred[a] < pred[b], label -1; for a depth
+    output it is +1. "equal" is 0 in both.
+    """
+    if relation not in RELATIONS:
+        raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+    if output_space not in ("disparity", "depth"):
+        raise ValueError(f"output_space must be 'disparity' or 'depth', got {output_space!r}")
+    depth_sign = {"farther": 1, "closer": -1, "equal": 0}[relation]
+    return depth_sign if output_space == "depth" else -depth_sign
+
+
+# ---------------------------------------------------------------- file readers
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files of `folder`, sorted by name; a DataError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(folder, "image folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataError(folder, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    stems: dict[str, Path] = {}
+    for p in files:
+        if p.stem in stems:
+            raise DataError(p, f"two images share the stem {p.stem!r} (also {stems[p.stem].name})")
+        stems[p.stem] = p
+    return files
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image from its header, checking that the file is intact."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(path, f"cannot read image ({err})") from err
+    return h, w
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 (H, W, 3) RGB."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(path, f"cannot read image ({err})") from err
+
+
+def read_instances(path: str | Path) -> np.ndarray:
+    """int32 (L, H, W) label maps (L = 1 for a PNG), ids >= 0."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "instance map not found")
+    try:
+        if path.suffix.lower() == ".npy":
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with Image.open(path) as im:
+                if im.mode not in ("I;16", "I;16B", "I;16L", "I", "L", "P"):
+                    raise DataError(
+                        path, f"instance PNG must be 8- or 16-bit grayscale, got mode {im.mode}"
+                    )
+                arr = np.asarray(im)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(path, f"cannot read instance map ({err})") from err
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(path, f"instance map must hold integers, got dtype {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise DataError(path, f"instance map must be (H, W) or (L, H, W), got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise DataError(path, "instance ids must lie in [0, 2**31 - 1] (0 = no instance)")
+    return arr.astype(np.int32)
+
+
+def _instance_shape(path: Path) -> tuple[int, int]:
+    if not path.is_file():
+        raise DataError(path, "instance map not found")
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(path, f"cannot read instance map ({err})") from err
+        return tuple(arr.shape[-2:]) if arr.ndim in (2, 3) else (-1, -1)
+    return image_size(path)
+
+
+def find_depth_file(folder: str | Path, stem: str) -> Path | None:
+    for ext in DEPTH_EXTENSIONS:
+        p = Path(folder) / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def read_depth(path: str | Path, depth_scale: float = 1000.0) -> np.ndarray:
+    """float32 (H, W) depth in meters; invalid pixels are 0.
+
+    .npy: float meters (or integers, divided by `depth_scale`); .png: 16-bit, divided by
+    `depth_scale` (1000 for millimetres, 256 for KITTI); .exr: float meters.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "depth file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            if np.issubdtype(arr.dtype, np.integer):
+                arr = arr.astype(np.float64) / depth_scale
+        elif suffix == ".png":
+            with Image.open(path) as im:
+                if im.mode not in ("I;16", "I;16B", "I;16L", "I"):
+                    raise DataError(path, f"depth PNG must be 16-bit grayscale, got mode {im.mode}")
+                arr = np.asarray(im).astype(np.float64) / depth_scale
+        elif suffix == ".exr":
+            try:
+                import imageio.v3 as iio
+
+                arr = np.asarray(iio.imread(path))
+            except Exception as err:  # plugin missing or unreadable
+                raise DataError(
+                    path, f"cannot read EXR ({err}); convert it to .npy or install an EXR plugin"
+                ) from err
+            if arr.ndim == 3:
+                arr = arr[..., 0]
+        else:
+            raise DataError(path, f"unsupported depth format {suffix} (use .npy, .png or .exr)")
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(path, f"cannot read depth ({err})") from err
+    arr = np.squeeze(arr)
+    if arr.ndim != 2:
+        raise DataError(path, f"depth must be (H, W), got shape {arr.shape}")
+    arr = arr.astype(np.float32)
+    arr[~np.isfinite(arr) | (arr < 0)] = 0.0
+    return arr
+
+
+# ---------------------------------------------------------------- ordinal pairs
+
+
+def load_pairs(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a pairs JSON; returns {stem: {"width", "height", "pairs": [...]}}, checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "pairs file not found")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(path, f"cannot parse JSON ({err})") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
+        raise DataError(path, 'expected an object with an "images" mapping (docs/formats.md)')
+    if doc.get("coordinates", "xy") != "xy":
+        raise DataError(path, f'"coordinates" must be "xy", got {doc.get("coordinates")!r}')
+    out = {}
+    for stem, entry in doc["images"].items():
+        where = f"images[{stem!r}]"
+        if not isinstance(entry, dict):
+            raise DataError(path, f"{where} must be an object")
+        try:
+            width, height = int(entry["width"]), int(entry["height"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(path, f"{where} needs integer 'width' and 'height'") from err
+        pairs = entry.get("pairs", [])
+        if not isinstance(pairs, list):
+            raise DataError(path, f"{where}.pairs must be a list")
+        for i, pair in enumerate(pairs):
+            pwhere = f"{where}.pairs[{i}]"
+            try:
+                rel = pair["relation"]
+                pts = [pair["a"], pair["b"]]
+            except (KeyError, TypeError) as err:
+                raise DataError(path, f"{pwhere} needs 'a', 'b' and 'relation'") from err
+            if rel not in RELATIONS:
+                raise DataError(path, f"{pwhere}: relation must be one of {RELATIONS}, got {rel!r}")
+            for name, pt in zip("ab", pts):
+                if (
+                    not isinstance(pt, (list, tuple))
+                    or len(pt) != 2
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pt)
+                ):
+                    raise DataError(path, f"{pwhere}.{name} must be [x, y], got {pt!r}")
+                x, y = pt
+                if not (0 <= x < width and 0 <= y < height):
+                    raise DataError(
+                        path,
+                        f"{pwhere}.{name} = [x={x}, y={y}] lies outside the {width}x{height} "
+                        f"image {stem!r}",
+                    )
+        out[str(stem)] = {"width": width, "height": height, "pairs": pairs}
+    return out
+
+
+def save_pairs(path: str | Path, images: dict[str, dict[str, Any]], **meta: Any) -> None:
+    """Write a pairs JSON ({stem: {"width", "height", "pairs"}}), atomically."""
+    path = Path(path)
+    doc = {"version": PAIRS_VERSION, "coordinates": "xy", **meta, "images": images}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------- dataset
+
+
+@dataclass
+class Sample:
+    stem: str
+    image: Path
+    instances: Path | None
+    pairs: dict[str, Any] | None
+    size: tuple[int, int]  # (H, W) of the original image
+
+
+def _resize_labels(arr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    t = torch.from_numpy(arr.astype(np.float64))[None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = F.interpolate(t, size=size, mode="nearest-exact")
+    return t[0].to(torch.int32)
+
+
+def _scale_point(x: float, y: float, src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]:
+    """Pixel (x, y) of an image of size src=(H, W) -> (y, x) at size dst (pixel centres)."""
+    yy = min(int((y + 0.5) * dst[0] / src[0]), dst[0] - 1)
+    xx = min(int((x + 0.5) * dst[1] / src[1]), dst[1] - 1)
+    return yy, xx
+
+
+class AdaptationDataset(torch.utils.data.Dataset):
+    """Images (+ instance maps, + ordinal pairs) at a fixed training resolution.
+
+    Items are dicts: ``image`` float32 (3, H, W) in [0, 1]; ``instances`` int32 (L, H, W)
+    (L = 0 when none are used); ``pairs`` int64 (P, 2, 2) of (y, x); ``labels`` int64 (P,)
+    in the model's output space; ``stem``; ``index``. All files are checked when the
+    dataset is built: a bad sample raises a DataError naming the file, or is dropped with
+    a warning when ``skip_bad`` is set.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        image_size: tuple[int, int],
+        instances_dir: str | Path | None = None,
+        pairs_file: str | Path | None = None,
+        output_space: str = "disparity",
+        skip_bad: bool = False,
+    ):
+        self.image_size = tuple(image_size)
+        self.output_space = output_space
+        self.skip_bad = skip_bad
+        files = list_images(images_dir)
+        pairs = load_pairs(pairs_file) if pairs_file is not None else {}
+        stems = {p.stem for p in files}
+        unknown = sorted(set(pairs) - stems)
+        if unknown:
+            warnings.warn(
+                f"{pairs_file}: {len(unknown)} annotated images not in {images_dir} "
+                f"(e.g. {unknown[0]!r}); their pairs are unused",
+                stacklevel=2,
+            )
+        self.samples: list[Sample] = []
+        self.skipped: list[str] = []
+        for path in files:
+            try:
+                sample = self._check(path, instances_dir, pairs.get(path.stem), pairs_file)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                warnings.warn(f"skipping sample {path.stem!r}: {err}", stacklevel=2)
+                self.skipped.append(str(err))
+                continue
+            self.samples.append(sample)
+        if not self.samples:
+            raise DataError(images_dir, "no usable samples")
+
+    @staticmethod
+    def _check(path, instances_dir, pair_entry, pairs_file) -> Sample:
+        size = image_size(path)
+        inst_path = None
+        if instances_dir is not None:
+            for ext in INSTANCE_EXTENSIONS:
+                cand = Path(instances_dir) / f"{path.stem}{ext}"
+                if cand.is_file():
+                    inst_path = cand
+                    break
+            if inst_path is None:
+                raise DataError(
+                    Path(instances_dir) / f"{path.stem}.png",
+                    f"instance map for image {path.name} not found (.png or .npy); "
+                    "make them with `westar masks` or train with --hdn grid",
+                )
+            inst_size = _instance_shape(inst_path)
+            if inst_size != size:
+                raise DataError(
+                    inst_path,
+                    f"instance map is {inst_size[1]}x{inst_size[0]} (WxH) but image "
+                    f"{path.name} is {size[1]}x{size[0]}",
+                )
+        if pair_entry is not None and (pair_entry["height"], pair_entry["width"]) != size:
+            raise DataError(
+                pairs_file,
+                f"image {path.stem!r} is annotated as {pair_entry['width']}x"
+                f"{pair_entry['height']} but {path.name} is {size[1]}x{size[0]}",
+            )
+        return Sample(path.stem, path, inst_path, pair_entry, size)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> dict[str, Any]:
+        s = self.samples[index]
+        h, w = self.image_size
+        rgb = read_image(s.image)
+        if rgb.shape[:2] != s.size:
+            raise DataError(s.image, "image size changed since the dataset was checked")
+        im = Image.fromarray(rgb)
+        if (w, h) != im.size:
+            im = im.resize((w, h), Image.BICUBIC)
+        image = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        if s.instances is not None:
+            arr = read_instances(s.instances)
+            if arr.shape[-2:] != s.size:
+                raise DataError(s.instances, f"instance map shape {arr.shape} != image {s.size}")
+            instances = _resize_labels(arr, (h, w))
+        else:
+            instances = torch.zeros((0, h, w), dtype=torch.int32)
+        coords, labels = [], []
+        for pair in (s.pairs or {}).get("pairs", []):
+            (xa, ya), (xb, yb) = pair["a"], pair["b"]
+            coords.append(
+                [_scale_point(xa, ya, s.size, (h, w)), _scale_point(xb, yb, s.size, (h, w))]
+            )
+            labels.append(relation_to_label(pair["relation"], self.output_space))
+        pairs = torch.tensor(coords, dtype=torch.int64).reshape(-1, 2, 2)
+        return {
+            "image": image.contiguous(),
+            "instances": instances,
+            "pairs": pairs,
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "stem": s.stem,
+            "index": index,
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        try:
+            return self.load(index)
+        except DataError as err:
+            if not self.skip_bad:
+                raise
+            warnings.warn(f"skipping sample {self.samples[index].stem!r}: {err}", stacklevel=2)
+            return None
+
+
+def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Stack a batch; pad instance levels with 0 and pairs with label IGNORE_LABEL."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return None
+    batch = len(items)
+    h, w = items[0]["image"].shape[-2:]
+    levels = max(it["instances"].shape[0] for it in items)
+    npairs = max(it["pairs"].shape[0] for it in items)
+    instances = torch.zeros((batch, levels, h, w), dtype=torch.int32)
+    pairs = torch.zeros((batch, npairs, 2, 2), dtype=torch.int64)
+    labels = torch.full((batch, npairs), IGNORE_LABEL, dtype=torch.int64)
+    for i, it in enumerate(items):
+        instances[i, : it["instances"].shape[0]] = it["instances"]
+        n = it["pairs"].shape[0]
+        pairs[i, :n] = it["pairs"]
+        labels[i, :n] = it["labels"]
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "instances": instances,
+        "pairs": pairs,
+        "labels": labels,
+        "stem": [it["stem"] for it in items],
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+    }

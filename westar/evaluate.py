@@ -1,0 +1,246 @@
+"""Affine-invariant depth evaluation: AbsRel and delta1, per image then averaged.
+
+Protocol (the standard one for relative-depth models): on the valid pixels of an image
+(ground-truth depth > min_depth and <= max_depth), fit scale and shift of the predicted
+disparity to the ground-truth disparity 1/depth by least squares, clip the aligned
+disparity to >= 1/max_depth, invert to depth d, and with g the ground truth
+
+    AbsRel = mean |d - g| / g        delta1 = mean(max(d/g, g/d) < 1.25).
+
+The prediction is resized (bilinear) to the ground truth's resolution first. For a model
+whose output is depth (output_space="depth"), the fit is done on depth directly.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from westar.data import DataError, find_depth_file, list_images, read_depth, read_image
+from westar.model import load_depth_model, predict
+
+__all__ = [
+    "align_scale_shift",
+    "image_metrics",
+    "inference_size",
+    "colorize",
+    "evaluate",
+]
+
+# A perceptual dark-to-bright colour ramp (near = bright for disparity).
+_RAMP = np.array(
+    [[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66], [245, 125, 21],
+     [250, 193, 39], [252, 255, 164]],
+    dtype=np.float64,
+)  # fmt: skip
+
+
+def align_scale_shift(pred: np.ndarray, target: np.ndarray, mask: np.ndarray):
+    """(s, t) minimizing sum over mask of (s * pred + t - target)^2 (float64)."""
+    p = pred[mask].astype(np.float64)
+    g = target[mask].astype(np.float64)
+    a = np.stack([p, np.ones_like(p)], axis=1)
+    (s, t), *_ = np.linalg.lstsq(a, g, rcond=None)
+    return float(s), float(t)
+
+
+def image_metrics(
+    pred: np.ndarray,
+    gt_depth: np.ndarray,
+    max_depth: float,
+    min_depth: float = 1e-3,
+    output_space: str = "disparity",
+) -> dict[str, float] | None:
+    """AbsRel / delta1 of one image, or None when it has fewer than 2 valid pixels."""
+    if pred.shape != gt_depth.shape:
+        raise ValueError(f"prediction {pred.shape} and ground truth {gt_depth.shape} differ")
+    mask = np.isfinite(gt_depth) & (gt_depth > min_depth) & (gt_depth <= max_depth)
+    mask &= np.isfinite(pred)
+    if mask.sum() < 2:
+        return None
+    g = gt_depth[mask].astype(np.float64)
+    if output_space == "disparity":
+        s, t = align_scale_shift(pred, 1.0 / np.where(mask, gt_depth, 1.0), mask)
+        disp = np.maximum(s * pred[mask].astype(np.float64) + t, 1.0 / max_depth)
+        d = 1.0 / disp
+    else:
+        s, t = align_scale_shift(pred, gt_depth, mask)
+        d = np.clip(s * pred[mask].astype(np.float64) + t, min_depth, max_depth)
+    ratio = np.maximum(d / g, g / d)
+    return {
+        "abs_rel": float(np.mean(np.abs(d - g) / g)),
+        "delta1": float(np.mean(ratio < 1.25)),
+        "scale": s,
+        "shift": t,
+        "pixels": int(mask.sum()),
+    }
+
+
+def inference_size(h: int, w: int, size: int, multiple: int = 14) -> tuple[int, int]:
+    """Shorter side -> `size`, keeping the aspect ratio, both sides multiples of 14."""
+    scale = size / min(h, w)
+    return (
+        max(multiple, int(round(h * scale / multiple)) * multiple),
+        max(multiple, int(round(w * scale / multiple)) * multiple),
+    )
+
+
+def colorize(
+    values: np.ndarray, lo: float, hi: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 RGB of values in [lo, hi] on a dark-to-bright ramp; masked-out pixels grey."""
+    x = np.clip((values - lo) / max(hi - lo, 1e-12), 0, 1) * (len(_RAMP) - 1)
+    i = np.minimum(np.floor(x).astype(int), len(_RAMP) - 2)
+    f = (x - i)[..., None]
+    rgb = _RAMP[i] * (1 - f) + _RAMP[i + 1] * f
+    if mask is not None:
+        rgb[~mask] = 128
+    return rgb.astype(np.uint8)
+
+
+@torch.no_grad()
+def _predict_image(model, depth_model, rgb: np.ndarray, size: int, device) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    ih, iw = inference_size(h, w, size)
+    x = torch.from_numpy(rgb).float().div(255).permute(2, 0, 1)[None].to(device)
+    x = F.interpolate(x, size=(ih, iw), mode="bicubic", align_corners=False).clamp(0, 1)
+    out = predict(model, depth_model, x).float()
+    out = F.interpolate(out[:, None], size=(h, w), mode="bilinear", align_corners=False)
+    return out[0, 0].cpu().numpy()
+
+
+def _summary(per_image: dict[str, dict | None]) -> dict[str, Any]:
+    scored = {k: v for k, v in per_image.items() if v is not None}
+    return {
+        "abs_rel": float(np.mean([v["abs_rel"] for v in scored.values()])) if scored else None,
+        "delta1": float(np.mean([v["delta1"] for v in scored.values()])) if scored else None,
+        "images": len(scored),
+        "images_without_valid_depth": sorted(k for k, v in per_image.items() if v is None),
+        "per_image": scored,
+    }
+
+
+def evaluate(
+    model: str,
+    images_dir: str | Path,
+    depth_dir: str | Path,
+    *,
+    adapters: list[str] | None = None,
+    include_base: bool = True,
+    max_depth: float = 80.0,
+    min_depth: float = 1e-3,
+    depth_scale: float = 1000.0,
+    size: int = 518,
+    output_space: str = "disparity",
+    output: str | Path | None = None,
+    pictures_dir: str | Path | None = None,
+    device: str | None = None,
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of the base model and/or adapters on a folder of images with GT depth.
+
+    Returns (and writes to `output` as JSON) {"results": {name: summary}, ...}; names are
+    "base", then "adapted" for one adapter or "adapted:<path>" for several.
+    """
+    adapters = list(adapters or [])
+    if not include_base and not adapters:
+        raise ValueError("nothing to evaluate: include the base model or give an adapter")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    depth_model = load_depth_model(model)
+    net = depth_model.model.to(device).eval()
+    samples = []
+    for path in list_images(images_dir)[:limit]:
+        try:
+            gt_file = find_depth_file(depth_dir, path.stem)
+            if gt_file is None:
+                raise DataError(
+                    Path(depth_dir) / f"{path.stem}.npy", "ground-truth depth not found"
+                )
+            rgb = read_image(path)
+            gt = read_depth(gt_file, depth_scale)
+            if gt.shape != rgb.shape[:2]:
+                raise DataError(
+                    gt_file, f"depth is {gt.shape[1]}x{gt.shape[0]} but {path.name} is "
+                    f"{rgb.shape[1]}x{rgb.shape[0]}"
+                )  # fmt: skip
+        except DataError as err:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping {path.name}: {err}", stacklevel=2)
+            continue
+        samples.append((path.stem, rgb, gt))
+
+    names = (["base"] if include_base else []) + (
+        ["adapted"] if len(adapters) == 1 else [f"adapted:{a}" for a in adapters]
+    )
+    preds: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
+    if include_base:
+        for stem, rgb, _ in samples:
+            preds["base"][stem] = _predict_image(net, depth_model, rgb, size, device)
+    if adapters:
+        from peft import PeftModel
+
+        peft_model = None
+        for i, (name, adapter) in enumerate(zip(names[int(include_base) :], adapters)):
+            if not (Path(adapter) / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(net, adapter, adapter_name=f"a{i}")
+            else:
+                peft_model.load_adapter(adapter, adapter_name=f"a{i}")
+            peft_model.set_adapter(f"a{i}")
+            peft_model.to(device).eval()
+            for stem, rgb, _ in samples:
+                preds[name][stem] = _predict_image(peft_model, depth_model, rgb, size, device)
+
+    results = {}
+    for name in names:
+        per_image = {
+            stem: image_metrics(preds[name][stem], gt, max_depth, min_depth, output_space)
+            for stem, _, gt in samples
+        }
+        results[name] = _summary(per_image)
+    report = {
+        "model": model,
+        "adapters": adapters,
+        "max_depth": max_depth,
+        "min_depth": min_depth,
+        "size": size,
+        "protocol": "least-squares scale+shift in disparity space, per image, then averaged",
+        "results": results,
+    }
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2))
+    if pictures_dir is not None:
+        _write_pictures(Path(pictures_dir), samples, preds, names, results, max_depth, min_depth)
+    return report
+
+
+def _write_pictures(folder, samples, preds, names, results, max_depth, min_depth) -> None:
+    """<stem>.png: image | each model's aligned disparity | ground-truth disparity."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, rgb, gt in samples:
+        mask = np.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
+        if mask.sum() < 2:
+            continue
+        gt_disp = np.where(mask, 1.0 / np.where(mask, gt, 1.0), 0.0)
+        lo, hi = np.percentile(gt_disp[mask], [2, 98])
+        panels = [rgb]
+        for name in names:
+            m = results[name]["per_image"].get(stem)
+            if m is None:
+                continue
+            aligned = m["scale"] * preds[name][stem] + m["shift"]
+            panels.append(colorize(aligned, lo, hi))
+        panels.append(colorize(gt_disp, lo, hi, mask))
+        Image.fromarray(np.concatenate(panels, axis=1)).save(folder / f"{stem}.png")

@@ -1,0 +1,182 @@
+"""Hugging Face depth models with LoRA students.
+
+- `load_depth_model`: any `AutoModelForDepthEstimation` checkpoint (Depth Anything V2,
+  DPT/MiDaS, ...) by hub id or local directory, plus its input normalization.
+- `find_attention_projections`: the encoder's attention projections, discovered from the
+  loaded modules (transformers 5 Dinov2: q_proj/k_proj/v_proj; DPT ViT: query/key/value).
+- `add_lora`: peft LoRA on those projections, everything else frozen.
+- `predict`: the model's output (disparity for these models) as (B, H, W) at input size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DepthModel",
+    "load_depth_model",
+    "find_attention_projections",
+    "add_lora",
+    "lora_layers",
+    "lora_parameter_names",
+    "predict",
+    "set_train_mode",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Leaf names of query/key/value projections across transformers versions and ViT flavours.
+PROJECTION_NAMES = {
+    "q": ("q_proj", "query", "q"),
+    "k": ("k_proj", "key", "k"),
+    "v": ("v_proj", "value", "v"),
+}
+FUSED_PROJECTION_NAMES = ("qkv",)
+_ATTENTION_PATH = re.compile(r"(^|\.)(attention|attn|self_attn|self_attention)(\.|$)")
+
+
+class DepthModel:
+    """A loaded depth model and what is needed to feed it."""
+
+    def __init__(self, model: nn.Module, mean, std, source: str):
+        self.model = model
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.source = source
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB (B, 3, H, W) -> model input."""
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+
+def _read_normalization(name_or_path: str, local_only: bool) -> tuple[tuple, tuple]:
+    path = Path(name_or_path)
+    cfg_file = path / "preprocessor_config.json"
+    if path.is_dir():
+        if cfg_file.is_file():
+            cfg = json.loads(cfg_file.read_text())
+            return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(
+                cfg.get("image_std", IMAGENET_STD)
+            )
+        return IMAGENET_MEAN, IMAGENET_STD
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(name_or_path, local_files_only=local_only)
+        return tuple(proc.image_mean), tuple(proc.image_std)
+    except Exception:  # no processor config published: the ViT default
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+def load_depth_model(
+    name_or_path: str, *, local_files_only: bool = False, dtype: torch.dtype | None = None
+) -> DepthModel:
+    """Load a depth-estimation checkpoint by hub id or local directory (no peft yet)."""
+    from transformers import AutoModelForDepthEstimation
+
+    path = Path(name_or_path)
+    local = local_files_only or path.exists()
+    if path.exists() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    kwargs = {"local_files_only": local}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForDepthEstimation.from_pretrained(str(name_or_path), **kwargs)
+    mean, std = _read_normalization(str(name_or_path), local)
+    return DepthModel(model, mean, std, str(name_or_path))
+
+
+def find_attention_projections(model: nn.Module) -> list[str]:
+    """Full names of the Linear query/key/value projections inside attention blocks.
+
+    Works from the module tree, so it follows whatever naming the installed transformers
+    uses. Raises if none are found (the model is not a ViT-style encoder).
+    """
+    wanted = {n for names in PROJECTION_NAMES.values() for n in names} | set(FUSED_PROJECTION_NAMES)
+    found = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        linear = isinstance(module, nn.Linear) or isinstance(
+            getattr(module, "base_layer", None), nn.Linear
+        )  # a plain Linear, or one already wrapped by peft
+        if leaf in wanted and linear and _ATTENTION_PATH.search(name):
+            found.append(name)
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__}: found no attention projections "
+            f"({sorted(wanted)}) inside attention blocks; pass lora_targets explicitly"
+        )
+    return found
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    rank: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    targets: list[str] | tuple[str, ...] | None = None,
+):
+    """Wrap `model` in a peft LoRA model; only the adapters are trainable.
+
+    targets: module names (full or leaf names) for peft's target_modules; None discovers
+    the attention projections. Returns the PeftModel.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if targets is None:
+        targets = find_attention_projections(model)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets),
+        bias="none",
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = get_peft_model(model, config)
+    set_train_mode(peft_model)
+    return peft_model
+
+
+def lora_layers(model: nn.Module):
+    """(name, module) of every peft LoRA layer in `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if "lora_" in n]
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """Eval mode for the frozen model (no BatchNorm statistics drift, no dropout), train
+    mode only for LoRA dropout layers."""
+    model.eval()
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1].startswith("lora_dropout"):
+            module.train()
+
+
+def predict(model: nn.Module, depth_model: DepthModel, images: torch.Tensor) -> torch.Tensor:
+    """Model output (B, H, W) for [0, 1] images (B, 3, H, W), resized to the input size."""
+    h, w = images.shape[-2:]
+    out = model(pixel_values=depth_model.normalize(images)).predicted_depth
+    if out.dim() == 4:
+        out = out[:, 0]
+    if tuple(out.shape[-2:]) != (h, w):
+        out = F.interpolate(out[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    return out

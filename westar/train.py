@@ -1,0 +1,510 @@
+"""The WeSTAR training loop (Hugging Face Accelerate).
+
+One code path for CPU, one GPU and several GPUs (`accelerate launch` / `torchrun`):
+`batch_size` is per process. Each step: the EMA teacher predicts pseudo-labels on a weak
+view (no grad), the LoRA student predicts on a strong photometric view of the same
+pixels, and the WeSTAR loss (westar.losses) is minimized with AdamW and a cosine
+schedule; then the teacher's adapter weights follow the student's by EMA.
+
+Reproducibility: the data order and the augmentations are functions of (seed, step,
+rank) only, and checkpoints hold the adapters, the teacher, the optimizer, the scheduler,
+the step and the RNG states, so `resume` reproduces an uninterrupted run exactly (CPU).
+
+Output directory:
+
+    <output_dir>/config.json            the TrainConfig of the run
+    <output_dir>/metrics.csv            step, lr, loss, st, weak, reg, seconds
+    <output_dir>/tensorboard/           when tensorboard is installed
+    <output_dir>/checkpoints/step_N/    adapter/ teacher/ (peft format), student.safetensors,
+                                        teacher.safetensors, optimizer.pt, scheduler.pt,
+                                        rng_rank{R}.pt, state.json
+    <output_dir>/adapter/               final student adapter (PeftModel.from_pretrained)
+    <output_dir>/teacher/               final EMA teacher adapter (same format)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from westar.augment import step_generator, strong_augment, weak_augment
+from westar.config import TrainConfig
+from westar.data import AdaptationDataset, DataError, collate
+from westar.ema import EMATeacher
+from westar.losses import westar_loss
+from westar.model import add_lora, load_depth_model, predict, set_train_mode
+
+__all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
+
+CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "seconds")
+CHECKPOINT_PREFIX = "step_"
+
+
+def _resolve_mixed_precision(cfg: TrainConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    if cfg.cpu or not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The highest complete checkpoint under <output_dir>/checkpoints (None if none)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX):
+            try:
+                found.append((int(p.name[len(CHECKPOINT_PREFIX) :]), p))
+            except ValueError:
+                continue
+    return max(found)[1] if found else None
+
+
+class StepBatchSampler:
+    """Batches of dataset indices as a function of (seed, step, rank) only.
+
+    The global batch of step t is positions [t*G, (t+1)*G) of an endless stream of epochs,
+    each a permutation seeded by (seed, epoch); G = batch_size * world_size and rank r
+    takes its slice. Starting at any step needs no saved iterator state.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int, rank=0, world=1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.end, self.rank, self.world = start, end, rank, world
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> list[int]:
+        g = self.batch_size * self.world
+        first = step * g + self.rank * self.batch_size
+        return [self._perm(p // self.n)[p % self.n] for p in range(first, first + self.batch_size)]
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            yield self.indices(step)
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+
+class Trainer:
+    """Builds model, student, teacher, data and optimizer from a TrainConfig."""
+
+    def __init__(self, cfg: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.cfg = cfg
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=_resolve_mixed_precision(cfg), cpu=cfg.cpu
+        )
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.output_dir = Path(cfg.output_dir)
+        self.dataset = self._build_dataset()
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        self.depth = load_depth_model(cfg.model)
+        model = add_lora(
+            self.depth.model,
+            rank=cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=cfg.lora_targets,
+        )
+        self.teacher = EMATeacher(model, cfg.ema_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # The scheduler is stepped by hand once per optimizer step (not prepared by
+        # Accelerate, which would step it once per process).
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.teacher.to(acc.device)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def _build_dataset(self) -> AdaptationDataset:
+        cfg = self.cfg
+        instances_dir = None
+        if cfg.hdn == "instances" and cfg.lambda_st > 0:
+            instances_dir = cfg.resolved_instances_dir()
+            if not instances_dir.is_dir():
+                raise DataError(
+                    instances_dir,
+                    "instance folder not found: make instance maps with `westar masks`, or "
+                    "train with --hdn grid (classic HDN) / --hdn global",
+                )
+        pairs_file = None
+        if cfg.lambda_w > 0:
+            pairs_file = cfg.resolved_pairs_file()
+            if not pairs_file.is_file():
+                raise DataError(
+                    pairs_file,
+                    "ordinal pairs file not found: make one with `westar pairs`, or train "
+                    "without weak labels (--ablation no_weak or --lambda-w 0)",
+                )
+        return AdaptationDataset(
+            cfg.resolved_images_dir(),
+            cfg.image_size,
+            instances_dir=instances_dir,
+            pairs_file=pairs_file,
+            output_space=cfg.output_space,
+            skip_bad=cfg.skip_bad,
+        )
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def loader(self, start: int, end: int):
+        sampler = StepBatchSampler(
+            len(self.dataset), self.cfg.batch_size, self.cfg.seed, start, end, self.rank, self.world
+        )
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.cfg.num_workers,
+        )
+
+    # ------------------------------------------------------------------ one step
+    def predictions(self, batch: dict, step: int, augment: bool | None = None):
+        """(student output, teacher output) for a batch, with the step's augmentations."""
+        cfg, acc = self.cfg, self.accelerator
+        augment = cfg.augment if augment is None else augment
+        gen = step_generator(cfg.seed, step, self.rank)
+        images = batch["image"].to(acc.device)
+        unwrapped = self.unwrapped
+        weak = weak_augment(images, gen, cfg.weak_jitter) if augment else images
+        with torch.no_grad(), self.teacher.swapped_in(unwrapped), acc.autocast():
+            teacher_out = predict(unwrapped, self.depth, weak)
+        strong = images
+        if augment:
+            strong = strong_augment(
+                images,
+                gen,
+                jitter=cfg.jitter,
+                hue=cfg.hue,
+                blur_prob=cfg.blur_prob,
+                blur_sigma=cfg.blur_sigma,
+                noise_prob=cfg.noise_prob,
+                noise_std=cfg.noise_std,
+                gray_prob=cfg.gray_prob,
+            )
+        with acc.autocast():
+            student_out = predict(self.model, self.depth, strong)
+        return student_out, teacher_out
+
+    def loss(self, batch: dict, step: int, augment: bool | None = None):
+        student_out, teacher_out = self.predictions(batch, step, augment)
+        return westar_loss(student_out, teacher_out, batch, self.unwrapped, self.cfg)
+
+    def train_step(self, batch: dict, step: int | None = None) -> dict[str, float]:
+        """One optimizer step and one teacher update; returns the loss parts."""
+        cfg, acc = self.cfg, self.accelerator
+        step = self.step if step is None else step
+        set_train_mode(self.model)
+        loss, parts = self.loss(batch, step)
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss at step {step} ({parts}); images {batch['stem']}"
+            )
+        acc.backward(loss)
+        if cfg.max_grad_norm > 0 and acc.sync_gradients:
+            acc.clip_grad_norm_(
+                [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
+            )
+        parts["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.teacher.update(self.unwrapped)
+        return parts
+
+    # ------------------------------------------------------------------ checkpoints
+    def _rng_state(self) -> dict:
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            n: p.detach().cpu().contiguous()
+            for n, p in self.unwrapped.named_parameters()
+            if "lora_" in n
+        }
+
+    def save_adapters(self, directory: Path) -> None:
+        """student adapter -> directory/adapter, teacher -> directory/teacher (peft)."""
+        model = self.unwrapped
+        model.save_pretrained(str(directory / "adapter"))
+        with self.teacher.swapped_in(model):
+            model.save_pretrained(str(directory / "teacher"))
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step_N atomically: a temp dir, then one rename."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
+        tmp = root / f".tmp-{final.name}"
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(self._rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        if acc.is_main_process:
+            self.save_adapters(tmp)
+            save_file(self._adapter_tensors(), str(tmp / "student.safetensors"))
+            save_file(
+                {n: t.cpu() for n, t in self.teacher.state_dict().items()},
+                str(tmp / "teacher.safetensors"),
+            )
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {"step": self.step, "world_size": self.world, "config": self.cfg.to_dict()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            _fsync_tree(tmp)
+            if final.exists():  # same step written again: keep exactly one copy
+                old = root / f".old-{final.name}"
+                final.replace(old)
+                shutil.rmtree(old)
+            tmp.replace(final)
+            _fsync_dir(root)
+            self._prune(root)
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        keep = self.cfg.keep_checkpoints
+        if keep <= 0:
+            return
+        steps = sorted(
+            p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+        )
+        for p in steps[:-keep]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        state_file = path / "state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path}: not a westar checkpoint (no state.json)")
+        state = json.loads(state_file.read_text())
+        saved_cfg = state.get("config", {})
+        ignore = {"resume", "progress", "steps", "save_every", "log_every", "keep_checkpoints"}
+        differs = sorted(
+            k
+            for k, v in self.cfg.to_dict().items()
+            if k not in ignore and k in saved_cfg and _jsonable(v) != _jsonable(saved_cfg[k])
+        )
+        if differs:
+            warnings.warn(
+                f"resuming {path} with a different configuration for {differs}; the run "
+                "will not match an uninterrupted one",
+                stacklevel=2,
+            )
+        student = load_file(str(path / "student.safetensors"))
+        params = dict(self.unwrapped.named_parameters())
+        missing = sorted(set(n for n in params if "lora_" in n) ^ set(student))
+        if missing:
+            raise ValueError(f"{path}: adapter tensors do not match the model: {missing[:3]}")
+        with torch.no_grad():
+            for n, t in student.items():
+                params[n].copy_(t)
+        self.teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
+        self.optimizer.load_state_dict(
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        )
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        if rng_file.is_file():
+            self._set_rng_state(torch.load(rng_file, weights_only=False))
+        self.step = int(state["step"])
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to cfg.steps (or stop after step `stop_after`, for interrupted runs)."""
+        cfg, acc = self.cfg, self.accelerator
+        main = acc.is_main_process
+        if cfg.resume:
+            ckpt = (
+                find_latest_checkpoint(self.output_dir)
+                if cfg.resume == "auto"
+                else Path(cfg.resume)
+            )
+            if ckpt is not None:
+                self.load_checkpoint(ckpt)
+                if main:
+                    print(f"westar: resumed from {ckpt} at step {self.step}")
+            elif main:
+                print(f"westar: no checkpoint in {self.output_dir}, starting from step 0")
+        elif find_latest_checkpoint(self.output_dir) is not None:
+            raise FileExistsError(
+                f"{self.output_dir} already holds checkpoints: pass --resume to continue "
+                "the run, or choose another --output-dir"
+            )
+        end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(cfg.to_json())
+        logger = _MetricsLogger(self.output_dir, self.step, cfg.tensorboard) if main else None
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="westar"
+        )
+        running: dict[str, float] = {}
+        last = {}
+        t0 = time.perf_counter()
+        try:
+            for batch in self.loader(self.step, end):
+                if batch is None:  # every sample of this batch was skipped
+                    self.step += 1
+                    bar.update(1)
+                    continue
+                parts = self.train_step(batch, self.step)
+                self.step += 1
+                if self.world > 1:
+                    keys = ("loss", "st", "weak", "reg")
+                    vals = torch.tensor([parts[k] for k in keys], device=acc.device)
+                    vals = acc.reduce(vals, reduction="mean")
+                    parts.update({k: float(v) for k, v in zip(keys, vals)})
+                for k in ("loss", "st", "weak", "reg"):
+                    running[k] = parts[k] if k not in running else 0.9 * running[k] + 0.1 * parts[k]
+                bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
+                bar.update(1)
+                last = dict(parts, step=self.step, seconds=time.perf_counter() - t0)
+                if main and (self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps):
+                    logger.log(last)
+                if self.step % max(cfg.save_every, 1) == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        if self.step >= cfg.steps:
+            self.save_final()
+        return last
+
+    def save_final(self) -> None:
+        """The final student and teacher adapters in <output_dir>/{adapter,teacher}."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            tmp = self.output_dir / ".tmp-final"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            self.save_adapters(tmp)
+            for name in ("adapter", "teacher"):
+                dst = self.output_dir / name
+                if dst.exists():
+                    old = self.output_dir / f".old-{name}"
+                    dst.replace(old)
+                    shutil.rmtree(old)
+                (tmp / name).replace(dst)
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+
+
+class _MetricsLogger:
+    """metrics.csv (rows after a resumed step are dropped) and TensorBoard if installed."""
+
+    def __init__(self, output_dir: Path, start_step: int, tensorboard: bool):
+        self.path = output_dir / "metrics.csv"
+        rows = []
+        if self.path.is_file():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+        self.file = self.path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.file.flush()
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:
+                self.tb = None
+
+    def log(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+        if self.tb is not None:
+            for k in ("loss", "st", "weak", "reg", "lr"):
+                self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:
+    """Run (or resume) a training run; returns the last step's metrics."""
+    return Trainer(cfg).fit(stop_after=stop_after)
