@@ -55,7 +55,7 @@ class Scene:
     image: np.ndarray  # (H, W, 3) uint8
     depth: np.ndarray  # (H, W) float32, meters
     instances: np.ndarray  # (H, W) int32
-    meta: dict  # camera, primitive list (kinds and ids), seed
+    meta: dict  # seed, camera, room, objects (id, kind, geometry)
 
 
 @dataclasses.dataclass
@@ -359,6 +359,16 @@ class _Material:
 # --------------------------------------------------------------------------------------
 
 
+def _geometry(pr) -> dict:
+    """Plain-float description of an object primitive (for meta and tests)."""
+    if isinstance(pr, _Sphere):
+        return dict(center=pr.c.tolist(), radius=float(pr.r))
+    if isinstance(pr, _Box):
+        yaw = math.atan2(float(pr.R[0, 2]), float(pr.R[0, 0]))
+        return dict(center=pr.c.tolist(), half=pr.h.tolist(), yaw=yaw)
+    return dict(base=pr.b.tolist(), radius=float(pr.r), height=float(pr.hgt))
+
+
 def _build_scene(rng, prm: SceneParams):
     rw = rng.uniform(*prm.room_width)
     rd = rng.uniform(*prm.room_depth)
@@ -413,7 +423,7 @@ def _build_scene(rng, prm: SceneParams):
             h = size * rng.uniform(1.0, 3.0)
             prims.append(_Cone((x, y0, z), r, h, inst))
             placed.append((x, z, 0.0, y0 + h))
-        kinds.append((inst, kind))
+        kinds.append(dict(id=inst, kind=kind, **_geometry(prims[-1])))
         inst += 1
     room = dict(width=rw, depth=rd, height=rh, ceiling=bool(has_ceiling))
     return prims, kinds, room
@@ -453,26 +463,79 @@ def _camera(rng, prm: SceneParams, room):
     return pos, d.astype(np.float32), cam
 
 
-def _cast(prims, o, d):
-    """Nearest hit: (t, index of primitive) per ray."""
-    best_t = np.full(len(d), _INF, np.float32)
-    best_i = np.full(len(d), -1, np.int32)
+def _bounding_sphere(pr):
+    """(center, radius) enclosing an object primitive; None for planes."""
+    if isinstance(pr, _Sphere):
+        return pr.c, float(pr.r)
+    if isinstance(pr, _Box):
+        return pr.c, float(np.linalg.norm(pr.h))
+    if isinstance(pr, (_Cylinder, _Cone)):
+        half = float(pr.hgt) / 2
+        c = pr.b + np.array([0, half, 0], np.float32)
+        return c, math.hypot(float(pr.r), half)
+    return None
+
+
+def _screen_window(pr, pos, cam, H, W):
+    """Conservative pixel window (i0, i1, j0, j1) that holds a primitive's projection.
+
+    Returns None for "test every pixel" (planes, or a bound that reaches behind the
+    camera) and an empty window when the primitive is out of view.
+    """
+    bs = _bounding_sphere(pr)
+    if bs is None:
+        return None
+    c, R = bs
+    v = c - pos
+    xc, yc, zc = float(v @ cam["right"]), float(v @ cam["up"]), float(v @ cam["forward"])
+    if zc - R <= 1e-2:
+        return None
+    fx = cam["fx"]
+    gx = [(xc + a) / (zc + b) for a in (-R, R) for b in (-R, R)]
+    gy = [(yc + a) / (zc + b) for a in (-R, R) for b in (-R, R)]
+    j0 = math.floor(min(gx) * fx + W / 2 - 0.5) - 1
+    j1 = math.ceil(max(gx) * fx + W / 2 - 0.5) + 2
+    i0 = math.floor(H / 2 - 0.5 - max(gy) * fx) - 1
+    i1 = math.ceil(H / 2 - 0.5 - min(gy) * fx) + 2
+    return max(i0, 0), min(i1, H), max(j0, 0), min(j1, W)
+
+
+def _cast(prims, pos, d, cam, H, W):
+    """Nearest hit: (t, index of primitive) per ray; objects only tested in their window."""
+    best_t = np.full((H, W), _INF, np.float32)
+    best_i = np.full((H, W), -1, np.int32)
+    d3 = d.reshape(H, W, 3)
+    cam_np = {k: np.asarray(v, np.float32) if isinstance(v, list) else v for k, v in cam.items()}
     for k, pr in enumerate(prims):
-        t = pr.intersect(o, d)
-        closer = t < best_t
-        best_t = np.where(closer, t, best_t)
-        best_i = np.where(closer, k, best_i)
-    return best_t, best_i
+        win = _screen_window(pr, pos, cam_np, H, W)
+        i0, i1, j0, j1 = (0, H, 0, W) if win is None else win
+        if i1 <= i0 or j1 <= j0:
+            continue
+        dd = d3[i0:i1, j0:j1].reshape(-1, 3)
+        t = pr.intersect(np.broadcast_to(pos, dd.shape), dd).reshape(i1 - i0, j1 - j0)
+        bt = best_t[i0:i1, j0:j1]
+        closer = t < bt
+        bt[closer] = t[closer]
+        best_i[i0:i1, j0:j1][closer] = k
+    return best_t.reshape(-1), best_i.reshape(-1)
 
 
 def _occluded(prims, p, ldir):
-    """Whether the segment from p towards the (directional) light hits anything but planes."""
+    """Whether the ray from p towards the (directional) light hits an object."""
     occ = np.zeros(len(p), bool)
     for pr in prims:
-        if isinstance(pr, _Plane):
+        bs = _bounding_sphere(pr)
+        if bs is None:
             continue
-        t = pr.intersect(p, np.broadcast_to(ldir, p.shape))
-        occ |= np.isfinite(t)
+        c, R = bs
+        v = c - p
+        tca = v @ ldir
+        cand = (tca > -R) & (np.einsum("ij,ij->i", v, v) - tca * tca <= R * R) & ~occ
+        if not cand.any():
+            continue
+        sel = np.nonzero(cand)[0]
+        t = pr.intersect(p[sel], np.broadcast_to(ldir, (len(sel), 3)))
+        occ[sel[np.isfinite(t)]] = True
     return occ
 
 
@@ -497,7 +560,7 @@ def render_scene(seed: int, params: SceneParams | None = None) -> Scene:
 
     H, W = prm.height, prm.width
     o = np.broadcast_to(pos, d.shape)
-    t, idx = _cast(prims, o, d)
+    t, idx = _cast(prims, pos, d, cam, H, W)
     if not np.all(np.isfinite(t)):  # cannot happen in a closed room; be safe
         raise RuntimeError(f"scene {seed}: rays escaped the room")
     p = o + t[:, None] * d
