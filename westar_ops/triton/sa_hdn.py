@@ -1,0 +1,881 @@
+"""Triton kernels of ``westar_triton::sa_hdn_forward`` / ``sa_hdn_backward``.
+
+Contract: docs/internals.md (same outputs as the C++ ops). Design and cost account:
+docs/triton_kernels.md. In short, with C levels, N = B*H*W pixels, M <= C*N memberships:
+
+Forward
+  1. ``_keys_kernel`` (1 launch, reads target, valid, ids): one int64 key per
+     (level, pixel): (level*B + image) << 31 | id, or a sentinel for pixels in no context.
+  2. Grouping with torch ops on the device: stable ``torch.sort`` of the keys (pixels of a
+     context become one contiguous run, in ascending pixel order; runs in canonical order
+     level, image, id), run boundaries, counts (``searchsorted``), min_pixels filter,
+     context numbering (``cumsum``). Cost does not depend on the id values.
+     **The one host sync** of the op: K and the sizes of the launch grids, fetched together.
+  3. Small contexts (n <= a size class, 64 or 1024 by default): one program per context,
+     everything in registers: gather pred/target through the sort permutation, exact
+     lower median by a bitwise radix select (one reduction per key bit), mean absolute
+     deviation, S1, S2, S3, loss numerator, median index, seg. One launch per size class.
+  4. Large contexts: tiles of TILE members, multi-pass radix select with per-context
+     histograms of 8-bit digits (int32 atomics, so the counts are exact and repeatable):
+       pass 0: gather pred/target into contiguous segment arrays + histogram of digit 0;
+       pass r: filter by the digits chosen so far + histogram of digit r (r = 1..3);
+       the last pass also sums, per tile, the distances of the elements outside the
+       final 256-key window to the window's edges, so that the MAD needs no extra pass;
+       between passes a scan kernel per (context, pred|target) picks the digit;
+       sums pass: S1, S2, loss numerator, first median position per tile;
+     per-tile partial sums are combined per context in tile order: deterministic.
+  5. ``_loss_kernel``: sum of the per-context loss numerators in context order / N.
+Backward
+  ``_count_kernel`` (N = sum of stats[:, 7]) and one elementwise pass over the pixels
+  (``_backward_kernel``), looping over the C levels; no atomics: deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from westar_ops.triton._common import acc_dtype, device_guard, from_skey, sign, skey
+
+__all__ = ["sa_hdn_forward", "sa_hdn_backward"]
+
+# Routing by context size (module globals, read at call time; tests lower them to reach
+# the large-context path on tiny images). Contexts with at most SMALL_SIZES[i] members
+# (and more than SMALL_SIZES[i-1]) go to the register kernel with that block size; larger
+# ones go to the tiled radix-select path with tiles of TILE members.
+SMALL_SIZES = (64, 1024)
+TILE = 4096
+BLOCK_PIXELS = 1024  # elementwise kernels (keys, backward)
+BLOCK_REDUCE = 256  # fixed-order reductions over tiles / contexts
+
+_SENTINEL = torch.iinfo(torch.int64).max
+NUM_STATS = 8
+
+
+def _num_warps(block: int) -> int:
+    return 1 if block <= 64 else (4 if block <= 1024 else 8)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _keys_kernel(
+    target_ptr,
+    valid_ptr,
+    inst_ptr,
+    keys_ptr,
+    B,
+    H,
+    W,
+    tsb,
+    tsh,
+    tsw,
+    vsb,
+    vsh,
+    vsw,
+    isb,
+    isl,
+    ish,
+    isw,
+    HAS_VALID: tl.constexpr,
+    GLOBAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    c = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    hw = H * W
+    n = B * hw
+    m = offs < n
+    b = offs // hw
+    rem = offs % hw
+    y = rem // W
+    x = rem % W
+    q = tl.load(target_ptr + b * tsb + y * tsh + x * tsw, mask=m, other=0.0)
+    ok = m & (q == q) & (tl.abs(q) < float("inf"))
+    if HAS_VALID:
+        v = tl.load(valid_ptr + b * vsb + y * vsh + x * vsw, mask=m, other=0)
+        ok = ok & (v != 0)
+    if GLOBAL:
+        if c == 0:
+            ident = tl.full([BLOCK], 1, tl.int64)
+        else:
+            lev = c - 1
+            ident = tl.load(
+                inst_ptr + b * isb + lev * isl + y * ish + x * isw, mask=ok, other=0
+            ).to(tl.int64)
+    else:
+        ident = tl.load(inst_ptr + b * isb + c * isl + y * ish + x * isw, mask=ok, other=0).to(
+            tl.int64
+        )
+    member = ok & (ident > 0)
+    key = ((c * B + b) << 31) | ident
+    key = tl.where(member, key, 0x7FFFFFFFFFFFFFFF)
+    tl.store(keys_ptr + c * n + offs, key, mask=m)
+
+
+@triton.jit
+def _small_kernel(
+    pred_ptr,
+    target_ptr,
+    order_ptr,
+    ks_ptr,
+    seg_off_ptr,
+    seg_len_ptr,
+    stats_ptr,
+    median_ptr,
+    loss_part_ptr,
+    seg_ptr,
+    H,
+    W,
+    N,
+    psb,
+    psh,
+    psw,
+    tsb,
+    tsh,
+    tsw,
+    eps,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One context per program, all in registers."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    k = tl.load(ks_ptr + tl.program_id(0)).to(tl.int64)
+    start = tl.load(seg_off_ptr + k)
+    n = tl.load(seg_len_ptr + k)
+    idx = tl.arange(0, BLOCK)
+    m = idx < n
+    jf = tl.load(order_ptr + start + idx, mask=m, other=0)
+    tl.store(seg_ptr + jf, k.to(tl.int32), mask=m)
+    pix = jf % N
+    hw = H * W
+    b = pix // hw
+    rem = pix % hw
+    y = rem // W
+    x = rem % W
+    p = tl.load(pred_ptr + b * psb + y * psh + x * psw, mask=m, other=0.0).to(acc)
+    q = tl.load(target_ptr + b * tsb + y * tsh + x * tsw, mask=m, other=0.0).to(acc)
+    krank = ((n - 1) // 2).to(tl.int32)
+    kp = skey(p, BITS)
+    kq = skey(q, BITS)
+    tkp, less_p, eq_p = _select_bits(kp, m, krank, BITS)
+    tkq, _less_q, _eq_q = _select_bits(kq, m, krank, BITS)
+    tp = from_skey(tkp, BITS)
+    tq = from_skey(tkq, BITS)
+    nf = n.to(acc)
+    dp = tl.sum(tl.where(m, tl.abs(p - tp), 0.0), 0) / nf + eps
+    dq = tl.sum(tl.where(m, tl.abs(q - tq), 0.0), 0) / nf + eps
+    ph = (p - tp) / dp
+    d = ph - (q - tq) / dq
+    sg = sign(d)
+    s1 = tl.sum(tl.where(m, sg, 0.0), 0)
+    s2 = tl.sum(tl.where(m, sg * ph, 0.0), 0)
+    ls = tl.sum(tl.where(m, tl.abs(d), 0.0), 0)
+    s3 = (n.to(tl.int32) - less_p - eq_p) - less_p
+    med = tl.min(tl.where(m & (kp == tkp), pix, 0x7FFFFFFFFFFFFFFF), 0)
+    row = stats_ptr + k * 8
+    tl.store(row + 0, tp)
+    tl.store(row + 1, dp)
+    tl.store(row + 2, tq)
+    tl.store(row + 3, dq)
+    tl.store(row + 4, s1)
+    tl.store(row + 5, s2)
+    tl.store(row + 6, s3.to(acc))
+    tl.store(row + 7, nf)
+    tl.store(median_ptr + k, med)
+    tl.store(loss_part_ptr + k, ls)
+
+
+@triton.jit
+def _select_bits(key, m, krank, BITS: tl.constexpr):
+    """Exact k-th smallest (0-based) of the masked keys by a bitwise radix select on the
+    unsigned key (skey ^ sign bit). Returns (key, #less, #equal)."""
+    active = m
+    less = tl.sum(tl.zeros_like(krank + m.to(tl.int32)), 0)
+    kr = krank
+    for i in tl.static_range(BITS):
+        bp: tl.constexpr = BITS - 1 - i
+        bit = ((key >> bp) & 1).to(tl.int32)
+        if bp == BITS - 1:
+            bit = 1 - bit
+        zero = active & (bit == 0)
+        c0 = tl.sum(zero.to(tl.int32), 0)
+        one = kr >= c0
+        kr = tl.where(one, kr - c0, kr)
+        less = tl.where(one, less + c0, less)
+        active = active & tl.where(one, bit == 1, bit == 0)
+    if BITS == 64:
+        lowest = -0x7FFFFFFFFFFFFFFF - 1
+    else:
+        lowest = -0x7FFFFFFF - 1
+    t = tl.max(tl.where(active, key, lowest), 0)
+    return t, less, tl.sum(active.to(tl.int32), 0)
+
+
+@triton.jit
+def _digit(key, R: tl.constexpr, BITS: tl.constexpr):
+    """Digit R (0 = most significant) of the unsigned key, as int32 in [0, 256)."""
+    d = ((key >> (BITS - 8 * (R + 1))) & 255).to(tl.int32)
+    if R == 0:
+        d = d ^ 128
+    return d
+
+
+@triton.jit
+def _hist_one(
+    x,
+    m,
+    t,
+    bi,
+    w: tl.constexpr,
+    NB,
+    hist_ptr,
+    prefix_ptr,
+    part_mad_ptr,
+    R: tl.constexpr,
+    BITS: tl.constexpr,
+    LAST: tl.constexpr,
+):
+    """Filter by the digits chosen so far, histogram digit R (pred w=0, target w=1)."""
+    key = skey(x, BITS)
+    if R == 0:
+        match = m
+    else:
+        prefix = tl.load(prefix_ptr + bi * 2 + w)
+        match = m & (((key ^ prefix) >> (BITS - 8 * R)) == 0)
+    d = _digit(key, R, BITS)
+    h = tl.histogram(d, 256, mask=match)
+    bins = tl.arange(0, 256)
+    tl.atomic_add(hist_ptr + ((R * NB + bi) * 2 + w) * 256 + bins, h, mask=bins < 256)
+    if LAST:
+        # Elements outside the final window [prefix, prefix | 255]: distance to the edges.
+        lo = from_skey(prefix, BITS)
+        hi = from_skey(prefix | 255, BITS)
+        below = m & (key < prefix) & ~match
+        above = m & (key > prefix) & ~match
+        s_lo = tl.sum(tl.where(below, lo - x, 0.0), 0)
+        s_hi = tl.sum(tl.where(above, x - hi, 0.0), 0)
+        tl.store(part_mad_ptr + (t * 2 + w) * 2 + 0, s_lo)
+        tl.store(part_mad_ptr + (t * 2 + w) * 2 + 1, s_hi)
+
+
+@triton.jit
+def _big_pass_kernel(
+    pred_ptr,
+    target_ptr,
+    order_ptr,
+    sp_ptr,
+    sq_ptr,
+    seg_ptr,
+    tile_seg_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    big_k_ptr,
+    hist_ptr,
+    prefix_ptr,
+    part_mad_ptr,
+    NB,
+    H,
+    W,
+    N,
+    psb,
+    psh,
+    psw,
+    tsb,
+    tsh,
+    tsw,
+    R: tl.constexpr,
+    BITS: tl.constexpr,
+    LAST: tl.constexpr,
+    TILE_SIZE: tl.constexpr,
+):
+    """Pass R over the tiles of the large contexts (R = 0 gathers)."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    t = tl.program_id(0).to(tl.int64)
+    bi = tl.load(tile_seg_ptr + t).to(tl.int64)
+    start = tl.load(tile_start_ptr + t)
+    end = tl.load(tile_end_ptr + t)
+    offs = start + tl.arange(0, TILE_SIZE).to(tl.int64)
+    m = offs < end
+    if R == 0:
+        jf = tl.load(order_ptr + offs, mask=m, other=0)
+        k = tl.load(big_k_ptr + bi)
+        tl.store(seg_ptr + jf, k.to(tl.int32), mask=m)
+        pix = jf % N
+        hw = H * W
+        b = pix // hw
+        rem = pix % hw
+        y = rem // W
+        x = rem % W
+        p = tl.load(pred_ptr + b * psb + y * psh + x * psw, mask=m, other=0.0).to(acc)
+        q = tl.load(target_ptr + b * tsb + y * tsh + x * tsw, mask=m, other=0.0).to(acc)
+        tl.store(sp_ptr + offs, p, mask=m)
+        tl.store(sq_ptr + offs, q, mask=m)
+    else:
+        p = tl.load(sp_ptr + offs, mask=m, other=0.0)
+        q = tl.load(sq_ptr + offs, mask=m, other=0.0)
+    _hist_one(p, m, t, bi, 0, NB, hist_ptr, prefix_ptr, part_mad_ptr, R, BITS, LAST)
+    _hist_one(q, m, t, bi, 1, NB, hist_ptr, prefix_ptr, part_mad_ptr, R, BITS, LAST)
+
+
+@triton.jit
+def _scan_kernel(
+    hist_ptr,
+    prefix_ptr,
+    rank_ptr,
+    nless_ptr,
+    ngreat_ptr,
+    part_mad_ptr,
+    tile0_ptr,
+    ntile_ptr,
+    big_k_ptr,
+    big_len_ptr,
+    stats_ptr,
+    NB,
+    eps,
+    R: tl.constexpr,
+    BITS: tl.constexpr,
+    LAST: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Per (large context, pred|target): choose digit R from its histogram. The last
+    scan also finishes the median and the mean absolute deviation."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    kt = tl.int64 if BITS == 64 else tl.int32
+    pid = tl.program_id(0).to(tl.int64)
+    bi = pid // 2
+    w = pid % 2
+    bins = tl.arange(0, 256)
+    h = tl.load(hist_ptr + ((R * NB + bi) * 2 + w) * 256 + bins).to(tl.int64)
+    kr = tl.load(rank_ptr + pid)
+    cs = tl.cumsum(h, 0)
+    d = tl.sum((cs <= kr).to(tl.int32), 0)
+    below = tl.sum(tl.where(bins < d, h, 0), 0)
+    above = tl.sum(tl.where(bins > d, h, 0), 0)
+    nl = tl.load(nless_ptr + pid)
+    ng = tl.load(ngreat_ptr + pid)
+    if R == 0:
+        prefix = tl.zeros_like(d).to(kt)
+        sd = d ^ 128
+    else:
+        prefix = tl.load(prefix_ptr + pid)
+        sd = d
+    newp = prefix | (sd.to(kt) << (BITS - 8 * (R + 1)))
+    if not LAST:
+        tl.store(prefix_ptr + pid, newp)
+        tl.store(rank_ptr + pid, kr - below)
+        tl.store(nless_ptr + pid, nl + below)
+        tl.store(ngreat_ptr + pid, ng + above)
+    else:
+        t = from_skey(newp, BITS)
+        lo = from_skey(prefix, BITS)
+        hi = from_skey(prefix | 255, BITS)
+        vals = from_skey(prefix | bins.to(kt), BITS)
+        window = tl.sum(tl.where(h > 0, h.to(acc) * tl.abs(vals - t), 0.0), 0)
+        t0 = tl.load(tile0_ptr + bi)
+        nt = tl.load(ntile_ptr + bi)
+        vlo = tl.zeros([BLOCK_T], acc)
+        vhi = tl.zeros([BLOCK_T], acc)
+        for s in range(0, nt, BLOCK_T):
+            ti = s + tl.arange(0, BLOCK_T)
+            mt = ti < nt
+            base = part_mad_ptr + ((t0 + ti) * 2 + w) * 2
+            vlo += tl.load(base + 0, mask=mt, other=0.0)
+            vhi += tl.load(base + 1, mask=mt, other=0.0)
+        s_lo = tl.sum(vlo, 0)
+        s_hi = tl.sum(vhi, 0)
+        abs_sum = s_lo + s_hi + window
+        abs_sum += tl.where(nl > 0, nl.to(acc) * (t - lo), 0.0)
+        abs_sum += tl.where(ng > 0, ng.to(acc) * (hi - t), 0.0)
+        n = tl.load(big_len_ptr + bi)
+        k = tl.load(big_k_ptr + bi)
+        row = stats_ptr + k * 8
+        tl.store(row + 2 * w, t)
+        tl.store(row + 2 * w + 1, abs_sum / n.to(acc) + eps)
+        s3 = (ng + above) - (nl + below)
+        tl.store(row + 6, s3.to(acc), mask=w == 0)
+        tl.store(row + 7, n.to(acc), mask=w == 0)
+
+
+@triton.jit
+def _big_sums_kernel(
+    sp_ptr,
+    sq_ptr,
+    tile_seg_ptr,
+    tile_start_ptr,
+    tile_end_ptr,
+    big_k_ptr,
+    stats_ptr,
+    part_sum_ptr,
+    part_med_ptr,
+    BITS: tl.constexpr,
+    TILE_SIZE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    bi = tl.load(tile_seg_ptr + t).to(tl.int64)
+    start = tl.load(tile_start_ptr + t)
+    end = tl.load(tile_end_ptr + t)
+    offs = start + tl.arange(0, TILE_SIZE).to(tl.int64)
+    m = offs < end
+    k = tl.load(big_k_ptr + bi)
+    row = stats_ptr + k * 8
+    tp = tl.load(row + 0)
+    dp = tl.load(row + 1)
+    tq = tl.load(row + 2)
+    dq = tl.load(row + 3)
+    p = tl.load(sp_ptr + offs, mask=m, other=0.0)
+    q = tl.load(sq_ptr + offs, mask=m, other=0.0)
+    ph = (p - tp) / dp
+    d = ph - (q - tq) / dq
+    sg = sign(d)
+    tl.store(part_sum_ptr + t * 3 + 0, tl.sum(tl.where(m, sg, 0.0), 0))
+    tl.store(part_sum_ptr + t * 3 + 1, tl.sum(tl.where(m, sg * ph, 0.0), 0))
+    tl.store(part_sum_ptr + t * 3 + 2, tl.sum(tl.where(m, tl.abs(d), 0.0), 0))
+    is_med = m & (skey(p, BITS) == skey(tp, BITS))
+    tl.store(part_med_ptr + t, tl.min(tl.where(is_med, offs, 0x7FFFFFFFFFFFFFFF), 0))
+
+
+@triton.jit
+def _big_finish_kernel(
+    part_sum_ptr,
+    part_med_ptr,
+    tile0_ptr,
+    ntile_ptr,
+    big_k_ptr,
+    order_ptr,
+    stats_ptr,
+    median_ptr,
+    loss_part_ptr,
+    N,
+    BITS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Per large context: combine the per-tile sums in tile order."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    bi = tl.program_id(0).to(tl.int64)
+    t0 = tl.load(tile0_ptr + bi)
+    nt = tl.load(ntile_ptr + bi)
+    v1 = tl.zeros([BLOCK_T], acc)
+    v2 = tl.zeros([BLOCK_T], acc)
+    v3 = tl.zeros([BLOCK_T], acc)
+    vm = tl.full([BLOCK_T], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for s in range(0, nt, BLOCK_T):
+        ti = s + tl.arange(0, BLOCK_T)
+        mt = ti < nt
+        base = part_sum_ptr + (t0 + ti) * 3
+        v1 += tl.load(base + 0, mask=mt, other=0.0)
+        v2 += tl.load(base + 1, mask=mt, other=0.0)
+        v3 += tl.load(base + 2, mask=mt, other=0.0)
+        vm = tl.minimum(vm, tl.load(part_med_ptr + t0 + ti, mask=mt, other=0x7FFFFFFFFFFFFFFF))
+    k = tl.load(big_k_ptr + bi)
+    row = stats_ptr + k * 8
+    tl.store(row + 4, tl.sum(v1, 0))
+    tl.store(row + 5, tl.sum(v2, 0))
+    tl.store(loss_part_ptr + k, tl.sum(v3, 0))
+    pos = tl.min(vm, 0)
+    jf = tl.load(order_ptr + pos)
+    tl.store(median_ptr + k, jf % N)
+
+
+@triton.jit
+def _loss_kernel(loss_part_ptr, seg_len_ptr, out_ptr, K, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """loss = sum_k loss_part[k] / sum_k n_k, in context order; 0 when K == 0."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    vs = tl.zeros([BLOCK], acc)
+    vn = tl.zeros([BLOCK], tl.int64)
+    for s in range(0, K, BLOCK):
+        i = s + tl.arange(0, BLOCK)
+        mk = i < K
+        vs += tl.load(loss_part_ptr + i, mask=mk, other=0.0)
+        vn += tl.load(seg_len_ptr + i, mask=mk, other=0)
+    total = tl.sum(vs, 0)
+    count = tl.sum(vn, 0)
+    loss = tl.where(count > 0, total / tl.maximum(count, 1).to(acc), 0.0)
+    tl.store(out_ptr, loss)
+
+
+@triton.jit
+def _count_kernel(stats_ptr, grad_ptr, scale_ptr, K, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """scale = grad / N with N = sum_k stats[k, 7] (0 when N == 0)."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    vn = tl.zeros([BLOCK], tl.int64)
+    for s in range(0, K, BLOCK):
+        i = s + tl.arange(0, BLOCK)
+        vn += tl.load(stats_ptr + i.to(tl.int64) * 8 + 7, mask=i < K, other=0.0).to(tl.int64)
+    count = tl.sum(vn, 0)
+    g = tl.load(grad_ptr).to(acc)
+    tl.store(scale_ptr, tl.where(count > 0, g / tl.maximum(count, 1).to(acc), 0.0))
+
+
+@triton.jit
+def _backward_kernel(
+    pred_ptr,
+    target_ptr,
+    seg_ptr,
+    stats_ptr,
+    median_ptr,
+    scale_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    N,
+    psb,
+    psh,
+    psw,
+    tsb,
+    tsh,
+    tsw,
+    STATS_GRAD: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """grad_pred[j] = grad / N * sum_c pixel_grad(p_j, q_j, stats[seg[c, j]], ...)."""
+    acc = tl.float64 if BITS == 64 else tl.float32
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    m = offs < N
+    hw = H * W
+    b = offs // hw
+    rem = offs % hw
+    y = rem // W
+    x = rem % W
+    p = tl.load(pred_ptr + b * psb + y * psh + x * psw, mask=m, other=0.0).to(acc)
+    q = tl.load(target_ptr + b * tsb + y * tsh + x * tsw, mask=m, other=0.0).to(acc)
+    g = tl.zeros([BLOCK], acc)
+    for c in range(0, C):
+        k = tl.load(seg_ptr + c * N + offs, mask=m, other=-1).to(tl.int64)
+        has = k >= 0
+        row = stats_ptr + tl.where(has, k, 0) * 8
+        tp = tl.load(row + 0, mask=has, other=0.0)
+        dp = tl.load(row + 1, mask=has, other=1.0)
+        tq = tl.load(row + 2, mask=has, other=0.0)
+        dq = tl.load(row + 3, mask=has, other=1.0)
+        ph = (p - tp) / dp
+        r = sign(ph - (q - tq) / dq)
+        pg = r / dp
+        if STATS_GRAD >= 1:
+            s2 = tl.load(row + 5, mask=has, other=0.0)
+            n = tl.load(row + 7, mask=has, other=1.0)
+            scale_term = s2 / (dp * n)
+            pg -= scale_term * sign(p - tp)
+            if STATS_GRAD == 2:
+                s1 = tl.load(row + 4, mask=has, other=0.0)
+                s3 = tl.load(row + 6, mask=has, other=0.0)
+                mi = tl.load(median_ptr + tl.where(has, k, 0), mask=has, other=-1)
+                pg += tl.where(mi == offs, -s1 / dp + scale_term * s3, 0.0)
+        g += tl.where(has, pg, 0.0)
+    scale = tl.load(scale_ptr)
+    tl.store(out_ptr + offs, g * scale, mask=m)
+
+
+# ------------------------------------------------------------------------ host code
+
+
+def _first_true(mask_cumsum: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the first `count` True entries, given the inclusive cumsum of a mask
+    (searchsorted, so no host sync: `count` is already known)."""
+    want = torch.arange(1, count + 1, device=mask_cumsum.device, dtype=mask_cumsum.dtype)
+    return torch.searchsorted(mask_cumsum, want)
+
+
+def sa_hdn_forward(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    instances: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    include_global: bool,
+    eps: float,
+    min_pixels: int,
+    stats_grad: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if pred.dim() != 3 or target.shape != pred.shape:
+        raise ValueError(
+            f"sa_hdn: pred and target must have shape (B, H, W), got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    if target.dtype != pred.dtype:
+        target = target.to(pred.dtype)
+    with device_guard(pred):
+        return _forward(pred, target, instances, valid, include_global, eps, min_pixels)
+
+
+def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
+    dev = pred.device
+    B, H, W = pred.shape
+    N = B * H * W
+    L = instances.shape[1] if instances is not None else 0
+    G = int(bool(include_global))
+    C = G + L
+    sdt = acc_dtype(pred.dtype)
+    bits = 64 if sdt == torch.float64 else 32
+    small_sizes = tuple(sorted(SMALL_SIZES))
+    tile = TILE
+    max_small = small_sizes[-1]
+    n_tot = C * N
+
+    seg = torch.full((C, B, H, W), -1, dtype=torch.int32, device=dev)
+    loss = torch.zeros((), dtype=pred.dtype, device=dev)
+    if n_tot == 0:
+        return (
+            loss,
+            seg,
+            torch.empty((0, NUM_STATS), dtype=sdt, device=dev),
+            torch.empty((0,), dtype=torch.int64, device=dev),
+        )
+
+    # 1. Keys.
+    keys = torch.empty(n_tot, dtype=torch.int64, device=dev)
+    vview = valid.view(torch.uint8) if valid is not None else pred
+    vstr = valid.stride() if valid is not None else (0, 0, 0)
+    inst = instances if instances is not None else pred
+    istr = instances.stride() if instances is not None else (0, 0, 0, 0)
+    _keys_kernel[(triton.cdiv(N, BLOCK_PIXELS), C)](
+        target,
+        vview,
+        inst,
+        keys,
+        B,
+        H,
+        W,
+        *target.stride(),
+        *vstr,
+        *istr,
+        HAS_VALID=valid is not None,
+        GLOBAL=bool(G),
+        BLOCK=BLOCK_PIXELS,
+        num_warps=4,
+    )
+
+    # 2. Grouping (torch ops on the device; no sync until the .tolist() below).
+    sorted_keys, order = torch.sort(keys, stable=True)
+    del keys
+    is_start = torch.ones(n_tot, dtype=torch.bool, device=dev)
+    is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run = torch.cumsum(is_start, 0) - 1  # run number of every sorted position
+    starts = torch.searchsorted(run, torch.arange(n_tot + 1, device=dev))
+    counts = starts[1:] - starts[:-1]  # 0 for run numbers past the last run
+    run_key = sorted_keys[starts[:-1].clamp(max=n_tot - 1)]
+    keep = (counts >= max(int(min_pixels), 1)) & (run_key != _SENTINEL)
+    keep_cs = torch.cumsum(keep, 0)
+    big_run = keep & (counts > max_small)
+    big_cs = torch.cumsum(big_run, 0)
+    ntiles_run = torch.where(big_run, (counts + tile - 1) // tile, 0)
+    class_cs = []
+    lower = 0
+    for size in small_sizes:
+        cls = keep & (counts > lower) & (counts <= size)
+        class_cs.append(torch.cumsum(cls, 0))
+        lower = size
+    totals = torch.stack([keep_cs[-1], big_cs[-1], ntiles_run.sum()] + [c[-1] for c in class_cs])
+    # The one host sync of the forward: K sizes the outputs, the rest the launch grids.
+    K, NB, T, *n_class = (int(v) for v in totals.tolist())
+
+    stats = torch.empty((K, NUM_STATS), dtype=sdt, device=dev)
+    median_index = torch.empty((K,), dtype=torch.int64, device=dev)
+    if K == 0:
+        return loss, seg, stats, median_index
+    kept_runs = _first_true(keep_cs, K)
+    seg_off = starts[kept_runs].contiguous()
+    seg_len = counts[kept_runs].contiguous()
+    k_of_run = keep_cs - 1
+    loss_part = torch.empty((K,), dtype=sdt, device=dev)
+    order = order.contiguous()
+
+    # 3. Small contexts, one launch per size class.
+    for size, cs, count in zip(small_sizes, class_cs, n_class):
+        if count == 0:
+            continue
+        ks = k_of_run[_first_true(cs, count)].contiguous()
+        block = triton.next_power_of_2(size)
+        _small_kernel[(count,)](
+            pred,
+            target,
+            order,
+            ks,
+            seg_off,
+            seg_len,
+            stats,
+            median_index,
+            loss_part,
+            seg,
+            H,
+            W,
+            N,
+            *pred.stride(),
+            *target.stride(),
+            eps,
+            BITS=bits,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
+
+    # 4. Large contexts: tiled radix select.
+    if NB > 0:
+        big_runs = _first_true(big_cs, NB)
+        big_k = k_of_run[big_runs].contiguous()
+        big_len = counts[big_runs].contiguous()
+        big_off = starts[big_runs]
+        ntile = ntiles_run[big_runs].contiguous()
+        tile_cs = torch.cumsum(ntile, 0)
+        tile0 = (tile_cs - ntile).contiguous()
+        tiles = torch.arange(T, device=dev)
+        tile_seg = torch.searchsorted(tile_cs, tiles, right=True)
+        tile_start = (big_off[tile_seg] + (tiles - tile0[tile_seg]) * tile).contiguous()
+        tile_end = (big_off + big_len)[tile_seg].contiguous()
+        tile_seg = tile_seg.contiguous()
+        sp = torch.empty(n_tot, dtype=sdt, device=dev)
+        sq = torch.empty(n_tot, dtype=sdt, device=dev)
+        digits = bits // 8
+        kdt = torch.int64 if bits == 64 else torch.int32
+        hist = torch.zeros((digits, NB, 2, 256), dtype=torch.int32, device=dev)
+        prefix = torch.zeros((NB, 2), dtype=kdt, device=dev)
+        rank = ((big_len - 1) // 2).repeat_interleave(2).contiguous()
+        nless = torch.zeros((NB, 2), dtype=torch.int64, device=dev)
+        ngreat = torch.zeros((NB, 2), dtype=torch.int64, device=dev)
+        part_mad = torch.empty((T, 2, 2), dtype=sdt, device=dev)
+        tw = _num_warps(tile)
+        for r in range(digits):
+            last = r == digits - 1
+            _big_pass_kernel[(T,)](
+                pred,
+                target,
+                order,
+                sp,
+                sq,
+                seg,
+                tile_seg,
+                tile_start,
+                tile_end,
+                big_k,
+                hist,
+                prefix,
+                part_mad,
+                NB,
+                H,
+                W,
+                N,
+                *pred.stride(),
+                *target.stride(),
+                R=r,
+                BITS=bits,
+                LAST=last,
+                TILE_SIZE=tile,
+                num_warps=tw,
+            )
+            _scan_kernel[(NB * 2,)](
+                hist,
+                prefix,
+                rank,
+                nless,
+                ngreat,
+                part_mad,
+                tile0,
+                ntile,
+                big_k,
+                big_len,
+                stats,
+                NB,
+                eps,
+                R=r,
+                BITS=bits,
+                LAST=last,
+                BLOCK_T=BLOCK_REDUCE,
+                num_warps=1,
+            )
+        part_sum = torch.empty((T, 3), dtype=sdt, device=dev)
+        part_med = torch.empty((T,), dtype=torch.int64, device=dev)
+        _big_sums_kernel[(T,)](
+            sp,
+            sq,
+            tile_seg,
+            tile_start,
+            tile_end,
+            big_k,
+            stats,
+            part_sum,
+            part_med,
+            BITS=bits,
+            TILE_SIZE=tile,
+            num_warps=tw,
+        )
+        _big_finish_kernel[(NB,)](
+            part_sum,
+            part_med,
+            tile0,
+            ntile,
+            big_k,
+            order,
+            stats,
+            median_index,
+            loss_part,
+            N,
+            BITS=bits,
+            BLOCK_T=BLOCK_REDUCE,
+            num_warps=1,
+        )
+
+    # 5. Loss.
+    _loss_kernel[(1,)](loss_part, seg_len, loss, K, BITS=bits, BLOCK=BLOCK_REDUCE, num_warps=4)
+    return loss, seg, stats, median_index
+
+
+def sa_hdn_backward(
+    grad: torch.Tensor,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    seg: torch.Tensor,
+    stats: torch.Tensor,
+    median_index: torch.Tensor,
+    stats_grad: int,
+) -> torch.Tensor:
+    if pred.dim() != 3 or target.shape != pred.shape:
+        raise ValueError("sa_hdn_backward: pred and target must have shape (B, H, W)")
+    if seg.dim() != 4 or tuple(seg.shape[1:]) != tuple(pred.shape) or seg.dtype != torch.int32:
+        raise ValueError(
+            f"sa_hdn_backward: seg must be int32 (C, B, H, W), got {seg.dtype} {tuple(seg.shape)}"
+        )
+    if stats_grad not in (0, 1, 2):
+        raise ValueError(f"sa_hdn_backward: stats_grad must be 0, 1 or 2, got {stats_grad}")
+    sdt = acc_dtype(pred.dtype)
+    if stats.dtype != sdt or stats.dim() != 2 or stats.shape[1] != NUM_STATS:
+        raise ValueError(f"sa_hdn_backward: stats must be (K, 8) {sdt}, got {stats.dtype}")
+    if target.dtype != pred.dtype:
+        target = target.to(pred.dtype)
+    B, H, W = pred.shape
+    N = B * H * W
+    C = seg.shape[0]
+    K = stats.shape[0]
+    bits = 64 if sdt == torch.float64 else 32
+    out = torch.empty((B, H, W), dtype=pred.dtype, device=pred.device)
+    if N == 0:
+        return out
+    with device_guard(pred):
+        seg = seg.contiguous()
+        stats = stats.contiguous()
+        median_index = median_index.contiguous()
+        scale = torch.empty((1,), dtype=sdt, device=pred.device)
+        _count_kernel[(1,)](
+            stats, grad.reshape(1), scale, K, BITS=bits, BLOCK=BLOCK_REDUCE, num_warps=4
+        )
+        _backward_kernel[(triton.cdiv(N, BLOCK_PIXELS),)](
+            pred,
+            target,
+            seg,
+            stats,
+            median_index,
+            scale,
+            out,
+            C,
+            H,
+            W,
+            N,
+            *pred.stride(),
+            *target.stride(),
+            STATS_GRAD=int(stats_grad),
+            BITS=bits,
+            BLOCK=BLOCK_PIXELS,
+            num_warps=4,
+        )
+    return out
