@@ -104,8 +104,7 @@ def _pair_loss_kernel(
     psb,
     psh,
     psw,
-    margin,
-    equal_weight,
+    params_ptr,
     KIND: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -117,7 +116,7 @@ def _pair_loss_kernel(
     lab, used, _ja, _jb, d = _pair_d(
         pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc
     )
-    per = _pair_loss(d, lab, margin.to(acc), equal_weight.to(acc), KIND)
+    per = _pair_loss(d, lab, tl.load(params_ptr), tl.load(params_ptr + 1), KIND)
     tl.store(part_loss_ptr + pid, tl.sum(tl.where(used, per, 0.0), 0))
     tl.store(part_cnt_ptr + pid, tl.sum(used.to(tl.int64), 0))
 
@@ -167,8 +166,7 @@ def _scatter_kernel(
     psb,
     psh,
     psw,
-    margin,
-    equal_weight,
+    params_ptr,
     KIND: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -180,7 +178,7 @@ def _scatter_kernel(
         pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc
     )
     scale = tl.load(scale_ptr)
-    g = scale * _pair_grad(d, lab, margin.to(acc), equal_weight.to(acc), KIND)
+    g = scale * _pair_grad(d, lab, tl.load(params_ptr), tl.load(params_ptr + 1), KIND)
     tl.atomic_add(out_ptr + ja, g, mask=used)
     tl.atomic_add(out_ptr + jb, -g, mask=used)
 
@@ -200,8 +198,7 @@ def _contrib_kernel(
     psb,
     psh,
     psw,
-    margin,
-    equal_weight,
+    params_ptr,
     KIND: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -214,7 +211,7 @@ def _contrib_kernel(
         pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc
     )
     scale = tl.load(scale_ptr)
-    g = scale * _pair_grad(d, lab, margin.to(acc), equal_weight.to(acc), KIND)
+    g = scale * _pair_grad(d, lab, tl.load(params_ptr), tl.load(params_ptr + 1), KIND)
     tl.store(vals_ptr + 2 * i, g, mask=m)
     tl.store(vals_ptr + 2 * i + 1, -g, mask=m)
     tl.store(idx_ptr + 2 * i, tl.where(used, ja, -1), mask=m)
@@ -237,6 +234,15 @@ def _segment_sum_kernel(sidx_ptr, perm_ptr, vals_ptr, out_ptr, NC, F64: tl.const
             j += 1
             nxt = tl.load(sidx_ptr + j, mask=j < NC, other=-1)
         tl.store(out_ptr + s, total)
+
+
+def _params(margin: float, equal_weight: float, dtype, device) -> torch.Tensor:
+    """margin and equal_weight in the accumulation dtype, on the device without a host
+    sync (a float kernel argument would be rounded to float32)."""
+    params = torch.empty((2,), dtype=dtype, device=device)
+    params[0] = float(margin)
+    params[1] = float(equal_weight)
+    return params
 
 
 def _check(pred, pairs, labels, kind):
@@ -286,8 +292,7 @@ def ordinal_ranking_forward(
             H,
             W,
             *pred.stride(),
-            float(margin),
-            float(equal_weight),
+            _params(margin, equal_weight, adt, pred.device),
             KIND=int(kind),
             F64=f64,
             BLOCK=BLOCK_PAIRS,
@@ -318,7 +323,7 @@ def ordinal_ranking_backward(
         return out.to(pred.dtype)
     nblk = triton.cdiv(NP, BLOCK_PAIRS)
     scale = torch.empty((1,), dtype=adt, device=dev)
-    args = (NP, P, H, W, *pred.stride(), float(margin), float(equal_weight))
+    args = (NP, P, H, W, *pred.stride(), _params(margin, equal_weight, adt, dev))
     meta = dict(KIND=int(kind), F64=f64, BLOCK=BLOCK_PAIRS, num_warps=4)
     with device_guard(pred):
         _count_kernel[(1,)](
