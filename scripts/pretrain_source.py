@@ -16,7 +16,7 @@ learning rate follows a cosine schedule over whichever runs out first, --steps o
 --max-minutes, so a busy machine gives a shorter but finished schedule.
 
 Evaluation: held-out clean scenes (seeds from 10_000_000), and the same scenes corrupted by
-westar.corrupt at --eval-severity, AbsRel and delta1 after least-squares scale and shift in
+westar.corrupt at each --eval-severity, AbsRel and delta1 after least-squares scale and shift in
 disparity space (the standard affine-invariant protocol).
 """
 
@@ -110,6 +110,18 @@ def ssi_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, grad
     return loss
 
 
+def range_loss(pred: torch.Tensor, weight: float) -> torch.Tensor:
+    """Keep the raw output positive (hinge at 0.05) with a per-image median near 1.
+
+    The affine-invariant loss leaves scale and shift free; this pins them loosely so that
+    the shipped model's final ReLU never clips, and outputs have a familiar range.
+    """
+    if weight <= 0:
+        return pred.new_zeros(())
+    med = pred.flatten(1).median(dim=1).values
+    return weight * (F.relu(0.05 - pred).mean() + 0.1 * ((med - 1.0) ** 2).mean())
+
+
 # ------------------------------------------------------------------------------ eval
 
 
@@ -144,7 +156,7 @@ def evaluate(model, images, depths):
     return float(m[:, 0].mean()), float(m[:, 1].mean())
 
 
-def eval_table(model, n: int, size: int, severity: int, seed: int = 0):
+def eval_table(model, n: int, size: int, severities=(3, 4), seed: int = 0):
     prm = SceneParams(height=size, width=size)
     scenes = [render_scene(EVAL_SEED0 + i, prm) for i in range(n)]
     images = np.stack([s.image for s in scenes])
@@ -155,14 +167,15 @@ def eval_table(model, n: int, size: int, severity: int, seed: int = 0):
     except ImportError:
         print("westar.corrupt not available: clean evaluation only")
         return rows
-    for name in CORRUPTIONS:
-        cor = np.stack(
-            [
-                corrupt_image(im, name, severity, seed=seed + i, depth=dp)
-                for i, (im, dp) in enumerate(zip(images, depths))
-            ]
-        )
-        rows.append((name, severity, *evaluate(model, cor, depths)))
+    for severity in severities:
+        for name in CORRUPTIONS:
+            cor = np.stack(
+                [
+                    corrupt_image(im, name, severity, seed=seed + i, depth=dp)
+                    for i, (im, dp) in enumerate(zip(images, depths))
+                ]
+            )
+            rows.append((name, severity, *evaluate(model, cor, depths)))
     return rows
 
 
@@ -229,6 +242,10 @@ def train(args):
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "ckpt.pt"
     model = build_model(args.size, args.width)
+    # Train on the raw output: the relative head's final ReLU would let pixels (or whole
+    # images) die at zero with no gradient; range_loss keeps the output positive so the
+    # ReLU, restored for saving, changes nothing.
+    model.head.activation2 = torch.nn.Identity()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters, width {args.width}", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -259,10 +276,10 @@ def train(args):
         x = (x - IMAGENET_MEAN) / IMAGENET_STD
         valid = torch.isfinite(dep) & (dep > 0)
         disp = torch.where(valid, 1.0 / dep.clamp_min(1e-3), torch.zeros_like(dep))
-        pred = model(pixel_values=x).predicted_depth
+        pred = model(pixel_values=x).predicted_depth  # raw head output (no final ReLU)
         if pred.shape[-2:] != disp.shape[-2:]:
             pred = F.interpolate(pred[:, None], disp.shape[-2:], mode="bilinear")[:, 0]
-        loss = ssi_loss(pred, disp, valid, args.grad_weight)
+        loss = ssi_loss(pred, disp, valid, args.grad_weight) + range_loss(pred, args.range_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,6 +302,7 @@ def train(args):
             )
     elapsed = time.perf_counter() - t_start
     print(f"trained {step} steps in {elapsed / 60:.1f} min", flush=True)
+    model.head.activation2 = torch.nn.ReLU()
     torch.save(
         dict(model=model.state_dict(), opt=opt.state_dict(), step=step, elapsed=elapsed),
         ckpt_path,
@@ -311,7 +329,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--grad-weight", type=float, default=0.5)
-    ap.add_argument("--pool", type=int, default=3000, help="scenes kept in memory")
+    ap.add_argument("--range-weight", type=float, default=1.0)
+    ap.add_argument("--pool", type=int, default=2000, help="scenes kept in memory")
     ap.add_argument("--refresh", type=int, default=2, help="new scenes per step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=100)
@@ -319,7 +338,7 @@ def main(argv=None):
     ap.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--eval-n", type=int, default=200)
-    ap.add_argument("--eval-severity", type=int, default=3)
+    ap.add_argument("--eval-severity", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -343,7 +362,8 @@ def main(argv=None):
             cpu_count=os.cpu_count(),
             torch_threads=torch.get_num_threads(),
             lr=args.lr,
-            loss=f"ssi-disparity (median/MAD, L1) + {args.grad_weight} * multiscale gradient",
+            loss=f"ssi-disparity (median/MAD, L1) + {args.grad_weight} * multiscale gradient"
+            f" + {args.range_weight} * range (positive output, median ~1)",
             data=f"westar.synth.scenes, clean, seeds from 1000, pool {args.pool}, "
             f"{args.refresh} new scenes per step",
         )

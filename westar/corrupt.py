@@ -349,5 +349,11 @@ def run_corrupt(args: argparse.Namespace) -> int:
     return 0
 
 
+# The plugin protocol of westar/cli.py (`westar corrupt`).
+CLI_HELP = "write a corrupted copy (fog, noise, blur, low light, contrast, JPEG, rain) of a folder"
+cli_arguments = add_corrupt_arguments
+cli_run = run_corrupt
+
+
 if __name__ == "__main__":  # python -m westar.corrupt SRC DST ...
     raise SystemExit(run_corrupt(add_corrupt_arguments(argparse.ArgumentParser()).parse_args()))

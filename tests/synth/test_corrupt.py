@@ -110,3 +110,12 @@ def test_corrupt_plain_folder_mixed_and_cli(tmp_path):
     assert outs == [f"img{k}.png" for k in range(4)]
     with pytest.raises(SystemExit):
         parser.parse_args([str(src), "x", "--severity", "7"])
+
+
+def test_westar_corrupt_command(tmp_path, capsys):
+    cli = pytest.importorskip("westar.cli")
+    src = tmp_path / "data"
+    write_dataset(src, 2, seed=0, params=SMALL)
+    assert cli.main(["corrupt", str(src), str(tmp_path / "out"), "-c", "rain", "-s", "5"]) == 0
+    assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 2
+    assert cli.main(["corrupt", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
