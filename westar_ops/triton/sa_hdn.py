@@ -69,6 +69,7 @@ def _keys_kernel(
     B,
     H,
     W,
+    C,
     tsb,
     tsh,
     tsw,
@@ -83,7 +84,8 @@ def _keys_kernel(
     GLOBAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    c = tl.program_id(1).to(tl.int64)
+    """keys[c, j] = (c*B + b) << 31 | id for pixel j = (b, y, x) in a context at level c,
+    else the sentinel INT64_MAX. Reads target and valid once, the ids of every level."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     hw = H * W
     n = B * hw
@@ -98,21 +100,15 @@ def _keys_kernel(
         v = tl.load(valid_ptr + b * vsb + y * vsh + x * vsw, mask=m, other=0)
         ok = ok & (v != 0)
     if GLOBAL:
-        if c == 0:
-            ident = tl.full([BLOCK], 1, tl.int64)
-        else:
-            lev = c - 1
-            ident = tl.load(
-                inst_ptr + b * isb + lev * isl + y * ish + x * isw, mask=ok, other=0
-            ).to(tl.int64)
-    else:
-        ident = tl.load(inst_ptr + b * isb + c * isl + y * ish + x * isw, mask=ok, other=0).to(
-            tl.int64
-        )
-    member = ok & (ident > 0)
-    key = ((c * B + b) << 31) | ident
-    key = tl.where(member, key, 0x7FFFFFFFFFFFFFFF)
-    tl.store(keys_ptr + c * n + offs, key, mask=m)
+        tl.store(keys_ptr + offs, tl.where(ok, (b << 31) | 1, 0x7FFFFFFFFFFFFFFF), mask=m)
+    for c in range(GLOBAL, C):
+        c64 = tl.cast(c, tl.int64)
+        lev = c64 - GLOBAL
+        ident = tl.load(inst_ptr + b * isb + lev * isl + y * ish + x * isw, mask=ok, other=0)
+        ident = ident.to(tl.int64)
+        key = ((c64 * B + b) << 31) | ident
+        key = tl.where(ok & (ident > 0), key, 0x7FFFFFFFFFFFFFFF)
+        tl.store(keys_ptr + c64 * n + offs, key, mask=m)
 
 
 @triton.jit
@@ -631,7 +627,7 @@ def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
     vstr = valid.stride() if valid is not None else (0, 0, 0)
     inst = instances if instances is not None else pred
     istr = instances.stride() if instances is not None else (0, 0, 0, 0)
-    _keys_kernel[(triton.cdiv(N, BLOCK_PIXELS), C)](
+    _keys_kernel[(triton.cdiv(N, BLOCK_PIXELS),)](
         target,
         vview,
         inst,
@@ -639,11 +635,12 @@ def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
         B,
         H,
         W,
+        C,
         *target.stride(),
         *vstr,
         *istr,
         HAS_VALID=valid is not None,
-        GLOBAL=bool(G),
+        GLOBAL=G,
         BLOCK=BLOCK_PIXELS,
         num_warps=4,
     )
