@@ -163,7 +163,13 @@ def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad)
             f"target must have the shape of pred {tuple(pred.shape)}, got {tuple(target.shape)}"
         )
     if target3.dtype != pred3.dtype:
-        target3 = target3.to(pred3.dtype)
+        # Mixed dtypes (e.g. a float32 teacher, a half student): run the kernel in pred's
+        # compute dtype (float32 for half pred, as the kernels compute anyway), so that a
+        # wider target is neither rounded nor overflowed to inf (= dropped pixels) by a
+        # cast to pred's dtype. The caller casts the loss back to pred's dtype.
+        compute = _stats_dtype(pred3.dtype)
+        pred3 = pred3.to(compute)
+        target3 = target3.to(compute)
     batch, height, width = pred3.shape
     if instances is not None:
         instances = _check_tensor("instances", instances)
@@ -266,8 +272,9 @@ def sa_hdn_loss(
 
     Args:
         pred: (B, H, W) or (B, 1, H, W) prediction, float16/bfloat16/float32/float64.
-        target: same shape; the pseudo-label or ground truth (no gradient). Cast to
-            pred's dtype if it differs.
+        target: same shape; the pseudo-label or ground truth (no gradient). If its
+            dtype differs from pred's, both are computed in pred's compute dtype
+            (float32 for half pred, else pred's dtype).
         instances: None, (B, H, W) or (B, L, H, W) integer ids; every id > 0 of a level
             is one context, 0 means none. Ids may be sparse and up to 2**31 - 1.
         valid: None or (B, H, W) bool; pixels that are False, or whose target is not
@@ -297,7 +304,7 @@ def sa_hdn_loss(
         int(min_pixels),
         STATS_GRAD_MODES[stats_grad],
     )
-    return loss
+    return loss.to(pred.dtype)
 
 
 def ordinal_ranking_loss(

@@ -156,6 +156,22 @@ def test_target_dtype_cast(rng):
     assert torch.equal(loss, westar_ops.sa_hdn_loss(pred, target.float()))
 
 
+@pytest.mark.parametrize(
+    "dtype,scale",
+    [(torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.float16, 1e5), (torch.bfloat16, 1e5)],
+)
+def test_half_pred_float32_target(rng, dtype, scale):
+    """A float32 target with a half pred (e.g. a float32 teacher and an autocast student).
+    Every finite target pixel belongs to its contexts (spec), whatever its magnitude: a
+    target of metric depth in mm above 65504 must not be dropped by a cast to float16."""
+    b, h, w = 2, 6, 7
+    pred = distinct_values((b, h, w), dtype, rng)
+    target = (torch.rand(b, h, w, generator=rng, dtype=torch.float64) + 0.1).float() * scale
+    loss, grad, loss_ref, grad_ref = run_both(pred, target)
+    assert_close(loss, loss_ref, "loss")
+    assert_close(grad, grad_ref, "grad")
+
+
 def test_target_gets_no_gradient(rng):
     pred = distinct_values((2, 5, 6), torch.float64, rng).requires_grad_(True)
     target = target_values((2, 5, 6), torch.float64, rng).requires_grad_(True)
@@ -457,6 +473,28 @@ def test_deterministic_multithreaded(rng):
         for _ in range(2):
             x = pred.clone().requires_grad_(True)
             loss = westar_ops.sa_hdn_loss(x, target, inst, valid)
+            loss.backward()
+            outs.append((loss.detach(), x.grad))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+def test_independent_of_thread_count(rng):
+    """Tasks' results depend on the task, not on the thread that ran it
+    (docs/internals.md), so 1 and 2 threads give the same bits."""
+    b, h, w = 2, 128, 160
+    pred = torch.randn(b, h, w, generator=rng, dtype=torch.float64)
+    target = target_values((b, h, w), torch.float64, rng)
+    inst = random_instances(b, 1, h, w, rng, num_ids=4)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = pred.clone().requires_grad_(True)
+            loss = westar_ops.sa_hdn_loss(x, target, inst)
             loss.backward()
             outs.append((loss.detach(), x.grad))
     finally:
