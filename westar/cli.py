@@ -31,6 +31,7 @@ import importlib
 import json
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,8 +102,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         hint = hints[f.name]
         default = getattr(defaults, f.name)
         kw: dict = {"default": argparse.SUPPRESS, "help": f"(default: {default})"}
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        base = hint
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(base)
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction

@@ -59,6 +59,18 @@ def _resolve_mixed_precision(cfg: TrainConfig) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def _has_accelerator() -> bool:
+    """A GPU-like device is visible. Without one, Accelerate must be told cpu=True, or
+    under torchrun it sets up no process group (each process would train alone)."""
+    if torch.cuda.is_available():
+        return True
+    for name in ("mps", "xpu"):
+        backend = getattr(torch.backends, name, None) or getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return True
+    return False
+
+
 def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The highest complete checkpoint under <output_dir>/checkpoints (None if none)."""
     root = Path(output_dir) / "checkpoints"
@@ -115,10 +127,16 @@ class Trainer:
 
         self.cfg = cfg
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=_resolve_mixed_precision(cfg), cpu=cfg.cpu
+            mixed_precision=_resolve_mixed_precision(cfg), cpu=cfg.cpu or not _has_accelerator()
         )
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.world != launched:
+            raise RuntimeError(
+                f"launched as {launched} processes but Accelerate set up {self.world}: each "
+                "process would train alone (on CPU, pass --cpu)"
+            )
         self.output_dir = Path(cfg.output_dir)
         self.dataset = self._build_dataset()
 

@@ -1,0 +1,237 @@
+"""Trainer behaviour on a tiny random-init Depth Anything V2 (CPU, offline)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from westar.config import TrainConfig
+from westar.data import collate
+from westar.losses import lora_regularizer
+from westar.model import find_attention_projections, lora_layers
+from westar.train import Trainer, find_latest_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_cfg(tiny_model, dataset_root, out, **kw):
+    base = dict(
+        model=str(tiny_model),
+        data=str(dataset_root),
+        output_dir=str(out),
+        image_size=(56, 56),
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        save_every=2,
+        progress=False,
+        tensorboard=False,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def fixed_batch(trainer, n=4):
+    return collate([trainer.dataset[i] for i in range(n)])
+
+
+def lora_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if "lora_" in n}
+
+
+def test_lora_targets_are_discovered(tiny_model, dataset_root, tmp_path):
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path))
+    names = find_attention_projections(trainer.unwrapped)
+    assert len(names) == 6 * 3
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj"}
+    trainable = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # the teacher holds adapter tensors only: no copy of the base weights
+    assert set(trainer.teacher.shadow) == {n for n in trainable}
+    base = sum(p.numel() for p in trainer.unwrapped.parameters() if not p.requires_grad)
+    assert sum(t.numel() for t in trainer.teacher.shadow.values()) < base / 5
+
+
+def test_step_lowers_loss_and_changes_only_lora(tiny_model, dataset_root, tmp_path):
+    # steps=100: the cosine schedule keeps the learning rate up during the 5 steps here
+    cfg = make_cfg(tiny_model, dataset_root, tmp_path, lr=3e-4, steps=100, max_grad_norm=0)
+    trainer = Trainer(cfg)
+    batch = fixed_batch(trainer)
+    frozen = {
+        n: t.detach().clone()
+        for n, t in list(trainer.unwrapped.named_parameters())
+        + list(trainer.unwrapped.named_buffers())
+        if "lora_" not in n
+    }
+    before_lora = lora_state(trainer)
+    with torch.no_grad():
+        loss0, parts0 = trainer.loss(batch, step=0)
+    for _ in range(5):
+        trainer.train_step(batch, step=0)  # same augmentation every time
+    with torch.no_grad():
+        loss1, parts1 = trainer.loss(batch, step=0)
+    assert float(loss1) < float(loss0), (parts0, parts1)
+    assert parts1["st"] < parts0["st"]
+    after = dict(
+        list(trainer.unwrapped.named_parameters()) + list(trainer.unwrapped.named_buffers())
+    )
+    for n, t in frozen.items():
+        assert torch.equal(after[n], t), f"frozen tensor {n} changed"
+    changed = [n for n, t in lora_state(trainer).items() if not torch.equal(t, before_lora[n])]
+    assert any("lora_B" in n for n in changed)
+
+
+def test_teacher_follows_ema_formula(tiny_model, dataset_root, tmp_path):
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path, ema_decay=0.9))
+    batch = fixed_batch(trainer)
+    for step in range(2):
+        old = {n: t.clone() for n, t in trainer.teacher.shadow.items()}
+        trainer.train_step(batch, step=step)
+        student = lora_state(trainer)
+        for n, t in trainer.teacher.shadow.items():
+            expected = 0.9 * old[n].double() + 0.1 * student[n].double()
+            torch.testing.assert_close(t.double(), expected, rtol=1e-6, atol=1e-9)
+    # swapping the teacher in and out restores the student exactly
+    before = lora_state(trainer)
+    with trainer.teacher.swapped_in(trainer.unwrapped) as m:
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                assert torch.equal(p, trainer.teacher.shadow[n])
+    assert all(torch.equal(p, before[n]) for n, p in lora_state(trainer).items())
+
+
+def test_regularizer_equals_explicit_norm(tiny_model, dataset_root, tmp_path):
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path))
+    with torch.no_grad():
+        for n, p in trainer.unwrapped.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    explicit = 0.0
+    layers = lora_layers(trainer.unwrapped)
+    assert len(layers) == 18
+    for _, layer in layers:
+        a = layer.lora_A["default"].weight.double()
+        b = layer.lora_B["default"].weight.double()
+        assert layer.scaling["default"] == 16 / 8
+        explicit += ((layer.scaling["default"] * b @ a) ** 2).sum().item()
+    assert lora_regularizer(trainer.unwrapped).item() == pytest.approx(explicit, rel=1e-5)
+
+
+def test_resume_matches_straight_run(tiny_model, dataset_root, tmp_path):
+    straight = Trainer(make_cfg(tiny_model, dataset_root, tmp_path / "a"))
+    straight.fit()
+    first = Trainer(make_cfg(tiny_model, dataset_root, tmp_path / "b"))
+    first.fit(stop_after=2)  # "killed" after the step-2 checkpoint
+    del first
+    resumed = Trainer(make_cfg(tiny_model, dataset_root, tmp_path / "b", resume="auto"))
+    resumed.fit()
+    assert resumed.step == 4
+    a, b = lora_state(straight), lora_state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(straight.teacher.shadow[n], resumed.teacher.shadow[n]) for n in a)
+    rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_kill_and_resume(tiny_model, dataset_root, tmp_path):
+    """SIGKILL a CLI run mid-training; the last checkpoint resumes to the straight result."""
+    out = tmp_path / "killed"
+    args = [
+        sys.executable, "-m", "westar", "train", "--model", str(tiny_model),
+        "--data", str(dataset_root), "--output-dir", str(out), "--image-size", "56",
+        "--steps", "6", "--batch-size", "4", "--lr", "1e-3", "--save-every", "1",
+        "--no-progress", "--no-tensorboard", "--keep-checkpoints", "3",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "checkpoints" / "step_00000002").exists():
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    latest = find_latest_checkpoint(out)
+    assert latest is not None, proc.stderr.read().decode()[-2000:]
+    cfg = dict(steps=6, save_every=1, keep_checkpoints=3)
+    resumed = Trainer(make_cfg(tiny_model, dataset_root, out, resume="auto", **cfg))
+    resumed.fit()
+    straight = Trainer(make_cfg(tiny_model, dataset_root, tmp_path / "straight", **cfg))
+    straight.fit()
+    a, b = lora_state(straight), lora_state(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_resume_refuses_to_overwrite(tiny_model, dataset_root, tmp_path):
+    Trainer(make_cfg(tiny_model, dataset_root, tmp_path, steps=2)).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(make_cfg(tiny_model, dataset_root, tmp_path, steps=2)).fit()
+
+
+@pytest.mark.parametrize("ablation", ["no_weak", "no_reg", "grid_hdn", "self_training"])
+def test_ablations_train(tiny_model, dataset_root, tmp_path, ablation):
+    from westar.config import apply_ablation
+
+    cfg = apply_ablation(make_cfg(tiny_model, dataset_root, tmp_path, steps=1), ablation)
+    last = Trainer(cfg).fit()
+    assert last["step"] == 1
+    if ablation in ("no_weak", "self_training"):
+        assert last["weak"] == 0.0
+    if ablation in ("no_reg", "self_training"):
+        assert last["reg"] == 0.0
+
+
+def test_dpt_model_gets_query_key_value(tmp_path):
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    from westar.model import add_lora, load_depth_model, predict
+
+    config = DPTConfig(
+        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
+        num_attention_heads=2, intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
+    )  # fmt: skip
+    DPTForDepthEstimation(config).save_pretrained(str(tmp_path / "dpt"))
+    dm = load_depth_model(str(tmp_path / "dpt"))
+    names = find_attention_projections(dm.model)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"query", "key", "value"}
+    model = add_lora(dm.model)
+    out = predict(model, dm, torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 64, 64)
+
+
+def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
+    """Accelerate under torchrun --nproc_per_node 2 (gloo on CPU) runs a few steps."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    args = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), "-m", "westar", "train", "--model", str(tiny_model),
+        "--data", str(dataset_root), "--output-dir", str(out), "--image-size", "56",
+        "--steps", "2", "--batch-size", "2", "--save-every", "2", "--no-progress",
+        "--no-tensorboard",
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    state = json.loads((out / "checkpoints" / "step_00000002" / "state.json").read_text())
+    assert state["world_size"] == 2
+    assert (out / "checkpoints" / "step_00000002" / "rng_rank1.pt").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
