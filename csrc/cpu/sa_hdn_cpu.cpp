@@ -31,10 +31,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdio>
+#include <ctime>
+#include <memory>
 #include <numeric>
 #include <vector>
 
+#include "westar/cpu_simd.h"
 #include "westar/cpu_tasks.h"
+#include "westar/cpu_workspace.h"
 #include "westar/sa_hdn_math.h"
 
 namespace westar {
@@ -60,6 +65,20 @@ template <>
 struct KeyTraits<double> {
   using key_t = uint64_t;
   static double from_key(uint64_t k) { return double_from_ordered_key(k); }
+};
+
+// An uninitialized array (std::vector would zero it: one more pass over memory).
+template <typename T>
+class RawBuffer {
+ public:
+  explicit RawBuffer(int64_t n) : data_(new T[n > 0 ? n : 1]) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+  T& operator[](int64_t i) { return data_[i]; }
+  const T& operator[](int64_t i) const { return data_[i]; }
+
+ private:
+  std::unique_ptr<T[]> data_;
 };
 
 // ------------------------------------------------------------------ id compaction
@@ -142,31 +161,34 @@ void label_global(const bool* valid, const acc_t* q, int64_t hw, int32_t* seg, P
 }
 
 // Instance level: slots of the ids > 0 of usable pixels, in order of first appearance.
+// The hash table is consulted only where the id changes along the row-major scan; the
+// per-pixel work is branch-free.
 template <typename id_t, typename acc_t>
 void label_instances(const id_t* ids, const bool* valid, const acc_t* q, int64_t hw, int32_t* seg,
                      Plane& plane) {
   IdTable table;
-  int64_t last_id = -1;
-  int32_t last_slot = -1;
-  int64_t run = 0;  // pixels counted for last_slot but not yet added to counts
+  int64_t last_id = 0;
+  int32_t slot = -1;
+  int64_t run = 0;  // usable pixels of the current id not yet added to its count
   for (int64_t j = 0; j < hw; ++j) {
     const int64_t id = static_cast<int64_t>(ids[j]);
-    if (id <= 0 || !usable(valid, q, j)) {
-      if (id < 0 && plane.bad_pixel < 0) plane.bad_pixel = j;
-      seg[j] = -1;
-      continue;
-    }
     if (id != last_id) {
-      if (last_slot >= 0) plane.counts[last_slot] += run;
+      if (slot >= 0) plane.counts[slot] += run;
       run = 0;
       last_id = id;
-      last_slot = table.slot(id, plane.ids);
-      if (plane.counts.size() < plane.ids.size()) plane.counts.push_back(0);
+      if (id > 0) {
+        slot = table.slot(id, plane.ids);
+        if (plane.counts.size() < plane.ids.size()) plane.counts.push_back(0);
+      } else {
+        slot = -1;
+        if (id < 0 && plane.bad_pixel < 0) plane.bad_pixel = j;
+      }
     }
-    seg[j] = last_slot;
-    ++run;
+    const bool u = usable(valid, q, j);
+    seg[j] = u ? slot : -1;
+    run += u;
   }
-  if (last_slot >= 0) plane.counts[last_slot] += run;
+  if (slot >= 0) plane.counts[slot] += run;
 }
 
 // ---------------------------------------------------------------- per-segment math
@@ -180,49 +202,53 @@ struct SelectPartial {
   double s_hi = 0;     // sum of (x - hi) over x > hi
 };
 
-// Counts and sums the elements of x[0, len) outside [lo, hi] and, when there are at most
-// cap of them, writes the keys of the others to cand[0, count) (cand[count] may be
-// written too: cand holds cap + 1 keys).
+// Counts and sums the elements of x[0, len) outside [lo, hi] and writes the keys of the
+// others (NaN included) to cand[0, count); cand[count] may be written too: cand holds
+// len + 1 keys.
 template <typename acc_t>
 SelectPartial<acc_t> select_pass(const acc_t* x, int64_t len, acc_t lo, acc_t hi,
-                                 typename KeyTraits<acc_t>::key_t* cand, int64_t cap) {
-  SelectPartial<acc_t> r;
-  acc_t s_lo[kLanes] = {}, s_hi[kLanes] = {};
-  int64_t n_lo[kLanes] = {}, n_hi[kLanes] = {};
+                                 typename KeyTraits<acc_t>::key_t* cand) {
+  using V = typename cpu::Simd<acc_t>::V;
+  using M = typename cpu::Simd<acc_t>::M;
+  constexpr int kW = cpu::Simd<acc_t>::kWidth;
+  const V lo_v = cpu::vsplat<V>(lo), hi_v = cpu::vsplat<V>(hi), zero = cpu::vsplat<V>(acc_t(0));
+  V s_lo = zero, s_hi = zero;
+  M n_lo = {}, n_hi = {};
+  int64_t c = 0;
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t v = x[i + l];
-      const bool below = v < lo, above = v > hi;
-      n_lo[l] += below;
-      n_hi[l] += above;
-      s_lo[l] += below ? lo - v : acc_t(0);
-      s_hi[l] += above ? v - hi : acc_t(0);
+  for (; i + kW <= len; i += kW) {
+    const V v = cpu::vload<V>(x + i);
+    const M below = v < lo_v, above = v > hi_v;
+    n_lo -= below;
+    n_hi -= above;
+    s_lo += cpu::vkeep(below, lo_v - v);
+    s_hi += cpu::vkeep(above, v - hi_v);
+    const M inside = ~(below | above);
+    if (cpu::vany(inside)) {
+      for (int l = 0; l < kW; ++l) {
+        cand[c] = ordered_key(x[i + l]);
+        c += inside[l] != 0;
+      }
     }
   }
-  for (; i < len; ++i) {
-    const acc_t v = x[i];
-    const bool below = v < lo, above = v > hi;
-    n_lo[0] += below;
-    n_hi[0] += above;
-    s_lo[0] += below ? lo - v : acc_t(0);
-    s_hi[0] += above ? v - hi : acc_t(0);
-  }
-  for (int l = 0; l < kLanes; ++l) {
+  SelectPartial<acc_t> r;
+  for (int l = 0; l < kW; ++l) {
     r.n_lo += n_lo[l];
     r.n_hi += n_hi[l];
     r.s_lo += s_lo[l];
     r.s_hi += s_hi[l];
   }
-  r.n_cand = len - r.n_lo - r.n_hi;
-  if (r.n_cand <= cap) {
-    int64_t c = 0;
-    for (int64_t j = 0; j < len; ++j) {
-      const acc_t v = x[j];
-      cand[c] = ordered_key(v);
-      c += !(v < lo || v > hi);
-    }
+  for (; i < len; ++i) {
+    const acc_t v = x[i];
+    const bool below = v < lo, above = v > hi;
+    r.n_lo += below;
+    r.n_hi += above;
+    r.s_lo += below ? lo - v : acc_t(0);
+    r.s_hi += above ? v - hi : acc_t(0);
+    cand[c] = ordered_key(v);
+    c += !(below || above);
   }
+  r.n_cand = c;
   return r;
 }
 
@@ -309,7 +335,8 @@ void sample_pivots(const acc_t* x, int64_t n, acc_t* lo, acc_t* hi) {
   const int64_t rl = std::max<int64_t>(0, ks - d);
   const int64_t rh = std::min<int64_t>(s - 1, ks + d);
   std::nth_element(sample.begin(), sample.begin() + rl, sample.end());
-  std::nth_element(sample.begin() + rl, sample.begin() + rh, sample.end());
+  // The second selection leaves sample[rl] in place: it only permutes (rl, s).
+  if (rh > rl) std::nth_element(sample.begin() + rl + 1, sample.begin() + rh, sample.end());
   *lo = KeyTraits<acc_t>::from_key(sample[rl]);
   *hi = KeyTraits<acc_t>::from_key(sample[rh]);
 }
@@ -324,40 +351,53 @@ struct SumPartial {
 
 template <typename acc_t>
 SumPartial<acc_t> sum_pass(const acc_t* p, const acc_t* q, int64_t len, const acc_t* stat) {
-  SumPartial<acc_t> r;
-  acc_t s1[kLanes] = {}, s2[kLanes] = {}, ls[kLanes] = {};
+  using V = typename cpu::Simd<acc_t>::V;
+  using M = typename cpu::Simd<acc_t>::M;
+  using Bits = typename cpu::Simd<acc_t>::Bits;
+  using key_t = typename KeyTraits<acc_t>::key_t;
+  constexpr int kW = cpu::Simd<acc_t>::kWidth;
   const acc_t tp = stat[kMedianPred], dp = stat[kScalePred];
   const acc_t tq = stat[kMedianTarget], dq = stat[kScaleTarget];
+  const V tp_v = cpu::vsplat<V>(tp), dp_v = cpu::vsplat<V>(dp);
+  const V tq_v = cpu::vsplat<V>(tq), dq_v = cpu::vsplat<V>(dq);
+  const key_t t_bits = bit_cast<key_t>(tp);  // same bits <=> same ordered key
+  const Bits t_bits_v = cpu::vsplat<Bits>(t_bits);
+  V s1 = {}, s2 = {}, ls = {};
+  SumPartial<acc_t> r;
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t ph = normalize(p[i + l], tp, dp);
-      const acc_t d = ph - normalize(q[i + l], tq, dq);
-      const acc_t sg = sign(d);
-      s1[l] += sg;
-      s2[l] += sg * ph;
-      ls[l] += std::abs(d);
+  for (; i + kW <= len; i += kW) {
+    const V pv = cpu::vload<V>(p + i);
+    const V ph = (pv - tp_v) / dp_v;                          // westar::normalize
+    const V d = ph - (cpu::vload<V>(q + i) - tq_v) / dq_v;  // normalized difference
+    const V sg = cpu::vsign<acc_t>(d);
+    s1 += sg;
+    s2 += sg * ph;
+    ls += cpu::vabs<acc_t>(d);
+    if (r.median_pos < 0) {
+      const M eq = cpu::vload<Bits>(p + i) == t_bits_v;
+      if (cpu::vany(eq)) {
+        for (int l = 0; l < kW; ++l) {
+          if (eq[l]) {
+            r.median_pos = i + l;
+            break;
+          }
+        }
+      }
     }
+  }
+  for (int l = 0; l < kW; ++l) {
+    r.s1 += s1[l];
+    r.s2 += s2[l];
+    r.loss += ls[l];
   }
   for (; i < len; ++i) {
     const acc_t ph = normalize(p[i], tp, dp);
     const acc_t d = ph - normalize(q[i], tq, dq);
     const acc_t sg = sign(d);
-    s1[0] += sg;
-    s2[0] += sg * ph;
-    ls[0] += std::abs(d);
-  }
-  for (int l = 0; l < kLanes; ++l) {
-    r.s1 += s1[l];
-    r.s2 += s2[l];
-    r.loss += ls[l];
-  }
-  const auto tk = ordered_key(tp);
-  for (int64_t j = 0; j < len; ++j) {
-    if (ordered_key(p[j]) == tk) {
-      r.median_pos = j;
-      break;
-    }
+    r.s1 += sg;
+    r.s2 += sg * ph;
+    r.loss += d < acc_t(0) ? -d : d;
+    if (r.median_pos < 0 && bit_cast<key_t>(p[i]) == t_bits) r.median_pos = i;
   }
   return r;
 }
@@ -368,8 +408,7 @@ struct Block {
   int64_t k;      // context
   int64_t start;  // offset in the segment arrays
   int64_t len;
-  int64_t cand;   // offset in the candidate arrays
-  int64_t cap;    // candidate capacity
+  int64_t cand;   // offset in the candidate arrays (len + 1 keys)
 };
 
 template <typename acc_t>
@@ -393,8 +432,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   const bool* V0 = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   const at::ScalarType stats_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
 
+#ifdef WESTAR_PROFILE_PHASES  // build with -DWESTAR_PROFILE_PHASES: CPU time per phase on stderr
+  auto cpu_ms = [] {
+    timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  };
+  double t_last = cpu_ms();
+  auto tick = [&](const char* what) {
+    const double now = cpu_ms();
+    fprintf(stderr, "%s %.3f ms\n", what, now - t_last);
+    t_last = now;
+  };
+#else
+  auto tick = [](const char*) {};
+#endif
   at::Tensor seg = at::empty({C, B, H, W}, pred.options().dtype(at::kInt));
   int32_t* S0 = seg.data_ptr<int32_t>();
+  cpu::advise_huge_pages(S0, seg.numel() * sizeof(int32_t));
   const int64_t num_planes = C * B;
 
   // 1. Label the planes.
@@ -422,6 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     }
   }
 
+  tick("label");
   // 2. Number the contexts in canonical order.
   const int64_t min_n = std::max<int64_t>(min_pixels, 1);
   std::vector<int64_t> seg_off, seg_len, seg_img;
@@ -447,9 +503,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   const int64_t K = static_cast<int64_t>(seg_len.size());
   TORCH_CHECK(K < (int64_t(1) << 31), "sa_hdn_forward: too many contexts");
 
+  tick("number");
   // 3. Counting sort of the pixels into their segments.
-  std::vector<int32_t> member(total);
-  std::vector<acc_t> sp(total), sq(total);
+  // Scratch: segment arrays (pixel index, pred, target) and, for the big segments'
+  // blocks, candidate keys (at most one more per block than pixels).
+  const int64_t cand_bound = total + total / kBlock + K + 1;
+  // The segment arrays have one more (sink) element, written by pixels of no context.
+  cpu::Workspace ws(cpu::Workspace::bytes_for<int32_t>(total + 1) + 2 * cpu::Workspace::bytes_for<acc_t>(total + 1) +
+                    2 * cpu::Workspace::bytes_for<key_t>(cand_bound));
+  int32_t* member = ws.take<int32_t>(total + 1);
+  acc_t* sp = ws.take<acc_t>(total + 1);
+  acc_t* sq = ws.take<acc_t>(total + 1);
+  key_t* cand_p = ws.take<key_t>(cand_bound);
+  key_t* cand_q = ws.take<key_t>(cand_bound);
   run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
     const Plane& pl = planes[pi];
     const int64_t b = pi % B;
@@ -460,19 +526,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     std::vector<int64_t> cursor(pl.num_k);
     for (int64_t i = 0; i < pl.num_k; ++i) cursor[i] = seg_off[pl.first_k + i];
     int64_t* cur = cursor.data() - pl.first_k;
+    // The write position of the current run's context stays in a register; pixels of
+    // no context write to a sink element past the end instead of branching.
+    const int64_t sink = total;
+    int32_t run_k = -1;
+    int64_t pos = sink;
     for (int64_t j = 0; j < hw; ++j) {
       const int32_t slot = s[j];
-      if (slot < 0) continue;
-      const int32_t k = s2k[slot];
+      const int32_t k = slot >= 0 ? s2k[slot] : -1;
       s[j] = k;
-      if (k < 0) continue;
-      const int64_t pos = cur[k]++;
-      member[pos] = static_cast<int32_t>(j);
-      sp[pos] = p[j];
-      sq[pos] = q[j];
+      if (k >= 0 && k != run_k) {
+        if (run_k >= 0) cur[run_k] = pos;
+        run_k = k;
+        pos = cur[k];
+      }
+      const int64_t w = k >= 0 ? pos : sink;
+      member[w] = static_cast<int32_t>(j);
+      sp[w] = p[j];
+      sq[w] = q[j];
+      pos += k >= 0;
     }
+    if (run_k >= 0) cur[run_k] = pos;
   });
 
+  tick("scatter");
   // 4-5. Per-context statistics.
   at::Tensor stats = at::empty({K, kNumStats}, pred.options().dtype(stats_dtype));
   at::Tensor median_index = at::empty({K}, pred.options().dtype(at::kLong));
@@ -511,8 +588,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   run_tasks(K, total, [&](int64_t t) {
     const int64_t k = by_size[t];
     const int64_t n = seg_len[k], off = seg_off[k];
-    const acc_t* p = sp.data() + off;
-    const acc_t* q = sq.data() + off;
+    const acc_t* p = sp + off;
+    const acc_t* q = sq + off;
     if (n > kSmallSegment) {
       sample_pivots(p, n, &ctx[k].lo_p, &ctx[k].hi_p);
       sample_pivots(q, n, &ctx[k].lo_q, &ctx[k].hi_q);
@@ -525,6 +602,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     set_sum_stats(k, sum_pass(p, q, n, ST + k * kNumStats));
   });
 
+  tick("4a");
   // Blocks of the big segments, in segment order.
   std::vector<Block> blocks;
   std::vector<int64_t> first_block(K + 1, 0);
@@ -536,49 +614,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       first_block[k] = static_cast<int64_t>(blocks.size());
       for (int64_t s = 0; s < seg_len[k]; s += kBlock) {
         const int64_t len = std::min(kBlock, seg_len[k] - s);
-        const int64_t cap = len / 4 + 256;
-        blocks.push_back({k, seg_off[k] + s, len, cand_total, cap});
-        cand_total += cap + 1;  // select_pass may write one key past the last candidate
+        blocks.push_back({k, seg_off[k] + s, len, cand_total});
+        cand_total += len + 1;  // select_pass may write one key past the last candidate
       }
     }
   }
   const int64_t num_blocks = static_cast<int64_t>(blocks.size());
-  std::vector<key_t> cand_p(cand_total), cand_q(cand_total);
+  TORCH_CHECK(cand_total <= cand_bound, "sa_hdn_forward: internal error, candidate bound");
   std::vector<SelectPartial<acc_t>> part_p(num_blocks), part_q(num_blocks);
 
   // 4b. One pass per block: counts and sums outside the pivots, candidates inside.
   run_tasks(num_blocks, total, [&](int64_t i) {
     const Block& bl = blocks[i];
     const ContextResult<acc_t>& cr = ctx[bl.k];
-    part_p[i] = select_pass(sp.data() + bl.start, bl.len, cr.lo_p, cr.hi_p, cand_p.data() + bl.cand, bl.cap);
-    part_q[i] = select_pass(sq.data() + bl.start, bl.len, cr.lo_q, cr.hi_q, cand_q.data() + bl.cand, bl.cap);
+    part_p[i] = select_pass(sp + bl.start, bl.len, cr.lo_p, cr.hi_p, cand_p + bl.cand);
+    part_q[i] = select_pass(sq + bl.start, bl.len, cr.lo_q, cr.hi_q, cand_q + bl.cand);
   });
 
+  tick("4b");
   // 4c. Per big segment: gather the candidates, select, MAD.
-  auto finish = [&](int64_t k, const acc_t* x, std::vector<SelectPartial<acc_t>>& part, std::vector<key_t>& cand,
+  auto finish = [&](int64_t k, const acc_t* x, std::vector<SelectPartial<acc_t>>& part, key_t* cand,
                     acc_t lo, acc_t hi) {
     const int64_t n = seg_len[k];
     SelectPartial<acc_t> sum;
-    bool overflow = false;
-    int64_t c = 0;
-    key_t* dst = nullptr;
+    key_t* dst = cand + blocks[first_block[k]].cand;
     for (int64_t i = first_block[k]; i < num_blocks && blocks[i].k == k; ++i) {
       const SelectPartial<acc_t>& pb = part[i];
       sum.n_lo += pb.n_lo;
       sum.n_hi += pb.n_hi;
       sum.s_lo += pb.s_lo;
       sum.s_hi += pb.s_hi;
-      if (pb.n_cand > blocks[i].cap) overflow = true;
-      if (!overflow) {
-        if (dst == nullptr) dst = cand.data() + blocks[i].cand;
-        std::memmove(dst + c, cand.data() + blocks[i].cand, sizeof(key_t) * pb.n_cand);
-        c += pb.n_cand;
-      }
+      std::memmove(dst + sum.n_cand, cand + blocks[i].cand, sizeof(key_t) * pb.n_cand);
+      sum.n_cand += pb.n_cand;
     }
-    sum.n_cand = n - sum.n_lo - sum.n_hi;
     Selected<acc_t> sel;
-    if (overflow || !select_finish(sum, lo, hi, n, dst, &sel)) {
-      std::vector<key_t> scratch(n);
+    if (!select_finish(sum, lo, hi, n, dst, &sel)) {
+      RawBuffer<key_t> scratch(n);
       sel = select_exact(x, n, scratch.data());
     }
     return sel;
@@ -586,16 +657,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   run_tasks(static_cast<int64_t>(big.size()), total, [&](int64_t t) {
     const int64_t k = big[t];
     const ContextResult<acc_t>& cr = ctx[k];
-    const Selected<acc_t> sel_p = finish(k, sp.data() + seg_off[k], part_p, cand_p, cr.lo_p, cr.hi_p);
-    const Selected<acc_t> sel_q = finish(k, sq.data() + seg_off[k], part_q, cand_q, cr.lo_q, cr.hi_q);
+    const Selected<acc_t> sel_p = finish(k, sp + seg_off[k], part_p, cand_p, cr.lo_p, cr.hi_p);
+    const Selected<acc_t> sel_q = finish(k, sq + seg_off[k], part_q, cand_q, cr.lo_q, cr.hi_q);
     set_scale_stats(k, sel_p, sel_q);
   });
 
+  tick("4c");
   // 5. S1, S2 and the loss numerator per block, combined in block order.
   std::vector<SumPartial<acc_t>> part_s(num_blocks);
   run_tasks(num_blocks, total, [&](int64_t i) {
     const Block& bl = blocks[i];
-    part_s[i] = sum_pass(sp.data() + bl.start, sq.data() + bl.start, bl.len, ST + bl.k * kNumStats);
+    part_s[i] = sum_pass(sp + bl.start, sq + bl.start, bl.len, ST + bl.k * kNumStats);
   });
   for (int64_t k : big) {
     SumPartial<acc_t> sum;
@@ -610,6 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     set_sum_stats(k, sum);
   }
 
+  tick("5");
   double loss_sum = 0;
   for (int64_t k = 0; k < K; ++k) loss_sum += ctx[k].loss;
   at::Tensor loss = at::zeros({}, pred.options().dtype(stats_dtype));
@@ -676,10 +749,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cpu(
 
 // ----------------------------------------------------------------------- backward
 
+// Per-context constants of westar::pixel_grad, hoisted out of the pixel loop. With
+// r in {-1, 0, +1} (or NaN), r / D == r * (1 / D) exactly, so the vector path below
+// gives the same bits as pixel_grad.
+template <typename acc_t>
+struct GradConsts {
+  acc_t inv_scale;   // 1 / D_p
+  acc_t scale_term;  // S2 / (D_p n)
+  acc_t median_term; // -S1 / D_p + scale_term * S3
+};
+
 template <typename acc_t>
 void sa_hdn_backward_impl(double grad, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& seg,
                           const at::Tensor& stats, const at::Tensor& median_index, int stats_grad,
                           at::Tensor& out) {
+  using V = typename cpu::Simd<acc_t>::V;
+  using M = typename cpu::Simd<acc_t>::M;
+  constexpr int kW = cpu::Simd<acc_t>::kWidth;
   const int64_t C = seg.size(0);
   const int64_t N = pred.numel();
   const int64_t K = stats.size(0);
@@ -695,19 +781,70 @@ void sa_hdn_backward_impl(double grad, const at::Tensor& pred, const at::Tensor&
     std::fill(G, G + N, acc_t(0));
     return;
   }
+  std::vector<GradConsts<acc_t>> consts(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* st = ST + k * kNumStats;
+    const acc_t scale = st[kScalePred];
+    consts[k].inv_scale = acc_t(1) / scale;
+    consts[k].scale_term = st[kSumSignHat] / (scale * st[kCount]);
+    consts[k].median_term = -st[kSumSign] / scale + consts[k].scale_term * st[kSumSignPred];
+  }
   const acc_t scale = static_cast<acc_t>(grad / count);
-  at::parallel_for(0, N, 16384, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const acc_t p = P[j], q = Q[j];
-      acc_t g = 0;
+  const V scale_v = cpu::vsplat<V>(scale), zero = cpu::vsplat<V>(acc_t(0));
+  auto scalar_pixel = [&](int64_t j) {
+    const acc_t p = P[j], q = Q[j];
+    acc_t g = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      const int32_t k = S[c * N + j];
+      if (k < 0) continue;
+      g += pixel_grad<acc_t>(p, q, ST + static_cast<int64_t>(k) * kNumStats, MI[k] == j, stats_grad);
+    }
+    G[j] = g * scale;
+  };
+  // Chunks of kW pixels: a level whose usable pixels in the chunk all belong to one
+  // context (and hold none of its median) runs in vector form, else lane by lane.
+  const int64_t chunks = N / kW;
+  at::parallel_for(0, chunks, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t ch = begin; ch < end; ++ch) {
+      const int64_t j = ch * kW;
+      const V pv = cpu::vload<V>(P + j), qv = cpu::vload<V>(Q + j);
+      V g = zero;
       for (int64_t c = 0; c < C; ++c) {
-        const int32_t k = S[c * N + j];
-        if (k < 0) continue;
-        g += pixel_grad<acc_t>(p, q, ST + static_cast<int64_t>(k) * kNumStats, MI[k] == j, stats_grad);
+        const int32_t* sk = S + c * N + j;
+        int32_t k0 = -1;
+        for (int l = 0; l < kW; ++l) k0 = sk[l] > k0 ? sk[l] : k0;
+        if (k0 < 0) continue;
+        bool uniform = true;
+        M use = {};
+        for (int l = 0; l < kW; ++l) {
+          uniform &= (sk[l] == k0) | (sk[l] < 0);
+          use[l] = sk[l] >= 0 ? -1 : 0;
+        }
+        const int64_t mrel = MI[k0] - j;
+        if (uniform && !(stats_grad == kStatsGradFull && mrel >= 0 && mrel < kW)) {
+          const acc_t* st = ST + static_cast<int64_t>(k0) * kNumStats;
+          const GradConsts<acc_t>& gc = consts[k0];
+          const V ph = (pv - cpu::vsplat<V>(st[kMedianPred])) / cpu::vsplat<V>(st[kScalePred]);
+          const V qh = (qv - cpu::vsplat<V>(st[kMedianTarget])) / cpu::vsplat<V>(st[kScaleTarget]);
+          V gc_v = cpu::vsign<acc_t>(ph - qh) * cpu::vsplat<V>(gc.inv_scale);
+          if (stats_grad >= kStatsGradScale) {
+            gc_v -= cpu::vsplat<V>(gc.scale_term) * cpu::vsign<acc_t>(pv - cpu::vsplat<V>(st[kMedianPred]));
+          }
+          g += cpu::vkeep(use, gc_v);
+        } else {
+          for (int l = 0; l < kW; ++l) {
+            const int32_t k = sk[l];
+            if (k < 0) continue;
+            g[l] += pixel_grad<acc_t>(P[j + l], Q[j + l], ST + static_cast<int64_t>(k) * kNumStats,
+                                      MI[k] == j + l, stats_grad);
+          }
+        }
       }
-      G[j] = g * scale;
+      const V r = g * scale_v;
+      std::memcpy(G + j, &r, sizeof(V));
     }
   });
+  for (int64_t j = chunks * kW; j < N; ++j) scalar_pixel(j);
 }
 
 at::Tensor sa_hdn_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
