@@ -85,3 +85,11 @@ def test_backward_op_formula(rng):
     s2 = 0.36
     torch.testing.assert_close(da, 2 * s2 * 1.3 * (B.T @ B) @ A)
     torch.testing.assert_close(db, 2 * s2 * 1.3 * B @ (A @ A.T))
+
+
+def test_rank_zero():
+    A = torch.zeros(0, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.zeros(4, 0, dtype=torch.float64, requires_grad=True)
+    out = westar_ops.lora_delta_sq_norm(A, B, 2.0)
+    out.backward()
+    assert out.item() == 0.0 and A.grad.shape == A.shape and B.grad.shape == B.shape

@@ -256,3 +256,13 @@ def test_module_matches_function(rng, kind):
     a.backward()
     b.backward()
     assert torch.equal(a, b) and torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("kind", ["margin", "logistic"])
+def test_nan_pred_propagates_only_through_used_pairs(kind):
+    pred = torch.tensor([[[0.0, 1.0, float("nan")]]])
+    pairs = torch.tensor([[[[0, 0], [0, 1]], [[0, 2], [0, 0]]]])
+    used = westar_ops.ordinal_ranking_loss(pred, pairs, torch.tensor([[1, 1]]), kind=kind)
+    assert torch.isnan(used)
+    ignored = westar_ops.ordinal_ranking_loss(pred, pairs, torch.tensor([[1, -100]]), kind=kind)
+    assert torch.isfinite(ignored)

@@ -552,3 +552,39 @@ def test_module_matches_function(rng, stats_grad):
     a.backward()
     b.backward()
     assert torch.equal(a, b) and torch.equal(x.grad, y.grad)
+
+
+def test_storage_offset_and_broadcast_views(rng):
+    """pred: a batch-broadcast (stride 0) view of one image; target: an offset slice;
+    valid: expanded."""
+    b, h, w = 3, 6, 7
+    leaf = distinct_values((1, h, w), torch.float64, rng)
+    target = target_values((b + 1, h + 2, w + 3), torch.float64, rng)[1:, 2:, 3:]
+    assert target.storage_offset() > 0
+    valid = (torch.rand(1, h, w, generator=rng) > 0.2).expand(b, h, w)
+    inst = random_instances(b, 2, h, w, rng)
+    loss, grad, loss_ref, grad_ref = run_both(
+        lambda x: x.expand(b, h, w), target, inst, valid, leaf=leaf
+    )
+    assert_close(loss, loss_ref, "loss")
+    assert_close(grad, grad_ref, "grad")
+
+
+def test_target_equal_to_pred_gives_zero(rng):
+    pred = distinct_values((2, 5, 6), torch.float32, rng)
+    inst = random_instances(2, 2, 5, 6, rng)
+    x = pred.clone().requires_grad_(True)
+    loss = westar_ops.sa_hdn_loss(x, x.detach(), inst)
+    loss.backward()
+    assert loss.item() == 0.0 and not x.grad.any()
+
+
+def test_inference_mode(rng):
+    pred = distinct_values((2, 5, 6), torch.float32, rng)
+    target = target_values((2, 5, 6), torch.float32, rng)
+    expected = westar_ops.sa_hdn_loss(pred, target)
+    with torch.inference_mode():
+        assert torch.equal(westar_ops.sa_hdn_loss(pred, target), expected)
+    with torch.no_grad():
+        loss = westar_ops.sa_hdn_loss(pred.clone().requires_grad_(True), target)
+        assert not loss.requires_grad and torch.equal(loss, expected)
