@@ -205,10 +205,14 @@ def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad)
             raise ValueError(
                 f"valid must have shape (B, H, W) = {tuple(pred3.shape)}, got {tuple(valid.shape)}"
             )
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    if int(min_pixels) != min_pixels or min_pixels < 0:
-        raise ValueError(f"min_pixels must be an integer >= 0, got {min_pixels}")
+    if isinstance(min_pixels, bool) or not isinstance(min_pixels, int):
+        raise TypeError(f"min_pixels must be an int, got {type(min_pixels).__name__}")
+    if min_pixels < 0:
+        raise ValueError(f"min_pixels must be >= 0, got {min_pixels}")
     if stats_grad not in STATS_GRAD_MODES:
         raise ValueError(f"stats_grad must be one of {tuple(STATS_GRAD_MODES)}, got {stats_grad!r}")
     return pred3, target3, instances, valid

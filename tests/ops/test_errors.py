@@ -117,7 +117,12 @@ SA_HDN_CASES = [
     ("eps_negative", lambda p, q: dict(eps=-1e-3), ValueError, r"eps must be >= 0"),
     ("eps_nan", lambda p, q: dict(eps=float("nan")), ValueError, r"eps must be >= 0"),
     ("min_pixels_negative", lambda p, q: dict(min_pixels=-1), ValueError, r"min_pixels must be"),
-    ("min_pixels_fraction", lambda p, q: dict(min_pixels=2.5), ValueError, r"min_pixels must be"),
+    (
+        "min_pixels_fraction",
+        lambda p, q: dict(min_pixels=2.5),
+        TypeError,
+        r"min_pixels must be an int",
+    ),
     ("backend_unknown", lambda p, q: dict(backend="gpu"), ValueError, r"backend must be one of"),
     (
         "backend_cuda_on_cpu",
