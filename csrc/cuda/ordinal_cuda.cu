@@ -1,0 +1,312 @@
+// CUDA kernels of ordinal_ranking_forward / ordinal_ranking_backward (docs/internals.md,
+// docs/gpu_kernels.md).
+//
+// Forward: one thread per pair (grid-stride), per-pair loss from westar/ordinal_math.h
+// summed per block with cub::BlockReduce (fixed order), then one block adds the block
+// partials in block order: deterministic, no atomics, no host sync.
+// Backward: the same partial kernel gives M (used pairs); scale = grad / M on the device.
+//  - default: float atomics at a and b (fast; bits may vary where pairs share a pixel);
+//  - under at::globalContext().deterministicAlgorithms(): every pair writes its two
+//    contributions (+g at a, -g at b) with the flat pixel as key, a stable CUB radix sort
+//    groups them by pixel keeping pair order, and the first contribution of every run
+//    adds the run serially. Same order as the CPU kernel: bitwise repeatable (and equal
+//    to the CPU result for float32/float64). We chose repeatable results over raising.
+// Used pairs outside the image are rejected by the public wrapper (eager mode); a kernel
+// cannot raise without a host sync, so these kernels skip such pairs instead of reading
+// out of bounds.
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cub/cub.cuh>
+
+#include "westar/cuda_utils.cuh"
+#include "westar/ordinal_math.h"
+
+namespace westar {
+namespace {
+
+using cuda::acc_type;
+
+constexpr int kThreads = 256;
+
+struct PairGeom {
+  int64_t batch, num_pairs, height, width;
+};
+
+// Flat pixel indices of pair i = b * P + p; false when a coordinate lies outside the image.
+__device__ __forceinline__ bool pair_pixels(const int64_t* pairs, int64_t i, const PairGeom& g, int64_t* ja,
+                                            int64_t* jb) {
+  const int64_t* pr = pairs + 4 * i;
+  const int64_t ya = pr[0], xa = pr[1], yb = pr[2], xb = pr[3];
+  const bool inside = ya >= 0 && ya < g.height && xa >= 0 && xa < g.width && yb >= 0 && yb < g.height &&
+                      xb >= 0 && xb < g.width;
+  const int64_t base = (i / g.num_pairs) * g.height * g.width;
+  *ja = base + ya * g.width + xa;
+  *jb = base + yb * g.width + xb;
+  return inside;
+}
+
+// Per block: sum of the used pairs' losses and their number.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pair_partial_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ pairs,
+                        const int64_t* __restrict__ labels, PairGeom g, acc_t margin, int kind, acc_t equal_weight,
+                        acc_t* __restrict__ part_sum, int64_t* __restrict__ part_count) {
+  using Reduce = cub::BlockReduce<acc_t, kThreads>;
+  using ReduceCount = cub::BlockReduce<int64_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ typename ReduceCount::TempStorage tmp_count;
+  const int64_t total = g.batch * g.num_pairs;
+  acc_t sum = 0;
+  int64_t count = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t label = labels[i];
+    if (!ordinal_label_used(label)) continue;
+    int64_t ja, jb;
+    if (!pair_pixels(pairs, i, g, &ja, &jb)) continue;
+    const acc_t d = static_cast<acc_t>(pred[ja]) - static_cast<acc_t>(pred[jb]);
+    sum += ordinal_pair_loss<acc_t>(d, label, margin, kind, equal_weight);
+    ++count;
+  }
+  const acc_t block_sum = Reduce(tmp).Sum(sum);
+  const int64_t block_count = ReduceCount(tmp_count).Sum(count);
+  if (threadIdx.x == 0) {
+    part_sum[blockIdx.x] = block_sum;
+    part_count[blockIdx.x] = block_count;
+  }
+}
+
+// One block: combines the partials in block order. Writes loss = sum / M (0 if M == 0)
+// and, when grad != nullptr, scale = grad / M (0 if M == 0), computed as the CPU kernel
+// does (grad read as double, then divided in the accumulation dtype).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pair_finish_kernel(const acc_t* __restrict__ part_sum, const int64_t* __restrict__ part_count, int parts,
+                       const double* __restrict__ grad, acc_t* __restrict__ loss, acc_t* __restrict__ scale) {
+  using Reduce = cub::BlockReduce<acc_t, kThreads>;
+  using ReduceCount = cub::BlockReduce<int64_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ typename ReduceCount::TempStorage tmp_count;
+  acc_t sum = 0;
+  int64_t count = 0;
+  for (int i = threadIdx.x; i < parts; i += kThreads) {
+    sum += part_sum[i];
+    count += part_count[i];
+  }
+  const acc_t total = Reduce(tmp).Sum(sum);
+  const int64_t used = ReduceCount(tmp_count).Sum(count);
+  if (threadIdx.x == 0) {
+    if (loss != nullptr) loss[0] = used > 0 ? total / static_cast<acc_t>(used) : acc_t(0);
+    if (scale != nullptr) {
+      scale[0] = used > 0 ? static_cast<acc_t>(grad[0]) / static_cast<acc_t>(used) : acc_t(0);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pair_scatter_atomic_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ pairs,
+                               const int64_t* __restrict__ labels, PairGeom g, acc_t margin, int kind,
+                               acc_t equal_weight, const acc_t* __restrict__ scale, acc_t* __restrict__ out) {
+  const int64_t total = g.batch * g.num_pairs;
+  const acc_t s = scale[0];
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t label = labels[i];
+    if (!ordinal_label_used(label)) continue;
+    int64_t ja, jb;
+    if (!pair_pixels(pairs, i, g, &ja, &jb)) continue;
+    const acc_t d = static_cast<acc_t>(pred[ja]) - static_cast<acc_t>(pred[jb]);
+    const acc_t gr = s * ordinal_pair_grad<acc_t>(d, label, margin, kind, equal_weight);
+    atomicAdd(out + ja, gr);
+    atomicAdd(out + jb, -gr);
+  }
+}
+
+// Deterministic path, step 1: contributions 2i (+g at a) and 2i + 1 (-g at b) of pair i,
+// keyed by flat pixel; unused pairs get the sentinel key (number of pixels).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pair_contrib_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ pairs,
+                        const int64_t* __restrict__ labels, PairGeom g, acc_t margin, int kind, acc_t equal_weight,
+                        const acc_t* __restrict__ scale, uint64_t sentinel, uint64_t* __restrict__ keys,
+                        acc_t* __restrict__ vals) {
+  const int64_t total = g.batch * g.num_pairs;
+  const acc_t s = scale[0];
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t label = labels[i];
+    int64_t ja = 0, jb = 0;
+    const bool used = ordinal_label_used(label) && pair_pixels(pairs, i, g, &ja, &jb);
+    acc_t gr = 0;
+    if (used) {
+      const acc_t d = static_cast<acc_t>(pred[ja]) - static_cast<acc_t>(pred[jb]);
+      gr = s * ordinal_pair_grad<acc_t>(d, label, margin, kind, equal_weight);
+    }
+    keys[2 * i] = used ? static_cast<uint64_t>(ja) : sentinel;
+    keys[2 * i + 1] = used ? static_cast<uint64_t>(jb) : sentinel;
+    vals[2 * i] = gr;
+    vals[2 * i + 1] = -gr;
+  }
+}
+
+// Deterministic path, step 2: the head of every run of equal keys adds the run in order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    run_sum_kernel(const uint64_t* __restrict__ keys, const acc_t* __restrict__ vals, int64_t n, uint64_t sentinel,
+                   acc_t* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const uint64_t key = keys[i];
+    if (key >= sentinel || (i > 0 && keys[i - 1] == key)) continue;
+    acc_t sum = 0;
+    for (int64_t m = i; m < n && keys[m] == key; ++m) sum += vals[m];
+    out[key] = sum;
+  }
+}
+
+struct OrdinalArgs {
+  at::Tensor pred, pairs, labels;
+  PairGeom geom;
+};
+
+OrdinalArgs prepare(const at::Tensor& pred, const at::Tensor& pairs, const at::Tensor& labels, int64_t kind) {
+  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()),
+                   "ordinal_ranking: pred must be a floating tensor, got ", pred.scalar_type());
+  TORCH_CHECK_VALUE(pred.dim() == 3, "ordinal_ranking: pred must have shape (B, H, W), got ", pred.sizes());
+  TORCH_CHECK_TYPE(at::isIntegralType(pairs.scalar_type(), /*includeBool=*/false),
+                   "ordinal_ranking: pairs must be an integer tensor, got ", pairs.scalar_type());
+  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+                   "ordinal_ranking: labels must be an integer tensor, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(pairs.dim() == 4 && pairs.size(0) == pred.size(0) && pairs.size(2) == 2 && pairs.size(3) == 2,
+                    "ordinal_ranking: pairs must have shape (B, P, 2, 2) with B = ", pred.size(0), ", got ",
+                    pairs.sizes());
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == pairs.size(0) && labels.size(1) == pairs.size(1),
+                    "ordinal_ranking: labels must have shape (B, P) = (", pairs.size(0), ", ", pairs.size(1),
+                    "), got ", labels.sizes());
+  TORCH_CHECK_VALUE(kind == kOrdinalMargin || kind == kOrdinalLogistic,
+                    "ordinal_ranking: kind must be 0 (margin) or 1 (logistic), got ", kind);
+  TORCH_CHECK_VALUE(pairs.device() == pred.device() && labels.device() == pred.device(),
+                    "ordinal_ranking: pairs and labels must be on ", pred.device(), ", got ", pairs.device(),
+                    " and ", labels.device());
+  OrdinalArgs a;
+  a.pred = pred.contiguous();
+  a.pairs = pairs.to(at::kLong).contiguous();
+  a.labels = labels.to(at::kLong).contiguous();
+  a.geom = {pred.size(0), pairs.size(1), pred.size(1), pred.size(2)};
+  return a;
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Launches the partial and finish kernels; returns the (1,) loss and (1,) scale tensors.
+template <typename scalar_t>
+void loss_and_scale(const OrdinalArgs& a, double margin, int kind, double equal_weight, const double* grad,
+                    at::Tensor* loss, at::Tensor* scale, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t total = a.geom.batch * a.geom.num_pairs;
+  const unsigned blocks = cuda::grid_for(total, kThreads, 4096);
+  const auto opts = a.pred.options();
+  at::Tensor part_sum = at::empty({blocks}, opts.dtype(acc_dtype(a.pred.scalar_type())));
+  at::Tensor part_count = at::empty({blocks}, opts.dtype(at::kLong));
+  pair_partial_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+      a.pred.data_ptr<scalar_t>(), a.pairs.data_ptr<int64_t>(), a.labels.data_ptr<int64_t>(), a.geom,
+      static_cast<acc_t>(margin), kind, static_cast<acc_t>(equal_weight), part_sum.data_ptr<acc_t>(),
+      part_count.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  pair_finish_kernel<acc_t><<<1, kThreads, 0, stream>>>(
+      part_sum.data_ptr<acc_t>(), part_count.data_ptr<int64_t>(), static_cast<int>(blocks), grad,
+      loss != nullptr ? loss->data_ptr<acc_t>() : nullptr, scale != nullptr ? scale->data_ptr<acc_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor ordinal_ranking_forward_cuda(const at::Tensor& pred, const at::Tensor& pairs, const at::Tensor& labels,
+                                        double margin, int64_t kind, double equal_weight) {
+  const OrdinalArgs a = prepare(pred, pairs, labels, kind);
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor loss = at::zeros({}, pred.options().dtype(acc_dtype(pred.scalar_type())));
+  if (a.geom.batch * a.geom.num_pairs > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.pred.scalar_type(), "ordinal_ranking_forward_cuda",
+                                    [&] {
+                                      loss_and_scale<scalar_t>(a, margin, static_cast<int>(kind), equal_weight,
+                                                               nullptr, &loss, nullptr, stream);
+                                    });
+  }
+  return loss.scalar_type() == pred.scalar_type() ? loss : loss.to(pred.scalar_type());
+}
+
+at::Tensor ordinal_ranking_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& pairs,
+                                         const at::Tensor& labels, double margin, int64_t kind,
+                                         double equal_weight) {
+  const OrdinalArgs a = prepare(pred, pairs, labels, kind);
+  TORCH_CHECK_VALUE(grad.numel() == 1, "ordinal_ranking_backward: grad must hold one element, got ", grad.sizes());
+  TORCH_CHECK_VALUE(grad.device() == pred.device(), "ordinal_ranking_backward: grad must be on ", pred.device(),
+                    ", got ", grad.device());
+  const c10::cuda::CUDAGuard guard(pred.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType acc = acc_dtype(pred.scalar_type());
+  at::Tensor out = at::zeros({a.geom.batch, a.geom.height, a.geom.width}, pred.options().dtype(acc));
+  const int64_t total = a.geom.batch * a.geom.num_pairs;
+  if (total > 0 && out.numel() > 0) {
+    const at::Tensor g64 = grad.reshape({1}).to(at::kDouble).contiguous();
+    const bool deterministic = at::globalContext().deterministicAlgorithms();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, a.pred.scalar_type(), "ordinal_ranking_backward_cuda", [&] {
+          using acc_t = acc_type<scalar_t>;
+          at::Tensor scale = at::empty({1}, out.options());
+          loss_and_scale<scalar_t>(a, margin, static_cast<int>(kind), equal_weight, g64.data_ptr<double>(),
+                                   nullptr, &scale, stream);
+          const unsigned blocks = cuda::grid_for(total, kThreads);
+          const acc_t m = static_cast<acc_t>(margin), ew = static_cast<acc_t>(equal_weight);
+          if (!deterministic) {
+            pair_scatter_atomic_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+                a.pred.data_ptr<scalar_t>(), a.pairs.data_ptr<int64_t>(), a.labels.data_ptr<int64_t>(), a.geom, m,
+                static_cast<int>(kind), ew, scale.data_ptr<acc_t>(), out.data_ptr<acc_t>());
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            return;
+          }
+          const int64_t n = 2 * total;
+          const uint64_t sentinel = static_cast<uint64_t>(out.numel());
+          int end_bit = 1;
+          while (end_bit < 64 && (sentinel >> end_bit) != 0) ++end_bit;
+          const auto opts = a.pred.options();
+          at::Tensor keys = at::empty({2, n}, opts.dtype(at::kLong));
+          at::Tensor vals = at::empty({2, n}, opts.dtype(acc));
+          uint64_t* keys_in = reinterpret_cast<uint64_t*>(keys.data_ptr<int64_t>());
+          uint64_t* keys_out = keys_in + n;
+          acc_t* vals_in = vals.data_ptr<acc_t>();
+          acc_t* vals_out = vals_in + n;
+          pair_contrib_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+              a.pred.data_ptr<scalar_t>(), a.pairs.data_ptr<int64_t>(), a.labels.data_ptr<int64_t>(), a.geom, m,
+              static_cast<int>(kind), ew, scale.data_ptr<acc_t>(), sentinel, keys_in, vals_in);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          size_t temp_bytes = 0;
+          C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in, keys_out, vals_in, vals_out,
+                                                         n, 0, end_bit, stream));
+          at::Tensor temp = at::empty({static_cast<int64_t>(temp_bytes) + 1}, opts.dtype(at::kByte));
+          C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp.data_ptr<uint8_t>(), temp_bytes, keys_in, keys_out,
+                                                         vals_in, vals_out, n, 0, end_bit, stream));
+          run_sum_kernel<acc_t><<<cuda::grid_for(n, kThreads), kThreads, 0, stream>>>(keys_out, vals_out, n, sentinel,
+                                                                                     out.data_ptr<acc_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  return out.scalar_type() == pred.scalar_type() ? out : out.to(pred.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(westar_ops, CUDA, m) {
+  m.impl("ordinal_ranking_forward", &ordinal_ranking_forward_cuda);
+  m.impl("ordinal_ranking_backward", &ordinal_ranking_backward_cuda);
+}
+
+}  // namespace westar
