@@ -1,0 +1,396 @@
+"""CUDA C++ kernels (torch.ops.westar_ops on CUDA tensors) vs the CPU ops, the Triton ops
+and westar_ops.reference: raw outputs (loss, seg, stats, median_index), loss and
+gradient, opcheck, torch.compile, determinism. Skipped without a GPU (conftest.py).
+
+The CUDA kernels route contexts of at most 1024 members to the one-warp path and larger
+ones to the tiled radix-select path (tiles of 4096): images of 64x80 = 5120 pixels put
+the global context on the tiled path (2 tiles) and most instances on the warp path.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+import westar_ops  # noqa: E402
+from westar_ops import ops, reference  # noqa: E402
+
+if not westar_ops.build_info()["with_cuda"]:
+    pytest.skip(
+        "westar_ops was built without CUDA kernels (rebuild with WESTAR_CUDA=1)",
+        allow_module_level=True,
+    )
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    import westar_ops.triton  # noqa: E402,F401  (registers torch.ops.westar_triton)
+
+DEV = "cuda"
+OPS = torch.ops.westar_ops
+TOL = {  # (rtol, atol) for losses and gradients
+    torch.float32: (2e-5, 1e-6),
+    torch.float64: (1e-10, 1e-12),
+    torch.float16: (5e-3, 1e-4),
+    torch.bfloat16: (2e-2, 1e-3),
+}
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SCENARIOS = ("global", "levels", "invalid_nan", "uint8_ties", "per_pixel", "uneven")
+
+
+def _to(x, device):
+    return None if x is None else x.to(device)
+
+
+def _case(name, rng, dtype=torch.float32, batch=2, height=64, width=80):
+    """pred, target, instances, valid of a named scenario (CPU tensors)."""
+    pred = torch.randn(batch, height, width, generator=rng).to(dtype)
+    target = (torch.rand(batch, height, width, generator=rng) * 4 + 0.5).to(dtype)
+    instances, valid = None, None
+    if name == "global":
+        pass
+    elif name == "levels":  # grid cells, sparse huge ids, single pixels
+        grid = reference.grid_instances(batch, height, width, grids=(2,))[:, 0]
+        sparse = torch.randint(0, 3, (batch, height, width), generator=rng) * 700_000_001
+        sparse[0, 0, 0] = 2**31 - 1  # a one-pixel context with the largest id
+        single = torch.zeros(batch, height, width, dtype=torch.int64)
+        single[:, 1, 2] = 5
+        single[1, 3, 3] = 9
+        instances = torch.stack([grid.to(torch.int64), sparse, single], 1)
+    elif name == "invalid_nan":  # invalid pixels, NaN and inf targets, a whole-image id
+        instances = torch.randint(0, 4, (batch, 2, height, width), generator=rng, dtype=torch.int32)
+        instances[:, 1] = 3
+        valid = torch.rand(batch, height, width, generator=rng) > 0.25
+        target[0, 0, :4] = float("nan")
+        target[1, 2, 1] = float("inf")
+    elif name == "uint8_ties":  # uint8 ids, tied values in pred and target
+        instances = torch.randint(0, 3, (batch, 1, height, width), generator=rng).to(torch.uint8)
+        pred = torch.randint(-2, 3, (batch, height, width), generator=rng).to(dtype)
+        target = torch.randint(1, 4, (batch, height, width), generator=rng).to(dtype)
+    elif name == "per_pixel":  # every pixel its own context (K = B*H*W on one level)
+        hw = height * width  # distinct ids spread over [1, 2^31 - 1], shuffled
+        ids = (torch.arange(hw) * 104_729 + 7)[torch.randperm(hw, generator=rng)] + 1
+        instances = ids.reshape(1, 1, height, width).expand(batch, 1, height, width).clone()
+    elif name == "uneven":  # 1 pixel, a few, ~1000 (warp path edge), >1024, whole rest
+        inst = torch.zeros(batch, height, width, dtype=torch.int16)
+        inst[:, 0, 0] = 1  # 1 pixel
+        inst[:, 1, :7] = 2  # 7 pixels
+        inst[:, 2:18, :64] = 3  # 1024 pixels: largest warp-path context
+        inst[:, 18:35, :61] = 4  # 1037 pixels: smallest tiled contexts
+        inst[:, 35:, :] = 5  # the rest (2320)
+        instances = inst.unsqueeze(1)
+        valid = torch.ones(batch, height, width, dtype=torch.bool)
+    else:
+        raise ValueError(name)
+    return pred, target, instances, valid
+
+
+def _forward(pred, target, instances, valid, device, include_global=True, eps=1e-6, min_pixels=1):
+    return OPS.sa_hdn_forward(
+        pred.to(device), target.to(device), _to(instances, device), _to(valid, device),
+        include_global, eps, min_pixels, 2,
+    )  # fmt: skip
+
+
+def _check_forward(out_g, out_c, pred, dtype):
+    loss_g, seg_g, stats_g, mi_g = (x.cpu() for x in out_g)
+    loss_c, seg_c, stats_c, mi_c = out_c
+    rtol, atol = TOL[dtype]
+    assert seg_g.dtype == torch.int32 and seg_g.is_contiguous()
+    assert torch.equal(seg_g, seg_c)
+    assert stats_g.dtype == stats_c.dtype and stats_g.shape == stats_c.shape
+    assert mi_g.dtype == torch.int64 and mi_g.shape == mi_c.shape
+    assert loss_g.dtype == pred.dtype and loss_g.shape == ()
+    # Medians, counts and S3 are exact; D is equal up to rounding of the MAD sum.
+    assert torch.equal(stats_g[:, [0, 2, 6, 7]], stats_c[:, [0, 2, 6, 7]])
+    s_rtol = 1e-10 if stats_g.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(stats_g[:, [1, 3]], stats_c[:, [1, 3]], rtol=s_rtol, atol=s_rtol)
+    # S1/S2 are sums of signs: a sign of a near-zero normalized difference may flip with
+    # a last-bit difference of D (S1 moves by at most 2 per flip).
+    torch.testing.assert_close(stats_g[:, 4], stats_c[:, 4], rtol=0, atol=4.0)
+    torch.testing.assert_close(stats_g[:, 5], stats_c[:, 5], rtol=1e-3, atol=4.0)
+    # Both backends pick the first pixel (ascending index) whose pred equals t_p.
+    assert torch.equal(mi_g, mi_c)
+    flat = pred.cpu().reshape(-1).to(stats_c.dtype)
+    assert torch.equal(flat[mi_g], stats_c[:, 0])
+    torch.testing.assert_close(loss_g, loss_c, rtol=max(rtol, 1e-4), atol=atol)
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_forward_outputs_match_cpu(name, rng):
+    pred, target, instances, valid = _case(name, rng)
+    out_c = _forward(pred, target, instances, valid, "cpu")
+    _check_forward(_forward(pred, target, instances, valid, DEV), out_c, pred, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["invalid_nan", "uneven"])
+def test_forward_dtypes_match_cpu(name, dtype, rng):
+    pred, target, instances, valid = _case(name, rng, dtype=dtype)
+    out_c = _forward(pred, target, instances, valid, "cpu")
+    _check_forward(_forward(pred, target, instances, valid, DEV), out_c, pred, dtype)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_forward_outputs_match_triton(name, rng):
+    pred, target, instances, valid = _case(name, rng)
+    out_t = torch.ops.westar_triton.sa_hdn_forward(
+        pred.to(DEV), target.to(DEV), _to(instances, DEV), _to(valid, DEV), True, 1e-6, 1, 2
+    )
+    out_c = _forward(pred, target, instances, valid, "cpu")
+    out_t = (out_t[0].cpu(), out_t[1].cpu(), out_t[2].cpu(), out_t[3].cpu())
+    _check_forward(_forward(pred, target, instances, valid, DEV), out_t, pred, torch.float32)
+    assert torch.equal(out_t[1], out_c[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stats_grad", ["none", "scale", "full"])
+@pytest.mark.parametrize("name", ["levels", "invalid_nan", "uneven"])
+def test_loss_and_grad_match_cpu_triton_reference(name, stats_grad, dtype, rng):
+    pred, target, instances, valid = _case(name, rng, dtype=dtype)
+    kw = dict(include_global=True, eps=1e-6, min_pixels=1, stats_grad=stats_grad)
+    # The reference's torch.median may pick another of several tied elements (half
+    # dtypes have many ties) for the median's gradient: compare with it for fp32/fp64.
+    ref = [None] if dtype in (torch.float32, torch.float64) else []
+    backends = ["cuda", "cpu", *ref] + (["triton"] if HAS_TRITON else [])
+    out = []
+    for backend in backends:
+        dev = "cpu" if backend in ("cpu", None) else DEV
+        p = pred.to(dev).requires_grad_(True)
+        args = (p, target.to(dev), _to(instances, dev), _to(valid, dev))
+        if backend is None:
+            loss = reference.sa_hdn_loss(*args, **kw)
+        else:
+            loss = ops.sa_hdn_loss(*args, backend=backend, **kw)
+        (grad,) = torch.autograd.grad(loss, p)
+        assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == pred.shape
+        out.append((loss.detach().cpu(), grad.cpu()))
+    rtol, atol = TOL[dtype]
+    for other in range(1, len(out)):
+        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-4), atol=atol)
+        # Gradients: a sign flip at a near tie changes one pixel's gradient; compare the
+        # bulk tightly and allow a handful of outliers.
+        diff = (out[0][1].double() - out[other][1].double()).abs()
+        tol = atol + rtol * 10 * out[other][1].double().abs()
+        assert int((diff > tol).sum()) <= 4, (backends[other], float(diff.max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("stats_grad", [0, 1, 2])
+def test_backward_raw_matches_cpu(stats_grad, dtype, rng):
+    pred, target, instances, valid = _case("levels", rng, dtype=dtype)
+    out_c = _forward(pred, target, instances, valid, "cpu")
+    grad = torch.tensor(0.75, dtype=dtype)
+    g_c = OPS.sa_hdn_backward(grad, pred, target, *out_c[1:], stats_grad)
+    g_g = OPS.sa_hdn_backward(
+        grad.to(DEV), pred.to(DEV), target.to(DEV), *(x.to(DEV) for x in out_c[1:]), stats_grad
+    )
+    assert g_g.shape == pred.shape and g_g.dtype == pred.dtype and g_g.device.type == "cuda"
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(g_g.cpu(), g_c, rtol=rtol, atol=1e-9)
+
+
+def test_huge_sparse_ids_and_id_dtypes(rng):
+    pred, target, _, valid = _case("global", rng)
+    ids = torch.tensor([0, 1, 2**31 - 1, 2**31 - 2, 123_456_789, 2**16 + 3])
+    inst64 = ids[torch.randint(0, len(ids), (2, 1, 64, 80), generator=rng)]
+    out_c = _forward(pred, target, inst64, valid, "cpu")
+    _check_forward(_forward(pred, target, inst64, valid, DEV), out_c, pred, torch.float32)
+    small = torch.randint(0, 100, (2, 2, 64, 80), generator=rng)
+    for id_dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        inst = small.to(id_dtype)
+        out_c = _forward(pred, target, inst, valid, "cpu")
+        _check_forward(_forward(pred, target, inst, valid, DEV), out_c, pred, torch.float32)
+
+
+def test_negative_id_raises(rng):
+    pred, target, instances, _ = _case("levels", rng)
+    instances[1, 2, 3, 4] = -3
+    with pytest.raises(ValueError, match="negative id"):
+        _forward(pred, target, instances, None, DEV)
+
+
+def test_min_pixels_no_context_and_empty(rng):
+    pred, target, instances, _ = _case("levels", rng)
+    out_c = _forward(pred, target, instances, None, "cpu", include_global=False, min_pixels=3)
+    out_g = _forward(pred, target, instances, None, DEV, include_global=False, min_pixels=3)
+    _check_forward(out_g, out_c, pred, torch.float32)
+    # No usable pixel: K == 0, loss 0, gradient 0, never NaN.
+    p = pred.to(DEV).requires_grad_(True)
+    valid = torch.zeros(pred.shape, dtype=torch.bool, device=DEV)
+    loss = ops.sa_hdn_loss(p, target.to(DEV), instances.to(DEV), valid, backend="cuda")
+    (grad,) = torch.autograd.grad(loss, p)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+    _, seg, stats, mi = _forward(pred, target, None, valid, DEV)
+    assert stats.shape == (0, 8) and mi.shape == (0,) and bool((seg == -1).all())
+    # Empty batch and empty images.
+    for shape in ((0, 4, 5), (2, 0, 5)):
+        e = torch.zeros(shape, device=DEV)
+        loss, seg, stats, mi = _forward(e, e, None, None, DEV)
+        assert loss.item() == 0.0 and seg.shape == (1, *shape) and stats.shape == (0, 8)
+        g = OPS.sa_hdn_backward(torch.ones((), device=DEV), e, e, seg, stats, mi, 2)
+        assert g.shape == shape
+
+
+def test_strided_inputs_and_nan_pred(rng):
+    pred, target, instances, valid = _case("invalid_nan", rng)
+    pred_t = pred.transpose(1, 2).contiguous().transpose(1, 2)
+    inst_t = instances.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    out_c = _forward(pred, target, instances, valid, "cpu")
+    _check_forward(_forward(pred_t, target, inst_t, valid, DEV), out_c, pred, torch.float32)
+    pred[0, 3, 3] = float("nan")
+    loss = ops.sa_hdn_loss(pred.to(DEV), target.to(DEV), backend="cuda")
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sa_hdn_bitwise_repeatable(deterministic, rng):
+    pred, target, instances, valid = _case("levels", rng)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        runs = []
+        for _ in range(3):
+            p = pred.to(DEV).requires_grad_(True)
+            out = OPS.sa_hdn_forward(
+                p, target.to(DEV), instances.to(DEV), _to(valid, DEV), True, 1e-6, 1, 2
+            )
+            (grad,) = torch.autograd.grad(out[0], p)
+            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_opcheck_sa_hdn(rng):
+    pred, target, instances, valid = _case("invalid_nan", rng, height=6, width=7)
+    pred = pred.to(DEV).requires_grad_(True)
+    args = (pred, target.to(DEV), instances.to(DEV), valid.to(DEV), True, 1e-6, 1, 2)
+    torch.library.opcheck(OPS.sa_hdn_forward.default, args)
+    big = _case("uneven", rng)
+    bargs = (big[0].to(DEV).requires_grad_(True), big[1].to(DEV), big[2].to(DEV), None,
+             True, 1e-6, 1, 2)  # fmt: skip
+    torch.library.opcheck(OPS.sa_hdn_forward.default, bargs)
+    loss, seg, stats, mi = OPS.sa_hdn_forward(*args)
+    for stats_grad in (0, 1, 2):
+        torch.library.opcheck(
+            OPS.sa_hdn_backward.default,
+            (torch.ones((), device=DEV), pred.detach(), args[1], seg, stats, mi, stats_grad),
+        )
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph(backend, rng):
+    pred, target, instances, valid = _case("levels", rng)
+    pred, target, instances = pred.to(DEV), target.to(DEV), instances.to(DEV)
+
+    def f(p, t, i):
+        return ops.sa_hdn_loss(p, t, i, backend="cuda") + ops.ordinal_ranking_loss(
+            p, pairs, labels, backend="cuda"
+        )
+
+    pairs = torch.randint(0, 64, (2, 16, 2, 2), generator=rng).to(DEV)
+    labels = torch.randint(-1, 2, (2, 16), generator=rng).to(DEV)
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    p1 = pred.clone().requires_grad_(True)
+    p2 = pred.clone().requires_grad_(True)
+    l1, l2 = f(p1, target, instances), compiled(p2, target, instances)
+    (g1,) = torch.autograd.grad(l1, p1)
+    (g2,) = torch.autograd.grad(l2, p2)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- ordinal
+
+
+def _ordinal_case(rng, dtype, batch=3, height=17, width=23, pairs_per_image=300):
+    pred = (torch.randn(batch, height, width, generator=rng) * 0.5).to(dtype)
+    ys = torch.randint(0, height, (batch, pairs_per_image, 2), generator=rng)
+    xs = torch.randint(0, width, (batch, pairs_per_image, 2), generator=rng)
+    pairs = torch.stack([ys, xs], -1)
+    labels = torch.randint(-1, 2, (batch, pairs_per_image), generator=rng)
+    labels[0, 0] = -100  # ignored pairs, one with coordinates outside the image
+    labels[1, 3] = 7
+    pairs[1, 3] = torch.tensor([[99, -4], [0, 0]])
+    pairs[1, 10:60] = pairs[1, 9]  # many pairs sharing pixels
+    pairs[0, 2, 0] = pairs[0, 1, 1]
+    pairs[2, 5] = torch.tensor([[4, 4], [4, 4]])  # both ends on one pixel
+    return pred, pairs, labels
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["margin", "logistic"])
+def test_ordinal_matches_cpu_triton_reference(kind, dtype, rng):
+    pred, pairs, labels = _ordinal_case(rng, dtype)
+    kw = dict(margin=0.2, kind=kind, equal_weight=0.7)
+    backends = ["cuda", "cpu", None] + (["triton"] if HAS_TRITON else [])
+    out = []
+    for backend in backends:
+        dev = "cpu" if backend in ("cpu", None) else DEV
+        p = pred.to(dev).requires_grad_(True)
+        if backend is None:
+            loss = reference.ordinal_ranking_loss(p, pairs, labels, **kw)
+        else:
+            loss = ops.ordinal_ranking_loss(p, pairs.to(dev), labels.to(dev), backend=backend, **kw)
+        (grad,) = torch.autograd.grad(loss, p)
+        assert loss.dtype == dtype and grad.dtype == dtype
+        out.append((loss.detach().cpu(), grad.cpu()))
+    rtol, atol = TOL[dtype]
+    for other in range(1, len(out)):
+        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-5), atol=atol)
+        torch.testing.assert_close(out[0][1], out[other][1], rtol=max(rtol, 1e-5), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", [0, 1])
+def test_ordinal_deterministic_mode(kind, dtype, rng):
+    pred, pairs, labels = _ordinal_case(rng, dtype)
+    args = (pairs, labels, 0.1, kind, 1.3)
+    grad = torch.tensor(1.7, dtype=dtype)
+    g_c = OPS.ordinal_ranking_backward(grad, pred, *args)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        gargs = (pairs.to(DEV), labels.to(DEV), 0.1, kind, 1.3)
+        runs = [
+            OPS.ordinal_ranking_backward(grad.to(DEV), pred.to(DEV), *gargs).cpu() for _ in range(3)
+        ]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    for r in runs[1:]:
+        assert torch.equal(r, runs[0])
+    if kind == 0:  # same operations in the same order as the CPU kernel: same bits
+        assert torch.equal(runs[0], g_c)
+    else:  # exp/log1p of the device math library may differ in the last bit
+        torch.testing.assert_close(runs[0], g_c, rtol=1e-5, atol=1e-7)
+
+
+def test_ordinal_no_used_pairs_and_empty(rng):
+    pred, pairs, labels = _ordinal_case(rng, torch.float32)
+    labels[:] = -100
+    p = pred.to(DEV).requires_grad_(True)
+    loss = ops.ordinal_ranking_loss(p, pairs.to(DEV), labels.to(DEV), backend="cuda")
+    (grad,) = torch.autograd.grad(loss, p)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+    e_pairs = torch.zeros(3, 0, 2, 2, dtype=torch.int64, device=DEV)
+    e_labels = torch.zeros(3, 0, dtype=torch.int64, device=DEV)
+    loss = OPS.ordinal_ranking_forward(pred.to(DEV), e_pairs, e_labels, 0.0, 0, 1.0)
+    g = OPS.ordinal_ranking_backward(torch.ones((), device=DEV), pred.to(DEV), e_pairs, e_labels,
+                                     0.0, 0, 1.0)  # fmt: skip
+    assert loss.item() == 0.0 and g.shape == pred.shape and torch.count_nonzero(g) == 0
+
+
+def test_opcheck_ordinal(rng):
+    pred, pairs, labels = _ordinal_case(rng, torch.float32, pairs_per_image=20)
+    pred = pred.to(DEV).requires_grad_(True)
+    for kind in (0, 1):
+        args = (pred, pairs.to(DEV), labels.to(DEV), 0.1, kind, 0.5)
+        torch.library.opcheck(OPS.ordinal_ranking_forward.default, args)
+        bargs = (torch.ones((), device=DEV), pred.detach(), *args[1:])
+        torch.library.opcheck(OPS.ordinal_ranking_backward.default, bargs)
