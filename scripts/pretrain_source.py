@@ -310,9 +310,29 @@ def train(args):
     return model, step, elapsed
 
 
+def write_preprocessor_config(out: Path, size: int) -> None:
+    """preprocessor_config.json as Depth Anything V2 checkpoints have (DPT processor)."""
+    cfg = dict(
+        image_processor_type="DPTImageProcessor",
+        do_resize=True,
+        size=dict(height=size, width=size),
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_pad=False,
+    )
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def save(model, out: Path, info: dict):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    write_preprocessor_config(out, info["size"])
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {out}", flush=True)
 
@@ -349,6 +369,8 @@ def main(argv=None):
 
         model = DepthAnythingForDepthEstimation.from_pretrained(out, local_files_only=True)
         model.float()
+        if not (out / "preprocessor_config.json").exists():
+            write_preprocessor_config(out, args.size)
     else:
         t0 = time.perf_counter()
         model, steps, elapsed = train(args)
