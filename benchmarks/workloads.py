@@ -129,8 +129,12 @@ def uneven_instances(
         out[b] = label
     if sparse_ids:
         table = torch.zeros(num_instances + 1, dtype=torch.int64)
-        ids = torch.randperm(2**31 - 1, generator=g)[:num_instances] + 1
-        table[1:] = ids
+        ids: list[int] = []
+        while len(ids) < num_instances:  # distinct random ids in [1, 2**31 - 1]
+            draw = int(torch.randint(1, 2**31, (1,), generator=g))
+            if draw not in ids:
+                ids.append(draw)
+        table[1:] = torch.tensor(ids, dtype=torch.int64)
         out = table[out.long()].to(torch.int32)
     return out
 

@@ -285,32 +285,92 @@ Selected<acc_t> select_exact(const acc_t* x, int64_t n, typename KeyTraits<acc_t
   return {t, abs_sum, n_less, n_greater};
 }
 
+// The k-th smallest of the n keys a[0, n) (a is not modified), by radix selection:
+// histogram the next 11 bits of (key - min), keep the bucket that holds rank k (copied
+// to buf), repeat; small remainders go to nth_element.
+template <typename key_t>
+key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf) {
+  constexpr int kDigit = 11;
+  const key_t* src = a;
+  int64_t m = n;
+  bool in_buf = false;
+  std::vector<uint32_t> hist(size_t(1) << kDigit);
+  for (;;) {
+    if (m <= 256) {
+      if (!in_buf) buf.assign(src, src + m);
+      std::nth_element(buf.begin(), buf.begin() + k, buf.begin() + m);
+      return buf[k];
+    }
+    key_t lo = src[0], hi = src[0];
+    for (int64_t i = 1; i < m; ++i) {
+      lo = src[i] < lo ? src[i] : lo;
+      hi = src[i] > hi ? src[i] : hi;
+    }
+    if (lo == hi) return lo;
+    const int bits = 64 - __builtin_clzll(static_cast<unsigned long long>(hi - lo));
+    const int shift = bits > kDigit ? bits - kDigit : 0;
+    std::fill(hist.begin(), hist.end(), 0u);
+    for (int64_t i = 0; i < m; ++i) ++hist[static_cast<size_t>((src[i] - lo) >> shift)];
+    size_t sel = 0;
+    int64_t before = 0;
+    for (;; ++sel) {
+      if (before + hist[sel] > k) break;
+      before += hist[sel];
+    }
+    k -= before;
+    if (!in_buf) buf.resize(hist[sel]);
+    key_t* dst = buf.data();  // in place once src is buf: the write index never passes the read index
+    int64_t c = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const key_t v = src[i];
+      if (static_cast<size_t>((v - lo) >> shift) == sel) dst[c++] = v;
+    }
+    m = c;
+    src = buf.data();
+    in_buf = true;
+    if (shift == 0) return src[0];  // a bucket of width 1: all its keys are equal
+  }
+}
+
 // Finishes a pivot selection: cand holds the keys of the n_cand elements in [lo, hi],
 // p the combined partials. Returns false when the pivots missed the median rank.
 template <typename acc_t>
 bool select_finish(const SelectPartial<acc_t>& p, acc_t lo, acc_t hi, int64_t n,
-                   typename KeyTraits<acc_t>::key_t* cand, Selected<acc_t>* out) {
+                   const typename KeyTraits<acc_t>::key_t* cand, Selected<acc_t>* out) {
   using key_t = typename KeyTraits<acc_t>::key_t;
   const int64_t k = lower_median_rank(n);
   const int64_t kc = k - p.n_lo;
   if (kc < 0 || kc >= p.n_cand) return false;
-  std::nth_element(cand, cand + kc, cand + p.n_cand);
-  const key_t tk = cand[kc];
+  std::vector<key_t> buf;
+  const key_t tk = radix_select(cand, p.n_cand, kc, buf);
   const acc_t t = KeyTraits<acc_t>::from_key(tk);
   acc_t sums[kLanes] = {};
+  int64_t less[kLanes] = {}, greater[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= p.n_cand; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) sums[l] += std::abs(KeyTraits<acc_t>::from_key(cand[i + l]) - t);
+    for (int l = 0; l < kLanes; ++l) {
+      const key_t c = cand[i + l];
+      sums[l] += std::abs(KeyTraits<acc_t>::from_key(c) - t);
+      less[l] += c < tk;
+      greater[l] += c > tk;
+    }
   }
-  for (; i < p.n_cand; ++i) sums[0] += std::abs(KeyTraits<acc_t>::from_key(cand[i]) - t);
+  for (; i < p.n_cand; ++i) {
+    const key_t c = cand[i];
+    sums[0] += std::abs(KeyTraits<acc_t>::from_key(c) - t);
+    less[0] += c < tk;
+    greater[0] += c > tk;
+  }
   double abs_sum = 0;
-  for (int l = 0; l < kLanes; ++l) abs_sum += sums[l];
+  int64_t n_less = p.n_lo, n_greater = p.n_hi;
+  for (int l = 0; l < kLanes; ++l) {
+    abs_sum += sums[l];
+    n_less += less[l];
+    n_greater += greater[l];
+  }
   // Elements outside the pivots: |x - t| = (lo - x) + (t - lo) below, (x - hi) + (hi - t) above.
   abs_sum += p.s_lo + static_cast<double>(p.n_lo) * (static_cast<double>(t) - static_cast<double>(lo));
   abs_sum += p.s_hi + static_cast<double>(p.n_hi) * (static_cast<double>(hi) - static_cast<double>(t));
-  int64_t n_less = p.n_lo, n_greater = p.n_hi;
-  for (int64_t j = 0; j < kc; ++j) n_less += cand[j] < tk;
-  for (int64_t j = kc + 1; j < p.n_cand; ++j) n_greater += cand[j] > tk;
   out->t = t;
   out->abs_sum = abs_sum;
   out->n_less = n_less;
@@ -877,6 +937,7 @@ at::Tensor sa_hdn_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, c
   const at::Tensor s = seg.contiguous(), st = stats.contiguous(), mi = median_index.contiguous();
   const double g = grad.to(at::kDouble).contiguous().data_ptr<double>()[0];
   at::Tensor out = at::empty(pred.sizes(), p.options());
+  cpu::advise_huge_pages(out.data_ptr(), out.numel() * out.element_size());
   if (is_double) {
     sa_hdn_backward_impl<double>(g, p, q, s, st, mi, static_cast<int>(stats_grad), out);
   } else {
