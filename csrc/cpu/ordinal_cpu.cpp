@@ -12,6 +12,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -56,6 +57,12 @@ OrdinalInputs prepare_ordinal(const at::Tensor& pred, const at::Tensor& pairs, c
   return in;
 }
 
+// Images per parallel task: a thread gets at least ~64K pairs, so that small batches run
+// on the calling thread (a parallel region costs more than a few thousand pairs).
+int64_t images_per_task(const OrdinalInputs& in) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, in.num_pairs));
+}
+
 // Flat pixel indices of a used pair; raises ValueError naming the batch index and pair
 // when a coordinate lies outside the image.
 inline void pair_pixels(const OrdinalInputs& in, const int64_t* pr, int64_t b, int64_t p, int64_t* ja,
@@ -95,7 +102,7 @@ acc_t ordinal_loss_sum(const OrdinalInputs& in, acc_t margin, int kind, acc_t eq
   const int64_t* labels = in.labels.data_ptr<int64_t>();
   const int64_t hw = in.height * in.width;
   std::vector<acc_t> partial(in.batch, acc_t(0));
-  at::parallel_for(0, in.batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.batch, images_per_task(in), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const acc_t* img = pred + b * hw;
       acc_t sum = 0;
@@ -140,7 +147,7 @@ void ordinal_scatter_grad(const OrdinalInputs& in, acc_t scale, acc_t margin, in
   const int64_t* pairs = in.pairs.data_ptr<int64_t>();
   const int64_t* labels = in.labels.data_ptr<int64_t>();
   const int64_t hw = in.height * in.width;
-  at::parallel_for(0, in.batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, in.batch, images_per_task(in), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const acc_t* img = pred + b * hw;
       acc_t* g_img = out + b * hw;
