@@ -23,10 +23,11 @@ With ``--ablation`` the ladder of the paper's ablation is trained on the same da
 plain self-training (global median/MAD) -> grid HDN -> SA-HDN (instances) -> + weak labels
 -> + regularization (= full WeSTAR).
 
-Recipe (see RESULTS.md for how it was chosen): the paper's loss weights (1.0 / 0.001 /
-1.0), LoRA rank 8 / alpha 16, EMA 0.996, AdamW + cosine. Deviations, because the demo
-domain is tiny and the budget is minutes on a CPU: a few hundred steps instead of
-thousands, so a higher learning rate (`DEMO_LR`), batch 8 at 126 x 126.
+Recipe (DEFAULTS; RESULTS.md says how it was chosen): LoRA rank 8 / alpha 16, EMA 0.996,
+lambda_st 1.0, AdamW + cosine as in the paper; 400 steps of batch 4 at 126 x 126 with
+lr 1e-2, lambda_w 1.0 and lambda_r 0.01 instead of the paper's 0.001 and 1.0, because
+the demo domain and run are tiny (comment at DEFAULTS). `--lambda-w/--lambda-r` restore
+the paper's weights.
 
     westar demo                                  # default job (<= 5 min on 2 CPU cores)
     westar demo --corruption all --ablation      # every corruption, the ablation ladder
@@ -69,20 +70,30 @@ SEED_STRIDE = 100_000  # scenes per (split, seed) block
 
 MAX_DEPTH = 50.0  # evaluation cap in meters; the rooms are at most ~25 m deep
 
-DEMO_LR = 5e-4
+# The demo's recipe, chosen on the validation split (scene seeds 40_000_000+, seed 100,
+# fog severity 4; never on the test split): see RESULTS.md. Deviations from the paper,
+# because the demo domain is tiny and the budget is a minute or two of CPU:
+# - lr 1e-2 (paper 1e-4): 400 steps instead of thousands, a 2 M-parameter model;
+# - lambda_w 1.0 (paper 0.001): the ordinal hinge acts on raw disparity, which this source
+#   model outputs with a median near 1, and there are only 15 pairs per image; at 0.001
+#   the term was ~1e-7 of the loss and changed nothing;
+# - lambda_r 0.01 (paper 1.0): at 1.0 the regularizer held the adapters at ~0 for the
+#   whole short run (validation: adapted == source to the 3rd decimal).
+# LoRA rank 8 / alpha 16, EMA 0.996, lambda_st 1.0, AdamW + cosine are the paper's.
+DEMO_LR = 1e-2
 
 DEFAULTS: dict[str, Any] = dict(
     corruption="fog",
     severity=4,
     seed=0,
-    train_images=96,
-    eval_images=48,
-    steps=150,
+    train_images=64,
+    eval_images=64,
+    steps=400,
     image_size=126,
-    batch_size=8,
+    batch_size=4,
     lr=DEMO_LR,
-    lambda_w=0.001,
-    lambda_r=1.0,
+    lambda_w=1.0,
+    lambda_r=0.01,
 )
 QUICK: dict[str, Any] = dict(train_images=8, eval_images=4, steps=3, image_size=56, batch_size=4)
 
@@ -547,6 +558,12 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help=f"(default: {d['batch_size']})")
     p.add_argument("--lr", type=float, help=f"(default: {d['lr']:g})")
     p.add_argument(
+        "--lambda-w", type=float, help=f"ordinal loss weight (default: {d['lambda_w']:g})"
+    )
+    p.add_argument(
+        "--lambda-r", type=float, help=f"LoRA regularizer weight (default: {d['lambda_r']:g})"
+    )
+    p.add_argument(
         "--ablation",
         action="store_true",
         help="also train plain self-training, grid HDN, SA-HDN, + weak labels (the ladder)",
@@ -570,6 +587,8 @@ def cli_run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         batch_size=args.batch_size,
         lr=args.lr,
+        lambda_w=args.lambda_w,
+        lambda_r=args.lambda_r,
         ablation=args.ablation,
         quick=args.quick,
         device=args.device,
