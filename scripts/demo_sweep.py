@@ -61,7 +61,7 @@ def table(sweep: dict) -> str:
     corruptions = [c for c in sweep["corruptions"] if any(r["corruption"] == c for r in runs)]
     variants = sweep["variants"]
     models = ["source"] + variants
-    label = {"source": "source", **{v: LADDER[v][0] for v in variants}}
+    label = {"source": "source", **{v: LADDER[v][0] for v in variants}, "full": "WeSTAR (full)"}
 
     def stats(c, m, k):
         vals = [r["results"][m][k] for r in runs if r["corruption"] == c]

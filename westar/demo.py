@@ -371,6 +371,10 @@ def run_demo(
         raise ValueError(f"image_size must be a multiple of 14, got {args['image_size']}")
     if args["train_images"] < 1 or args["eval_images"] < 1 or args["steps"] < 1:
         raise ValueError("train_images, eval_images and steps must be >= 1")
+    if not 0 <= args["seed"] < (SPLIT_SEEDS["test"] - SPLIT_SEEDS["train"]) // SEED_STRIDE:
+        raise ValueError(
+            f"seed must be in [0, 100) so that the splits' scenes stay apart, got {args['seed']}"
+        )
     if eval_split not in ("test", "val"):
         raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
     if adapted_weights not in ("adapter", "teacher", "both"):
