@@ -32,6 +32,20 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def openmp_flags() -> list[str]:
+    """-fopenmp when torch's intra-op backend is OpenMP.
+
+    at::parallel_for is a header template: with the OpenMP backend it is a
+    `#pragma omp parallel` compiled into *our* object files, and without -fopenmp the
+    pragma is dropped and every "parallel" loop runs on one thread. torch ships its own
+    libgomp.so.1; the loader reuses it (same soname), so one OpenMP runtime is in use.
+    """
+    info = torch.__config__.parallel_info()
+    if "backend: OpenMP" in info and "OpenMP not found" not in info:
+        return ["-fopenmp"]
+    return []
+
+
 def write_build_info(with_cuda: bool) -> None:
     """Record what the extension is built with; westar_ops.build_info() reports it."""
     lines = [
@@ -48,7 +62,8 @@ def extension():
     with_cuda = want_cuda()
     write_build_info(with_cuda)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x03090000"]
+    omp = openmp_flags()
+    cxx_flags = ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x03090000", *omp]
     include_dirs = [str(ROOT / "csrc" / "include")]
     if not with_cuda:
         return CppExtension(
@@ -56,6 +71,7 @@ def extension():
             sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=omp,
             py_limited_api=True,
         )
     sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -65,6 +81,7 @@ def extension():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags + ["-DWESTAR_WITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=omp,
         py_limited_api=True,
     )
 
