@@ -152,7 +152,7 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"unknown ablation {ablation!r}")
     values.update(ABLATIONS[ablation])
     values.update(given)
-    if "image_size" in values and len(values["image_size"]) == 1:
+    if values.get("image_size") is not None and len(values["image_size"]) == 1:
         values["image_size"] = (values["image_size"][0],) * 2
     return TrainConfig.from_dict(values)
 
@@ -206,7 +206,12 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p)
     p.add_argument("--max-depth", type=float, default=80.0, help="depth cap in meters")
     p.add_argument("--min-depth", type=float, default=1e-3)
-    p.add_argument("--size", type=int, default=518, help="inference shorter side (x14)")
+    p.add_argument(
+        "--size",
+        type=int,
+        help="inference shorter side, rounded to the patch size (default: the model's own, "
+        "518 for Depth Anything V2)",
+    )
     p.add_argument("--output-space", choices=("disparity", "depth"), default="disparity")
     p.add_argument("--output", default="eval.json", help="metrics JSON path")
     p.add_argument("--pictures", help="folder for colour-mapped before/after pictures")

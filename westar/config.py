@@ -42,7 +42,9 @@ class TrainConfig:
     images_dir: str | None = None  # override <data>/images
     instances_dir: str | None = None  # override <data>/instances
     pairs_file: str | None = None  # override <data>/pairs.json
-    image_size: tuple[int, int] = (518, 518)  # (H, W) training resolution, multiples of 14
+    # (H, W) training resolution in multiples of the model's patch size (14 for Depth
+    # Anything V2, 16 for DPT); None: the model's native size (518 / 384).
+    image_size: tuple[int, int] | None = None
     output_space: str = "disparity"  # what the model predicts: "disparity" or "depth"
     skip_bad: bool = False  # skip unreadable/inconsistent samples with a warning
 
@@ -103,7 +105,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
-        self.image_size = tuple(int(v) for v in self.image_size)
+        if self.image_size is not None:
+            self.image_size = tuple(int(v) for v in self.image_size)
         self.grid = tuple(int(v) for v in self.grid)
         self.blur_sigma = tuple(float(v) for v in self.blur_sigma)
         if self.lora_targets is not None:
@@ -111,10 +114,12 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if len(self.image_size) != 2 or any(v <= 0 or v % 14 for v in self.image_size):
+        # multiples of the model's patch size: checked by the Trainer once the model is loaded
+        if self.image_size is not None and (
+            len(self.image_size) != 2 or any(v <= 0 for v in self.image_size)
+        ):
             raise ValueError(
-                f"image_size must be (H, W) with positive multiples of 14 (ViT patch size), "
-                f"got {self.image_size}"
+                f"image_size must be (H, W) with positive sides, got {self.image_size}"
             )
         if self.hdn not in HDN_MODES:
             raise ValueError(f"hdn must be one of {HDN_MODES}, got {self.hdn!r}")

@@ -3,7 +3,7 @@
 Protocol (the standard one for relative-depth models): on the valid pixels of an image
 (ground-truth depth > min_depth and <= max_depth), fit scale and shift of the predicted
 disparity to the ground-truth disparity 1/depth by least squares, clip the aligned
-disparity to >= 1/max_depth, invert to depth d, and with g the ground truth
+disparity to [1/max_depth, 1/min_depth], invert to depth d, and with g the ground truth
 
     AbsRel = mean |d - g| / g        delta1 = mean(max(d/g, g/d) < 1.25).
 
@@ -68,7 +68,7 @@ def image_metrics(
     g = gt_depth[mask].astype(np.float64)
     if output_space == "disparity":
         s, t = align_scale_shift(pred, 1.0 / np.where(mask, gt_depth, 1.0), mask)
-        disp = np.maximum(s * pred[mask].astype(np.float64) + t, 1.0 / max_depth)
+        disp = np.clip(s * pred[mask].astype(np.float64) + t, 1.0 / max_depth, 1.0 / min_depth)
         d = 1.0 / disp
     else:
         s, t = align_scale_shift(pred, gt_depth, mask)
@@ -108,7 +108,7 @@ def colorize(
 @torch.no_grad()
 def _predict_image(model, depth_model, rgb: np.ndarray, size: int, device) -> np.ndarray:
     h, w = rgb.shape[:2]
-    ih, iw = inference_size(h, w, size)
+    ih, iw = inference_size(h, w, size, depth_model.patch_size)
     x = torch.from_numpy(rgb).float().div(255).permute(2, 0, 1)[None].to(device)
     x = F.interpolate(x, size=(ih, iw), mode="bicubic", align_corners=False).clamp(0, 1)
     out = predict(model, depth_model, x).float()
@@ -137,7 +137,7 @@ def evaluate(
     max_depth: float = 80.0,
     min_depth: float = 1e-3,
     depth_scale: float = 1000.0,
-    size: int = 518,
+    size: int | None = None,
     output_space: str = "disparity",
     output: str | Path | None = None,
     pictures_dir: str | Path | None = None,
@@ -148,13 +148,18 @@ def evaluate(
     """Metrics of the base model and/or adapters on a folder of images with GT depth.
 
     Returns (and writes to `output` as JSON) {"results": {name: summary}, ...}; names are
-    "base", then "adapted" for one adapter or "adapted:<path>" for several.
+    "base", then "adapted" for one adapter or "adapted:<path>" for several. `size`: the
+    inference shorter side (rounded to the patch size); None = the model's native size.
     """
     adapters = list(adapters or [])
     if not include_base and not adapters:
         raise ValueError("nothing to evaluate: include the base model or give an adapter")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for adapter in adapters:  # before any work: a typo should not cost a base-model pass
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
     depth_model = load_depth_model(model)
+    size = size or depth_model.input_size
     net = depth_model.model.to(device).eval()
     samples = []
     for path in list_images(images_dir)[:limit]:
@@ -190,8 +195,6 @@ def evaluate(
 
         peft_model = None
         for i, (name, adapter) in enumerate(zip(names[int(include_base) :], adapters)):
-            if not (Path(adapter) / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
             if peft_model is None:
                 peft_model = PeftModel.from_pretrained(net, adapter, adapter_name=f"a{i}")
             else:

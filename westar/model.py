@@ -1,7 +1,8 @@
 """Hugging Face depth models with LoRA students.
 
 - `load_depth_model`: any `AutoModelForDepthEstimation` checkpoint (Depth Anything V2,
-  DPT/MiDaS, ...) by hub id or local directory, plus its input normalization.
+  DPT/MiDaS, ...) by hub id or local directory, plus its input normalization, patch size
+  (inputs must be multiples of it: 14 for Dinov2, 16 for DPT's ViT) and native input size.
 - `find_attention_projections`: the encoder's attention projections, discovered from the
   loaded modules (transformers 5 Dinov2: q_proj/k_proj/v_proj; DPT ViT: query/key/value).
 - `add_lora`: peft LoRA on those projections, everything else frozen.
@@ -23,6 +24,8 @@ __all__ = [
     "IMAGENET_STD",
     "DepthModel",
     "load_depth_model",
+    "model_patch_size",
+    "model_input_size",
     "find_attention_projections",
     "add_lora",
     "lora_layers",
@@ -52,6 +55,19 @@ class DepthModel:
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.source = source
+        self.patch_size = model_patch_size(model)
+        self.input_size = model_input_size(model)
+
+    def check_size(self, size: tuple[int, int], what: str = "image_size") -> None:
+        """A clear error unless (H, W) are positive multiples of the patch size (a ViT
+        drops the remainder silently, which would misalign outputs and labels)."""
+        p = self.patch_size
+        if len(size) != 2 or any(v <= 0 or v % p for v in size):
+            hint = self.input_size
+            raise ValueError(
+                f"{what} {tuple(size)} must be (H, W) in positive multiples of {p}, the patch "
+                f"size of {type(self.model).__name__} ({self.source}); e.g. {hint} {hint}"
+            )
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB (B, 3, H, W) -> model input."""
@@ -79,22 +95,81 @@ def _read_normalization(name_or_path: str, local_only: bool) -> tuple[tuple, tup
         return IMAGENET_MEAN, IMAGENET_STD
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id ("namespace/name" or "name")."""
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+        or name in (".", "..")
+    )
+
+
 def load_depth_model(
     name_or_path: str, *, local_files_only: bool = False, dtype: torch.dtype | None = None
 ) -> DepthModel:
-    """Load a depth-estimation checkpoint by hub id or local directory (no peft yet)."""
+    """Load a depth-estimation checkpoint by hub id or local directory (no peft yet).
+
+    A missing directory, a directory without config.json, or a hub id that cannot be
+    loaded (offline and not cached, or not a depth model) raise FileNotFoundError /
+    ValueError naming it.
+    """
     from transformers import AutoModelForDepthEstimation
 
-    path = Path(name_or_path)
+    name_or_path = str(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+        name_or_path = str(path)
+    elif _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"{name_or_path}: model directory not found")
     local = local_files_only or path.exists()
-    if path.exists() and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
     kwargs = {"local_files_only": local}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForDepthEstimation.from_pretrained(str(name_or_path), **kwargs)
+    try:
+        model = AutoModelForDepthEstimation.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:  # not on the hub / offline and not cached / unreadable weights
+        raise FileNotFoundError(
+            f"{name_or_path}: cannot load the model (not a local directory; as a hub id: {err})"
+        ) from err
+    except ValueError as err:  # e.g. a config that is not a depth-estimation model
+        raise ValueError(f"{name_or_path}: not a depth-estimation model ({err})") from err
     mean, std = _read_normalization(str(name_or_path), local)
     return DepthModel(model, mean, std, str(name_or_path))
+
+
+def _config_int(value) -> int | None:
+    if isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return (
+        int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+    )
+
+
+def model_patch_size(model: nn.Module) -> int:
+    """The ViT patch size from the model's config (or its backbone's); 14 if none says."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "backbone_config", None)):
+        p = _config_int(getattr(c, "patch_size", None))
+        if p is not None:
+            return p
+    return 14
+
+
+def model_input_size(model: nn.Module) -> int:
+    """The model's native square input side (Depth Anything V2: 518, DPT: 384), rounded
+    to a multiple of the patch size; 518 if the config does not say."""
+    cfg = getattr(model, "config", None)
+    patch = model_patch_size(model)
+    size = None
+    for c in (cfg, getattr(cfg, "backbone_config", None)):
+        size = _config_int(getattr(c, "image_size", None))
+        if size is not None:
+            break
+    size = size or 518
+    return max(patch, int(round(size / patch)) * patch)
 
 
 def find_attention_projections(model: nn.Module) -> list[str]:
