@@ -25,6 +25,7 @@ Output directory:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -52,10 +53,15 @@ CHECKPOINT_PREFIX = "step_"
 
 
 def _resolve_mixed_precision(cfg: TrainConfig) -> str:
+    """auto: what `accelerate launch --mixed_precision` / `accelerate config` chose, else
+    bf16 (fp16 without bf16 support) on a GPU and none on CPU."""
     if cfg.mixed_precision != "auto":
         return cfg.mixed_precision
     if cfg.cpu or not torch.cuda.is_available():
         return "no"
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launched in ("no", "fp16", "bf16"):
+        return launched
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
@@ -138,12 +144,18 @@ class Trainer:
                 "process would train alone (on CPU, pass --cpu)"
             )
         self.output_dir = Path(cfg.output_dir)
-        self.dataset = self._build_dataset()
+        images_dir = cfg.resolved_images_dir()
+        if not images_dir.is_dir():  # before anything else: the likeliest user error
+            raise DataError(images_dir, "image folder not found (--data ROOT needs ROOT/images)")
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.depth = load_depth_model(cfg.model)
+        if cfg.image_size is None:  # the model's native size, recorded in the run's config
+            cfg = self.cfg = dataclasses.replace(cfg, image_size=(self.depth.input_size,) * 2)
+        self.depth.check_size(cfg.image_size)
+        self.dataset = self._build_dataset()
         model = add_lora(
             self.depth.model,
             rank=cfg.lora_rank,
@@ -412,24 +424,31 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             for batch in self.loader(self.step, end):
-                if batch is None:  # every sample of this batch was skipped
+                if self.world > 1:  # ranks must agree, or one would wait in DDP's all-reduce
+                    have = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
+                    if float(acc.reduce(have, reduction="sum")) < self.world:
+                        batch = None
+                if batch is None:  # every sample of this batch (on some rank) was skipped
+                    self.scheduler.step()  # the schedule stays a function of the step
                     self.step += 1
                     bar.update(1)
-                    continue
-                parts = self.train_step(batch, self.step)
-                self.step += 1
-                if self.world > 1:
-                    keys = ("loss", "st", "weak", "reg")
-                    vals = torch.tensor([parts[k] for k in keys], device=acc.device)
-                    vals = acc.reduce(vals, reduction="mean")
-                    parts.update({k: float(v) for k, v in zip(keys, vals)})
-                for k in ("loss", "st", "weak", "reg"):
-                    running[k] = parts[k] if k not in running else 0.9 * running[k] + 0.1 * parts[k]
-                bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
-                bar.update(1)
-                last = dict(parts, step=self.step, seconds=time.perf_counter() - t0)
-                if main and (self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps):
-                    logger.log(last)
+                else:
+                    parts = self.train_step(batch, self.step)
+                    self.step += 1
+                    if self.world > 1:
+                        keys = ("loss", "st", "weak", "reg")
+                        vals = torch.tensor([parts[k] for k in keys], device=acc.device)
+                        vals = acc.reduce(vals, reduction="mean")
+                        parts.update({k: float(v) for k, v in zip(keys, vals)})
+                    for k in ("loss", "st", "weak", "reg"):
+                        running[k] = (
+                            parts[k] if k not in running else 0.9 * running[k] + 0.1 * parts[k]
+                        )
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
+                    bar.update(1)
+                    last = dict(parts, step=self.step, seconds=time.perf_counter() - t0)
+                    if main and (self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps):
+                        logger.log(last)
                 if self.step % max(cfg.save_every, 1) == 0 or self.step == cfg.steps:
                     self.save_checkpoint()
         finally:
