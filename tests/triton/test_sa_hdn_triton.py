@@ -123,10 +123,13 @@ def test_loss_and_grad_match_cpu_and_reference(name, stats_grad, rng, device):
         torch.testing.assert_close(grads[0], grads[other], rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
-def test_loss_and_grad_dtypes(dtype, rng, device, big_path):
+@pytest.mark.parametrize(
+    ("dtype", "stats_grad"),
+    [(torch.float16, mode) for mode in STATS_GRAD] + [(torch.float64, "full")],
+)
+def test_loss_and_grad_dtypes(dtype, stats_grad, rng, device, big_path):
     pred, target, instances, valid = _case("levels", rng, dtype=dtype)
-    kw = dict(min_pixels=2, stats_grad="full")
+    kw = dict(min_pixels=2, stats_grad=stats_grad)
     out = []
     for backend, dev in (("triton", device), ("cpu", "cpu")):
         p = pred.to(dev).requires_grad_(True)
@@ -190,16 +193,24 @@ def test_strided_inputs_and_nan_pred(rng, device):
     assert torch.isnan(loss)
 
 
-def test_deterministic(rng, device, big_path):
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic(deterministic, rng, device, big_path):
+    """Bitwise-repeatable forward and backward, also under
+    torch.use_deterministic_algorithms(True) (no op of the path may refuse to run)."""
     pred, target, instances, valid = _case("levels", rng, height=8, width=8)
     runs = []
-    for _ in range(2):
-        p = pred.to(device).requires_grad_(True)
-        out = torch.ops.westar_triton.sa_hdn_forward(
-            p, target.to(device), instances.to(device), None, True, 1e-6, 1, 2
-        )
-        (grad,) = torch.autograd.grad(out[0], p)
-        runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for _ in range(2):
+            p = pred.to(device).requires_grad_(True)
+            out = torch.ops.westar_triton.sa_hdn_forward(
+                p, target.to(device), instances.to(device), None, True, 1e-6, 1, 2
+            )
+            (grad,) = torch.autograd.grad(out[0], p)
+            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
+    finally:
+        torch.use_deterministic_algorithms(previous)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 

@@ -1,0 +1,53 @@
+"""torch.compile(fullgraph=True) of the public ops with backend="triton", forward and
+backward, against eager (the Triton ops are opaque custom ops in the graph)."""
+
+import pytest
+import torch
+
+import westar_ops
+
+# westar_ops.ops._triton_ops() calls importlib.import_module on every call, which dynamo
+# refuses to trace (fullgraph=True fails with Unsupported). Fix in ops.py: import once,
+# remember it in a module-level flag, and skip the import when the flag is set. Remove
+# this marker with that fix.
+IMPORT_IN_GRAPH = pytest.mark.xfail(
+    raises=torch._dynamo.exc.Unsupported,
+    reason="ops._triton_ops() calls importlib.import_module inside the traced function",
+)
+
+
+def _inputs(rng, device):
+    b, h, w = 2, 5, 6
+    pred = torch.randn(b, 1, h, w, generator=rng)
+    target = torch.rand(b, 1, h, w, generator=rng) + 0.5
+    inst = torch.randint(0, 3, (b, 1, h, w), generator=rng, dtype=torch.int32)
+    valid = torch.rand(b, h, w, generator=rng) > 0.2
+    pairs = torch.stack(
+        [torch.randint(0, h, (b, 6, 2), generator=rng), torch.randint(0, w, (b, 6, 2), generator=rng)],
+        dim=-1,
+    )
+    labels = torch.tensor([1, -1, 0, -100])[torch.randint(0, 4, (b, 6), generator=rng)]
+    return [t.to(device) for t in (pred, target, inst, valid, pairs, labels)]
+
+
+def _loss(pred, target, inst, valid, pairs, labels):
+    hdn = westar_ops.sa_hdn_loss(pred, target, inst, valid, stats_grad="full", backend="triton")
+    ordinal = westar_ops.ordinal_ranking_loss(
+        pred, pairs, labels, margin=0.1, kind="logistic", backend="triton"
+    )
+    return hdn + 0.5 * ordinal
+
+
+@IMPORT_IN_GRAPH
+def test_compile_aot_eager_fullgraph(rng, device):
+    torch._dynamo.reset()
+    inputs = _inputs(rng, device)
+    compiled = torch.compile(_loss, backend="aot_eager", fullgraph=True)
+    out = []
+    for fn in (_loss, compiled):
+        p = inputs[0].clone().requires_grad_(True)
+        loss = fn(p, *inputs[1:])
+        (grad,) = torch.autograd.grad(loss, p)
+        out.append((loss.detach(), grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)
