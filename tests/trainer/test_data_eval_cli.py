@@ -45,6 +45,28 @@ def test_pairs_are_consistent_with_depth(dataset_root):
     assert all(p["relation"] == "equal" for p in sample_pairs(np.ones((4, 4)), rng))
 
 
+def test_pairs_are_structured_samples():
+    """Each sample: (farther, anchor), (closer, anchor), (farther, closer) on 3 points with
+    d(farther) > d(anchor) > d(closer), so the relations cannot contradict each other."""
+    rng = np.random.default_rng(1)
+    depth = rng.uniform(1.0, 10.0, size=(20, 30)).astype(np.float32)
+    depth[0, 0] = 0.0  # invalid: never sampled
+    pairs = sample_pairs(depth, rng, samples=5, equal_ratio=1.03)
+    assert len(pairs) == 15
+    order = {"farther": 1, "closer": -1, "equal": 0}
+    for far_anchor, close_anchor, far_close in zip(pairs[0::3], pairs[1::3], pairs[2::3]):
+        far, anchor, close = far_anchor["a"], far_anchor["b"], close_anchor["a"]
+        assert close_anchor["b"] == anchor and far_close["a"] == far and far_close["b"] == close
+        d = {k: float(depth[y, x]) for k, (x, y) in (("f", far), ("a", anchor), ("c", close))}
+        assert d["f"] > d["a"] > d["c"] > 0
+        for pair, (u, v) in ((far_anchor, "fa"), (close_anchor, "ca"), (far_close, "fc")):
+            ratio = max(d[u] / d[v], d[v] / d[u])
+            want = 0 if ratio < 1.03 else (1 if d[u] > d[v] else -1)
+            assert order[pair["relation"]] == want
+    equal = sample_pairs(np.full((5, 5), 2.0) * np.linspace(1, 1.02, 5), rng, samples=5)
+    assert {p["relation"] for p in equal} == {"equal"}  # all within the 1.03 ratio
+
+
 def test_dataset_items_and_collate(dataset_root):
     ds = AdaptationDataset(
         dataset_root / "images", (28, 42), dataset_root / "instances", dataset_root / "pairs.json"
@@ -155,7 +177,15 @@ def test_cli_end_to_end(tiny_model, tmp_path):
     results = json.loads(report.read_text())["results"]
     assert set(results) == {"base", "adapted"}
     assert results["base"]["images"] == 4 and 0 <= results["adapted"]["delta1"] <= 1
+    assert results["adapted"]["per_image"] != results["base"]["per_image"]  # adapter applied
     assert len(list((tmp_path / "pics").glob("*.png"))) == 4
+    only = tmp_path / "only.json"
+    assert main(eval_args[:-4] + ["--which", "adapter", "--limit", "1", "--output", str(only)]) == 0
+    only_results = json.loads(only.read_text())["results"]
+    assert set(only_results) == {"adapted"} and only_results["adapted"]["images"] == 1
+    assert only_results["adapted"]["per_image"]["img_000"] == pytest.approx(
+        results["adapted"]["per_image"]["img_000"]
+    )
     merged = tmp_path / "merged"
     assert main(["merge", "--model", str(tiny_model), "--adapter", str(out / "adapter"),
                  "--out", str(merged)]) == 0  # fmt: skip
@@ -169,7 +199,10 @@ def test_cli_end_to_end(tiny_model, tmp_path):
     with torch.no_grad():
         a = plain(pixel_values=x).predicted_depth
         b = peft_model(pixel_values=x).predicted_depth
+        c = AutoModelForDepthEstimation.from_pretrained(str(tiny_model))(pixel_values=x)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a, c.predicted_depth)  # the adapter was folded in
+    assert not any("lora" in k for k in plain.state_dict())
 
 
 def test_cli_reports_bad_input_without_traceback(tiny_model, tmp_path, capsys):
@@ -178,6 +211,28 @@ def test_cli_reports_bad_input_without_traceback(tiny_model, tmp_path, capsys):
                  str(tmp_path / "o"), "--image-size", "28", "--steps", "1"])  # fmt: skip
     assert code == 2
     assert "pairs.json" in capsys.readouterr().err
+
+
+def test_cli_names_the_bad_file(tiny_model, tmp_path, capsys):
+    """What a user sees for a corrupt image, a missing model and a bad --image-size."""
+    root = make_dataset(tmp_path / "ds", n=2, size=(28, 28))
+    (root / "images" / "img_001.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    base = ["train", "--data", str(root), "--output-dir", str(tmp_path / "o"), "--steps", "1"]
+    cases = [
+        (["--model", str(tiny_model), "--image-size", "28"], "img_001.png: cannot read image"),
+        (["--model", str(tmp_path / "missing")], "missing: model directory not found"),
+        (["--model", str(tiny_model), "--image-size", "30"], "multiples of 14"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    eval_args = ["eval", "--model", str(tiny_model), "--data", str(root), "--size", "28"]
+    (root / "images" / "img_001.png").unlink()
+    (root / "depth" / "img_000.npy").unlink()
+    assert main(eval_args + ["--output", str(tmp_path / "e.json")]) == 2
+    assert "img_000.npy: ground-truth depth not found" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_module_entry_point_help():

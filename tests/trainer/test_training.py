@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -57,6 +58,44 @@ def test_lora_targets_are_discovered(tiny_model, dataset_root, tmp_path):
     assert set(trainer.teacher.shadow) == {n for n in trainable}
     base = sum(p.numel() for p in trainer.unwrapped.parameters() if not p.requires_grad)
     assert sum(t.numel() for t in trainer.teacher.shadow.values()) < base / 5
+
+
+def test_defaults_follow_the_paper(tiny_model, dataset_root, tmp_path):
+    d = TrainConfig()
+    assert (d.lora_rank, d.lora_alpha, d.lora_dropout, d.ema_decay) == (8, 16.0, 0.0, 0.996)
+    assert (d.lambda_st, d.lambda_w, d.lambda_r, d.batch_size) == (1.0, 0.001, 1.0, 4)
+    assert d.image_size is None and d.hdn == "instances"
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path, image_size=None, steps=10))
+    assert trainer.cfg.image_size == (126, 126)  # the tiny model's native size
+    lora = trainer.unwrapped.peft_config["default"]
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (8, 16, 0.0)
+    assert trainer.teacher.decay == 0.996
+    assert isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
+    factor = trainer.scheduler.lr_lambdas[0]  # lr = cfg.lr * factor(step)
+    assert [factor(k) for k in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)  # cosine
+    assert factor(2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+
+
+def test_teacher_predicts_with_ema_weights(tiny_model, dataset_root, tmp_path):
+    from westar.model import predict
+
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path, ema_decay=0.5))
+    batch = fixed_batch(trainer)
+    for step in range(2):
+        trainer.train_step(batch, step=step)
+    with torch.no_grad():
+        student, teacher = trainer.predictions(batch, step=0, augment=False)
+        plain = predict(trainer.unwrapped, trainer.depth, batch["image"])
+        params = dict(trainer.unwrapped.named_parameters())
+        saved = {n: params[n].clone() for n in trainer.teacher.shadow}
+        for n, t in trainer.teacher.shadow.items():
+            params[n].copy_(t)
+        by_hand = predict(trainer.unwrapped, trainer.depth, batch["image"])
+        for n, t in saved.items():
+            params[n].copy_(t)
+    torch.testing.assert_close(student, plain)
+    torch.testing.assert_close(teacher, by_hand)
+    assert not torch.allclose(teacher, student)  # the teacher lags: it is not the student
 
 
 def test_step_lowers_loss_and_changes_only_lora(tiny_model, dataset_root, tmp_path):
@@ -138,6 +177,24 @@ def test_resume_matches_straight_run(tiny_model, dataset_root, tmp_path):
     assert all(torch.equal(straight.teacher.shadow[n], resumed.teacher.shadow[n]) for n in a)
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    # a checkpoint's adapter/ and teacher/ load with PeftModel.from_pretrained
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForDepthEstimation
+
+    ckpt = find_latest_checkpoint(tmp_path / "b")
+    assert ckpt.name == "step_00000004"
+    assert not list(ckpt.parent.glob(".tmp-*"))
+    for sub, flat in (("adapter", "student"), ("teacher", "teacher")):
+        base = AutoModelForDepthEstimation.from_pretrained(str(tiny_model))
+        loaded = PeftModel.from_pretrained(base, str(ckpt / sub))
+        got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+        want = load_file(str(ckpt / f"{flat}.safetensors"))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert any(
+        not torch.equal(resumed.teacher.shadow[n], b[n]) for n in b if "lora_B" in n
+    )  # student and teacher checkpoints differ
 
 
 def test_kill_and_resume(tiny_model, dataset_root, tmp_path):
@@ -164,6 +221,8 @@ def test_kill_and_resume(tiny_model, dataset_root, tmp_path):
         proc.wait(timeout=30)
     latest = find_latest_checkpoint(out)
     assert latest is not None, proc.stderr.read().decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+    assert int(latest.name.split("_")[1]) < 6 and not (out / "adapter").exists()
     cfg = dict(steps=6, save_every=1, keep_checkpoints=3)
     resumed = Trainer(make_cfg(tiny_model, dataset_root, out, resume="auto", **cfg))
     resumed.fit()
@@ -206,9 +265,32 @@ def test_dpt_model_gets_query_key_value(tmp_path):
     dm = load_depth_model(str(tmp_path / "dpt"))
     names = find_attention_projections(dm.model)
     assert {n.rsplit(".", 1)[-1] for n in names} == {"query", "key", "value"}
+    assert (dm.patch_size, dm.input_size) == (16, 64)
     model = add_lora(dm.model)
     out = predict(model, dm, torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 64, 64)
+
+
+def test_dpt_trains_through_the_same_code(tmp_path, dataset_root):
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(
+        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
+        num_attention_heads=2, intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
+    )  # fmt: skip
+    DPTForDepthEstimation(config).save_pretrained(str(tmp_path / "dpt"))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Trainer(make_cfg(tmp_path / "dpt", dataset_root, tmp_path / "x", image_size=(56, 56)))
+    cfg = make_cfg(tmp_path / "dpt", dataset_root, tmp_path / "run", image_size=None, steps=2)
+    trainer = Trainer(cfg)
+    assert trainer.cfg.image_size == (64, 64)
+    trainable = [n for n, p in trainer.unwrapped.named_parameters() if p.requires_grad]
+    assert len(trainable) == 4 * 3 * 2 and all(".attention.attention." in n for n in trainable)
+    before = lora_state(trainer)
+    last = trainer.fit()
+    assert last["step"] == 2 and last["weak"] > 0 and last["st"] > 0
+    assert any(not torch.equal(p, before[n]) for n, p in lora_state(trainer).items())
 
 
 def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
