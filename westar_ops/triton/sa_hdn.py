@@ -66,6 +66,7 @@ def _keys_kernel(
     valid_ptr,
     inst_ptr,
     keys_ptr,
+    bad_ptr,
     B,
     H,
     W,
@@ -85,7 +86,9 @@ def _keys_kernel(
     BLOCK: tl.constexpr,
 ):
     """keys[c, j] = (c*B + b) << 31 | id for pixel j = (b, y, x) in a context at level c,
-    else the sentinel INT64_MAX. Reads target and valid once, the ids of every level."""
+    else the sentinel INT64_MAX. Reads target and valid once, the ids of every level.
+    bad[0] / bad[1]: smallest flat index into instances (B, L, H, W) of a negative id / of
+    an id >= 2^31 (atomic min; INT64_MAX when there is none)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     hw = H * W
     n = B * hw
@@ -104,10 +107,17 @@ def _keys_kernel(
     for c in range(GLOBAL, C):
         c64 = tl.cast(c, tl.int64)
         lev = c64 - GLOBAL
-        ident = tl.load(inst_ptr + b * isb + lev * isl + y * ish + x * isw, mask=ok, other=0)
+        # Every pixel's id is read (also unusable pixels'), so that a bad id is found
+        # wherever it is, as the C++ kernels do.
+        ident = tl.load(inst_ptr + b * isb + lev * isl + y * ish + x * isw, mask=m, other=0)
         ident = ident.to(tl.int64)
+        at = ((b * (C - GLOBAL) + lev) * H + y) * W + x
+        neg = tl.min(tl.where(m & (ident < 0), at, 0x7FFFFFFFFFFFFFFF), 0)
+        huge = tl.min(tl.where(m & (ident > 0x7FFFFFFF), at, 0x7FFFFFFFFFFFFFFF), 0)
+        tl.atomic_min(bad_ptr, neg)
+        tl.atomic_min(bad_ptr + 1, huge)
         key = ((c64 * B + b) << 31) | ident
-        key = tl.where(ok & (ident > 0), key, 0x7FFFFFFFFFFFFFFF)
+        key = tl.where(ok & (ident > 0) & (ident <= 0x7FFFFFFF), key, 0x7FFFFFFFFFFFFFFF)
         tl.store(keys_ptr + c64 * n + offs, key, mask=m)
 
 
@@ -569,6 +579,26 @@ def _backward_kernel(
 # ------------------------------------------------------------------------ host code
 
 
+def _raise_bad_ids(bad_neg: int, bad_huge: int, L: int, H: int, W: int) -> None:
+    """The errors of the C++ kernels for ids found by _keys_kernel (flat positions into
+    instances (B, L, H, W), or the sentinel when there is none)."""
+
+    def where(at: int) -> str:
+        x, y, bl = at % W, (at // W) % H, at // (H * W)
+        return f"instances[{bl // L}, {bl % L}, {y}, {x}]"
+
+    if bad_neg != _SENTINEL:
+        raise ValueError(
+            "instances must hold ids >= 0 (0 = no instance); found a negative id at "
+            + where(bad_neg)
+        )
+    if bad_huge != _SENTINEL:
+        raise ValueError(
+            "sa_hdn (Triton): instance ids must be < 2^31; found a larger id at "
+            + where(bad_huge)
+        )
+
+
 def _first_true(mask_cumsum: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the first `count` True entries, given the inclusive cumsum of a mask
     (searchsorted, so no host sync: `count` is already known)."""
@@ -623,6 +653,7 @@ def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
 
     # 1. Keys.
     keys = torch.empty(n_tot, dtype=torch.int64, device=dev)
+    bad = torch.full((2,), _SENTINEL, dtype=torch.int64, device=dev)
     vview = valid.view(torch.uint8) if valid is not None else pred
     vstr = valid.stride() if valid is not None else (0, 0, 0)
     inst = instances if instances is not None else pred
@@ -632,6 +663,7 @@ def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
         vview,
         inst,
         keys,
+        bad,
         B,
         H,
         W,
@@ -665,9 +697,12 @@ def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
         cls = keep & (counts > lower) & (counts <= size)
         class_cs.append(torch.cumsum(cls, 0))
         lower = size
-    totals = torch.stack([keep_cs[-1], big_cs[-1], ntiles_run.sum()] + [c[-1] for c in class_cs])
+    totals = torch.stack(
+        [bad[0], bad[1], keep_cs[-1], big_cs[-1], ntiles_run.sum()] + [c[-1] for c in class_cs]
+    )
     # The one host sync of the forward: K sizes the outputs, the rest the launch grids.
-    K, NB, T, *n_class = (int(v) for v in totals.tolist())
+    bad_neg, bad_huge, K, NB, T, *n_class = (int(v) for v in totals.tolist())
+    _raise_bad_ids(bad_neg, bad_huge, L, H, W)
 
     stats = torch.empty((K, NUM_STATS), dtype=sdt, device=dev)
     median_index = torch.empty((K,), dtype=torch.int64, device=dev)
