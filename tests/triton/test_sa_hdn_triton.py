@@ -227,3 +227,25 @@ def test_opcheck(rng, device):
         bargs,
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+@pytest.mark.parametrize(
+    ("bad_id", "message"),
+    [(-3, r"negative id at instances\[1, 1, 2, 4\]"), (2**31, r"< 2\^31.*instances\[1, 1, 2, 4\]")],
+)
+def test_bad_ids_raise_in_the_kernel(bad_id, message, rng, device):
+    """The raw op finds negative ids and ids >= 2^31 itself (also at an invalid pixel),
+    as the C++ kernels do, and names the first one; no extra pass in the wrapper."""
+    pred, target, instances, _ = _case("levels", rng)
+    instances[1, 1, 2, 4] = bad_id
+    instances[1, 2, 5, 6] = bad_id  # a later one is not the one named
+    valid = torch.ones(pred.shape, dtype=torch.bool)
+    valid[1, 2, 4] = False
+    with pytest.raises(ValueError, match=message):
+        torch.ops.westar_triton.sa_hdn_forward(
+            pred.to(device), target.to(device), instances.to(device), valid.to(device),
+            True, 1e-6, 1, 2,
+        )  # fmt: skip
+    if bad_id < 0:  # the C++ op names the same position
+        with pytest.raises(ValueError, match=message):
+            _cpu_forward(pred, target, instances, valid, True, 1e-6, 1)
