@@ -163,7 +163,11 @@ def _instance_shape(path: Path) -> tuple[int, int]:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise DataError(path, f"cannot read instance map ({err})") from err
-        return tuple(arr.shape[-2:]) if arr.ndim in (2, 3) else (-1, -1)
+        if arr.ndim not in (2, 3):
+            raise DataError(
+                path, f"instance map must be (H, W) or (L, H, W), got shape {arr.shape}"
+            )
+        return tuple(arr.shape[-2:])
     return image_size(path)
 
 

@@ -238,17 +238,39 @@ def test_resume_refuses_to_overwrite(tiny_model, dataset_root, tmp_path):
         Trainer(make_cfg(tiny_model, dataset_root, tmp_path, steps=2)).fit()
 
 
-@pytest.mark.parametrize("ablation", ["no_weak", "no_reg", "grid_hdn", "self_training"])
+@pytest.mark.parametrize("ablation", ["full", "no_weak", "no_reg", "grid_hdn", "self_training"])
 def test_ablations_train(tiny_model, dataset_root, tmp_path, ablation):
-    from westar.config import apply_ablation
+    """Each ablation is one flag, changes what it says, and needs only the data it uses."""
+    from westar.cli import build_parser, config_from_args
 
-    cfg = apply_ablation(make_cfg(tiny_model, dataset_root, tmp_path, steps=1), ablation)
-    last = Trainer(cfg).fit()
-    assert last["step"] == 1
-    if ablation in ("no_weak", "self_training"):
-        assert last["weak"] == 0.0
-    if ablation in ("no_reg", "self_training"):
-        assert last["reg"] == 0.0
+    args = build_parser().parse_args(
+        ["train", "--ablation", ablation, "--model", str(tiny_model), "--data", str(dataset_root)]
+    )
+    cfg = config_from_args(args)
+    no_weak = ablation in ("no_weak", "self_training")
+    no_reg = ablation in ("no_reg", "self_training")
+    hdn = {"grid_hdn": "grid", "self_training": "global"}.get(ablation, "instances")
+    assert (cfg.lambda_w == 0, cfg.lambda_r == 0, cfg.hdn) == (no_weak, no_reg, hdn)
+    missing = str(tmp_path / "missing")
+    kw = dict(steps=2, lambda_w=cfg.lambda_w, lambda_r=cfg.lambda_r, hdn=cfg.hdn)
+    if no_weak:
+        kw["pairs_file"] = missing + ".json"  # not read
+    if hdn != "instances":
+        kw["instances_dir"] = missing  # not read
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path, **kw))
+    batch = fixed_batch(trainer)
+    assert batch["instances"].shape[1] == (1 if hdn == "instances" else 0)
+    last = trainer.fit()  # 2 steps: at step 1 lora_B is 0 and so is the regularizer
+    assert last["step"] == 2 and last["st"] > 0
+    assert (last["weak"] == 0.0) == no_weak and (last["reg"] == 0.0) == no_reg
+
+
+def test_ablation_flag_then_explicit_flags(tiny_model):
+    from westar.cli import build_parser, config_from_args
+
+    argv = ["train", "--model", str(tiny_model), "--ablation", "no_weak", "--lambda-r", "0.5"]
+    cfg = config_from_args(build_parser().parse_args(argv + ["--image-size", "28"]))
+    assert (cfg.lambda_w, cfg.lambda_r, cfg.image_size) == (0.0, 0.5, (28, 28))
 
 
 def test_dpt_model_gets_query_key_value(tmp_path):
