@@ -11,6 +11,7 @@ autograd, fake kernels and torch.compile support. The contracts are in spec/ops.
 
 from __future__ import annotations
 
+from westar_ops import ops
 from westar_ops._loader import build_info
 from westar_ops.modules import OrdinalRankingLoss, SAHDNLoss
 from westar_ops.ops import (
@@ -23,6 +24,8 @@ from westar_ops.ops import (
 from westar_ops.reference import grid_instances
 
 __version__ = "0.1.0"
+
+ops.preload_triton()
 
 __all__ = [
     "sa_hdn_loss",

@@ -50,16 +50,39 @@ def _triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_LOADED = False
+
+
 def _triton_ops() -> SimpleNamespace:
-    """The Triton family, imported on first use (importing triton is slow)."""
-    try:
-        importlib.import_module("westar_ops.triton")
-    except ImportError as err:  # triton missing, or a kernel module failed to import
-        raise RuntimeError(
-            f"backend='triton' needs the triton package ({err}); "
-            "install it with `pip install triton`"
-        ) from err
+    """The Triton family, imported on first use (importing triton is slow).
+
+    After the first call this is a plain attribute lookup: torch.compile traces through
+    it (dynamo refuses to trace importlib.import_module)."""
+    global _TRITON_LOADED
+    if not _TRITON_LOADED:
+        try:
+            importlib.import_module("westar_ops.triton")
+        except ImportError as err:  # triton missing, or a kernel module failed to import
+            raise RuntimeError(
+                f"backend='triton' needs the triton package ({err}); "
+                "install it with `pip install triton`"
+            ) from err
+        _TRITON_LOADED = True
     return torch.ops.westar_triton
+
+
+def preload_triton() -> None:
+    """Import the Triton family now when it can run here (a visible CUDA device, or
+    Triton's interpreter), so that the first call of a compiled function needs no import
+    (torch.compile cannot trace one). Elsewhere it stays lazy: importing triton is slow
+    and useless on a CPU-only machine."""
+    if importlib.util.find_spec("triton") is None:
+        return
+    if _triton_interpreter() or torch.cuda.is_available():
+        try:
+            _triton_ops()
+        except RuntimeError:  # a broken triton install: backend="triton" reports it
+            pass
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -190,11 +213,6 @@ def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad)
                 f"instances must have shape (B, H, W) or (B, L, H, W) with (B, H, W) = "
                 f"{(batch, height, width)}, got {tuple(instances.shape)}"
             )
-        if _eager() and instances.dtype != torch.uint8 and instances.numel() > 0:
-            if bool((instances < 0).any()):
-                raise ValueError(
-                    "instances must hold ids >= 0 (0 = no instance); found a negative id"
-                )
     if valid is not None:
         valid = _check_tensor("valid", valid)
         _check_device("valid", valid, pred)

@@ -25,11 +25,6 @@ from westar_ops import ops, reference  # noqa: E402
 
 DEV = "cuda"
 TRITON = torch.ops.westar_triton
-# See tests/triton/test_compile_triton.py: ops._triton_ops() imports inside the graph.
-IMPORT_IN_GRAPH = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported,
-    reason="ops._triton_ops() calls importlib.import_module inside the traced function",
-)
 
 
 def _forward(ops_family, pred, target, instances, valid, device, include_global=True):
@@ -169,7 +164,6 @@ def test_opcheck_default_thresholds(rng):
     )
 
 
-@IMPORT_IN_GRAPH
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph(compile_backend, rng):
     pred, target, instances, _ = case("levels", rng)

@@ -1,19 +1,9 @@
 """torch.compile(fullgraph=True) of the public ops with backend="triton", forward and
 backward, against eager (the Triton ops are opaque custom ops in the graph)."""
 
-import pytest
 import torch
 
 import westar_ops
-
-# westar_ops.ops._triton_ops() calls importlib.import_module on every call, which dynamo
-# refuses to trace (fullgraph=True fails with Unsupported). Fix in ops.py: import once,
-# remember it in a module-level flag, and skip the import when the flag is set. Remove
-# this marker with that fix.
-IMPORT_IN_GRAPH = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported,
-    reason="ops._triton_ops() calls importlib.import_module inside the traced function",
-)
 
 
 def _inputs(rng, device):
@@ -38,7 +28,6 @@ def _loss(pred, target, inst, valid, pairs, labels):
     return hdn + 0.5 * ordinal
 
 
-@IMPORT_IN_GRAPH
 def test_compile_aot_eager_fullgraph(rng, device):
     torch._dynamo.reset()
     inputs = _inputs(rng, device)
