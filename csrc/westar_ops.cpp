@@ -5,6 +5,16 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "westar/cpu_avx512.h"
+
+namespace {
+// The instruction set of the CPU kernels' hot loops in this process: "avx512" or
+// "generic" (set WESTAR_CPU_ISA=generic to force the portable loops).
+std::string cpu_isa() { return westar::cpu::use_avx512() ? "avx512" : "generic"; }
+}  // namespace
+
 extern "C" {
 // A Python module named _C with no methods: importing it loads this library, whose
 // static initialisers register the ops below with the dispatcher.
@@ -39,4 +49,5 @@ TORCH_LIBRARY(westar_ops, m) {
   m.def(
       "lora_delta_sq_norm_backward(Tensor grad, Tensor A, Tensor B, float scaling) "
       "-> (Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &cpu_isa);
 }

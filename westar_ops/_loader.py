@@ -43,7 +43,8 @@ _INFO = _load()
 
 
 def build_info() -> dict:
-    """What the installed extension was built with."""
+    """What the installed extension was built with (and which CPU loops run here:
+    "avx512" or "generic"; WESTAR_CPU_ISA=generic forces the portable ones)."""
     import importlib.util
 
     return {
@@ -52,4 +53,5 @@ def build_info() -> dict:
         "cuda_version": _INFO.CUDA_VERSION,
         "cuda_arch_list": _INFO.CUDA_ARCH_LIST,
         "triton_available": importlib.util.find_spec("triton") is not None,
+        "cpu_isa": torch.ops.westar_ops.cpu_isa(),
     }

@@ -32,11 +32,14 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdio>
+#include <limits>
 #include <ctime>
 #include <memory>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
+#include "westar/cpu_avx512.h"
 #include "westar/cpu_simd.h"
 #include "westar/cpu_tasks.h"
 #include "westar/cpu_workspace.h"
@@ -130,8 +133,17 @@ class IdTable {
   uint64_t mask_ = 0;
 };
 
+// A maximal run of pixels [start, start + len) of a plane with the same id (slot -1:
+// id 0, or a level's pixels of no instance).
+struct Run {
+  int64_t start;
+  int64_t len;
+  int32_t slot;
+};
+
 // One (level, image) plane.
 struct Plane {
+  std::vector<Run> runs;           // the plane in runs, in pixel order
   std::vector<int64_t> ids;        // slot -> id
   std::vector<int64_t> counts;     // slot -> usable pixels
   std::vector<int32_t> slot_to_k;  // slot -> context number, or -1 (skipped)
@@ -140,55 +152,73 @@ struct Plane {
   int64_t bad_pixel = -1;  // first pixel with a negative id, if any
 };
 
+// Usable pixel: valid (when given) and a finite target. |x| <= max is false for NaN and
+// +-inf, and unlike std::isfinite it vectorizes.
+// valid is read as bytes (0 or 1): GCC does not vectorize loads of bool.
 template <typename acc_t>
 inline bool usable(const bool* valid, const acc_t* q, int64_t j) {
-  return (valid == nullptr || valid[j]) && std::isfinite(q[j]);
+  const bool finite = std::abs(q[j]) <= std::numeric_limits<acc_t>::max();
+  if (valid == nullptr) return finite;
+  return (reinterpret_cast<const uint8_t*>(valid)[j] != 0) & finite;
+}
+
+// seg[j] = usable ? slot : -1 for j in [0, n); returns the number of usable pixels.
+// One loop per case of valid, so that both vectorize.
+template <typename acc_t>
+int64_t label_span(const bool* valid, const acc_t* q, int64_t n, int32_t slot, int32_t* seg) {
+  int64_t count = 0;
+  if (valid == nullptr) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t u = usable<acc_t>(nullptr, q, j);
+      seg[j] = u ? slot : -1;
+      count += u;
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t u = usable(valid, q, j);
+      seg[j] = u ? slot : -1;
+      count += u;
+    }
+  }
+  return count;
 }
 
 // Global level: every usable pixel of the image is in slot 0.
 template <typename acc_t>
 void label_global(const bool* valid, const acc_t* q, int64_t hw, int32_t* seg, Plane& plane) {
-  int64_t count = 0;
-  for (int64_t j = 0; j < hw; ++j) {
-    const bool u = usable(valid, q, j);
-    seg[j] = u ? 0 : -1;
-    count += u;
-  }
+  const int64_t count = label_span(valid, q, hw, 0, seg);
   if (count > 0) {
     plane.ids.push_back(1);
     plane.counts.push_back(count);
   }
+  plane.runs.push_back({0, hw, count > 0 ? 0 : -1});
 }
 
 // Instance level: slots of the ids > 0 of usable pixels, in order of first appearance.
-// The hash table is consulted only where the id changes along the row-major scan; the
-// per-pixel work is branch-free.
+// The row-major scan is cut into runs of equal ids; the hash table is consulted once
+// per run, and each run is labeled by the vectorized label_span.
 template <typename id_t, typename acc_t>
 void label_instances(const id_t* ids, const bool* valid, const acc_t* q, int64_t hw, int32_t* seg,
                      Plane& plane) {
   IdTable table;
-  int64_t last_id = 0;
-  int32_t slot = -1;
-  int64_t run = 0;  // usable pixels of the current id not yet added to its count
-  for (int64_t j = 0; j < hw; ++j) {
-    const int64_t id = static_cast<int64_t>(ids[j]);
-    if (id != last_id) {
-      if (slot >= 0) plane.counts[slot] += run;
-      run = 0;
-      last_id = id;
-      if (id > 0) {
-        slot = table.slot(id, plane.ids);
-        if (plane.counts.size() < plane.ids.size()) plane.counts.push_back(0);
-      } else {
-        slot = -1;
-        if (id < 0 && plane.bad_pixel < 0) plane.bad_pixel = j;
-      }
+  int64_t j = 0;
+  while (j < hw) {
+    const id_t id = ids[j];
+    int64_t end = j + 1;
+    while (end < hw && ids[end] == id) ++end;
+    const int64_t id64 = static_cast<int64_t>(id);
+    int32_t slot = -1;
+    if (id64 > 0) {
+      slot = table.slot(id64, plane.ids);
+      if (plane.counts.size() < plane.ids.size()) plane.counts.push_back(0);
+    } else if (id64 < 0 && plane.bad_pixel < 0) {
+      plane.bad_pixel = j;
     }
-    const bool u = usable(valid, q, j);
-    seg[j] = u ? slot : -1;
-    run += u;
+    const int64_t count = label_span(valid ? valid + j : nullptr, q + j, end - j, slot, seg + j);
+    if (slot >= 0) plane.counts[slot] += count;
+    plane.runs.push_back({j, end - j, slot});
+    j = end;
   }
-  if (slot >= 0) plane.counts[slot] += run;
 }
 
 // ---------------------------------------------------------------- per-segment math
@@ -207,7 +237,21 @@ struct SelectPartial {
 // len + 1 keys.
 template <typename acc_t>
 SelectPartial<acc_t> select_pass(const acc_t* x, int64_t len, acc_t lo, acc_t hi,
-                                 typename KeyTraits<acc_t>::key_t* cand) {
+                                 typename KeyTraits<acc_t>::key_t* cand, bool avx512) {
+#if WESTAR_HAVE_AVX512_PATHS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512) {
+      const cpu::SelectSums r = cpu::select_pass_avx512(x, len, lo, hi, cand);
+      SelectPartial<acc_t> out;
+      out.n_lo = r.n_lo;
+      out.n_hi = r.n_hi;
+      out.n_cand = r.n_cand;
+      out.s_lo = r.s_lo;
+      out.s_hi = r.s_hi;
+      return out;
+    }
+  }
+#endif
   using V = typename cpu::Simd<acc_t>::V;
   using M = typename cpu::Simd<acc_t>::M;
   constexpr int kW = cpu::Simd<acc_t>::kWidth;
@@ -410,7 +454,21 @@ struct SumPartial {
 };
 
 template <typename acc_t>
-SumPartial<acc_t> sum_pass(const acc_t* p, const acc_t* q, int64_t len, const acc_t* stat) {
+SumPartial<acc_t> sum_pass(const acc_t* p, const acc_t* q, int64_t len, const acc_t* stat, bool avx512) {
+#if WESTAR_HAVE_AVX512_PATHS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512) {
+      const cpu::SumSums r = cpu::sum_pass_avx512(p, q, len, stat[kMedianPred], stat[kScalePred],
+                                                  stat[kMedianTarget], stat[kScaleTarget]);
+      SumPartial<acc_t> out;
+      out.s1 = r.s1;
+      out.s2 = r.s2;
+      out.loss = r.loss;
+      out.median_pos = r.median_pos;
+      return out;
+    }
+  }
+#endif
   using V = typename cpu::Simd<acc_t>::V;
   using M = typename cpu::Simd<acc_t>::M;
   using Bits = typename cpu::Simd<acc_t>::Bits;
@@ -491,6 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   const acc_t* Q0 = target.data_ptr<acc_t>();
   const bool* V0 = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   const at::ScalarType stats_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+  const bool avx512 = std::is_same_v<acc_t, float> && cpu::use_avx512();
 
 #ifdef WESTAR_PROFILE_PHASES  // build with -DWESTAR_PROFILE_PHASES: CPU time per phase on stderr
   auto cpu_ms = [] {
@@ -586,27 +645,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     std::vector<int64_t> cursor(pl.num_k);
     for (int64_t i = 0; i < pl.num_k; ++i) cursor[i] = seg_off[pl.first_k + i];
     int64_t* cur = cursor.data() - pl.first_k;
-    // The write position of the current run's context stays in a register; pixels of
-    // no context write to a sink element past the end instead of branching.
-    const int64_t sink = total;
-    int32_t run_k = -1;
-    int64_t pos = sink;
-    for (int64_t j = 0; j < hw; ++j) {
-      const int32_t slot = s[j];
-      const int32_t k = slot >= 0 ? s2k[slot] : -1;
-      s[j] = k;
-      if (k >= 0 && k != run_k) {
-        if (run_k >= 0) cur[run_k] = pos;
-        run_k = k;
-        pos = cur[k];
+    // Runs of one id: seg holds the slot (or -1 for unusable pixels) of the whole run.
+    const int64_t sink = total;  // written by unusable pixels instead of branching
+    for (const Run& r : pl.runs) {
+      const int32_t k = r.slot >= 0 ? s2k[r.slot] : -1;
+      int32_t* sr = s + r.start;
+      if (k < 0) {  // id 0, or a skipped context
+        std::fill(sr, sr + r.len, -1);
+        continue;
       }
-      const int64_t w = k >= 0 ? pos : sink;
-      member[w] = static_cast<int32_t>(j);
-      sp[w] = p[j];
-      sq[w] = q[j];
-      pos += k >= 0;
+      int64_t pos = cur[k];
+#if WESTAR_HAVE_AVX512_PATHS
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (avx512) {
+          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, sr, r.len, r.start, k, member, sp, sq, pos);
+          continue;
+        }
+      }
+#endif
+      for (int64_t i = 0; i < r.len; ++i) {
+        const bool u = sr[i] >= 0;
+        sr[i] = u ? k : -1;
+        const int64_t w = u ? pos : sink;
+        member[w] = static_cast<int32_t>(r.start + i);
+        sp[w] = p[r.start + i];
+        sq[w] = q[r.start + i];
+        pos += u;
+      }
+      cur[k] = pos;
     }
-    if (run_k >= 0) cur[run_k] = pos;
   });
 
   tick("scatter");
@@ -659,7 +726,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     const Selected<acc_t> sel_p = select_exact(p, n, scratch);
     const Selected<acc_t> sel_q = select_exact(q, n, scratch);
     set_scale_stats(k, sel_p, sel_q);
-    set_sum_stats(k, sum_pass(p, q, n, ST + k * kNumStats));
+    set_sum_stats(k, sum_pass(p, q, n, ST + k * kNumStats, avx512));
   });
 
   tick("4a");
@@ -687,8 +754,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   run_tasks(num_blocks, total, [&](int64_t i) {
     const Block& bl = blocks[i];
     const ContextResult<acc_t>& cr = ctx[bl.k];
-    part_p[i] = select_pass(sp + bl.start, bl.len, cr.lo_p, cr.hi_p, cand_p + bl.cand);
-    part_q[i] = select_pass(sq + bl.start, bl.len, cr.lo_q, cr.hi_q, cand_q + bl.cand);
+    part_p[i] = select_pass(sp + bl.start, bl.len, cr.lo_p, cr.hi_p, cand_p + bl.cand, avx512);
+    part_q[i] = select_pass(sq + bl.start, bl.len, cr.lo_q, cr.hi_q, cand_q + bl.cand, avx512);
   });
 
   tick("4b");
@@ -727,7 +794,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   std::vector<SumPartial<acc_t>> part_s(num_blocks);
   run_tasks(num_blocks, total, [&](int64_t i) {
     const Block& bl = blocks[i];
-    part_s[i] = sum_pass(sp + bl.start, sq + bl.start, bl.len, ST + bl.k * kNumStats);
+    part_s[i] = sum_pass(sp + bl.start, sq + bl.start, bl.len, ST + bl.k * kNumStats, avx512);
   });
   for (int64_t k : big) {
     SumPartial<acc_t> sum;
@@ -819,6 +886,57 @@ struct GradConsts {
   acc_t median_term; // -S1 / D_p + scale_term * S3
 };
 
+#if WESTAR_HAVE_AVX512_PATHS
+// The chunk loop of sa_hdn_backward_impl<float> with 16-pixel chunks, for chunks
+// [begin, end): a level whose usable pixels in the chunk all belong to one context (and
+// hold none of its median) runs in vector form, else lane by lane with pixel_grad.
+WESTAR_AVX512 void backward_chunks_avx512(int64_t begin, int64_t end, const float* P, const float* Q,
+                                          const int32_t* S, int64_t N, int64_t C, const float* ST,
+                                          const int64_t* MI, const GradConsts<float>* consts, int stats_grad,
+                                          float scale, float* G) {
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t ch = begin; ch < end; ++ch) {
+    const int64_t j = ch * 16;
+    const __m512 pv = _mm512_loadu_ps(P + j), qv = _mm512_loadu_ps(Q + j);
+    __m512 g = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) {
+      const int32_t* sk = S + c * N + j;
+      const __m512i kv = _mm512_loadu_si512(sk);
+      const __mmask16 use = _mm512_cmpge_epi32_mask(kv, zero);
+      if (!use) continue;
+      const int32_t k0 = _mm512_reduce_max_epi32(kv);
+      const __mmask16 same = _mm512_cmpeq_epi32_mask(kv, _mm512_set1_epi32(k0));
+      const int64_t mrel = MI[k0] - j;
+      if (same == use && !(stats_grad == kStatsGradFull && mrel >= 0 && mrel < 16)) {
+        const float* st = ST + static_cast<int64_t>(k0) * kNumStats;
+        const GradConsts<float>& gc = consts[k0];
+        const __m512 tp = _mm512_set1_ps(st[kMedianPred]);
+        const __m512 ph = _mm512_div_ps(_mm512_sub_ps(pv, tp), _mm512_set1_ps(st[kScalePred]));
+        const __m512 qh = _mm512_div_ps(_mm512_sub_ps(qv, _mm512_set1_ps(st[kMedianTarget])),
+                                        _mm512_set1_ps(st[kScaleTarget]));
+        __m512 gk = _mm512_mul_ps(cpu::sign16(_mm512_sub_ps(ph, qh)), _mm512_set1_ps(gc.inv_scale));
+        if (stats_grad >= kStatsGradScale) {
+          gk = _mm512_sub_ps(gk, _mm512_mul_ps(_mm512_set1_ps(gc.scale_term), cpu::sign16(_mm512_sub_ps(pv, tp))));
+        }
+        g = _mm512_mask_add_ps(g, use, g, gk);
+      } else {
+        alignas(64) float lanes[16];
+        _mm512_store_ps(lanes, g);
+        for (int l = 0; l < 16; ++l) {
+          const int32_t k = sk[l];
+          if (k < 0) continue;
+          lanes[l] += pixel_grad<float>(P[j + l], Q[j + l], ST + static_cast<int64_t>(k) * kNumStats,
+                                        MI[k] == j + l, stats_grad);
+        }
+        g = _mm512_load_ps(lanes);
+      }
+    }
+    _mm512_storeu_ps(G + j, _mm512_mul_ps(g, scale_v));
+  }
+}
+#endif
+
 template <typename acc_t>
 void sa_hdn_backward_impl(double grad, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& seg,
                           const at::Tensor& stats, const at::Tensor& median_index, int stats_grad,
@@ -861,6 +979,18 @@ void sa_hdn_backward_impl(double grad, const at::Tensor& pred, const at::Tensor&
     }
     G[j] = g * scale;
   };
+#if WESTAR_HAVE_AVX512_PATHS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (cpu::use_avx512()) {
+      const int64_t chunks16 = N / 16;
+      at::parallel_for(0, chunks16, 1024, [&](int64_t begin, int64_t end) {
+        backward_chunks_avx512(begin, end, P, Q, S, N, C, ST, MI, consts.data(), stats_grad, scale, G);
+      });
+      for (int64_t j = chunks16 * 16; j < N; ++j) scalar_pixel(j);
+      return;
+    }
+  }
+#endif
   // Chunks of kW pixels: a level whose usable pixels in the chunk all belong to one
   // context (and hold none of its median) runs in vector form, else lane by lane.
   const int64_t chunks = N / kW;

@@ -17,6 +17,9 @@ from tests.ops.helpers import (
 )
 from westar_ops import reference
 
+# Every test runs with the AVX-512 CPU loops (where available) and the portable ones.
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 MODES = ("full", "scale", "none")
 
 

@@ -16,6 +16,9 @@ from tests.ops.helpers import (
     target_values,
 )
 
+# Every test runs with the AVX-512 CPU loops (where available) and the portable ones.
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 forward = torch.ops.westar_ops.sa_hdn_forward
 backward = torch.ops.westar_ops.sa_hdn_backward
 

@@ -10,6 +10,9 @@ import westar_ops
 from tests.ops.helpers import assert_close, distinct_values, random_instances, target_values
 from westar_ops import reference
 
+# Every test runs with the AVX-512 CPU loops (where available) and the portable ones.
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
 forward = torch.ops.westar_ops.sa_hdn_forward
 
 

@@ -1,0 +1,187 @@
+// CPU-only: AVX-512 versions of the hot float32 loops of the sa_hdn CPU kernel.
+//
+// The package is built for the baseline x86-64 ISA. These functions carry their own
+// target attribute, so only they use AVX-512 instructions, and they are called only
+// when the running CPU (and OS) supports them: see use_avx512(). Each one computes what
+// the generic loop next to its call site computes (same comparisons, same NaN rules,
+// same ordered keys); sums are accumulated in 16 lanes instead of 4, so their last bits
+// may differ from the generic path's, but not from run to run.
+//
+// WESTAR_CPU_ISA=generic in the environment forces the generic loops (read at every
+// call, so tests can exercise both paths in one process).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "westar/common.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define WESTAR_HAVE_AVX512_PATHS 1
+#include <immintrin.h>
+#endif
+
+namespace westar {
+namespace cpu {
+
+#if WESTAR_HAVE_AVX512_PATHS
+
+inline bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();  // libgcc also checks that the OS saves the AVX-512 state
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+  }();
+  return has;
+}
+
+inline bool use_avx512() {
+  const char* isa = std::getenv("WESTAR_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "generic") == 0) return false;
+  return cpu_has_avx512();
+}
+
+#define WESTAR_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,bmi2,popcnt")))
+
+// Mask of the first n (<= 16) lanes.
+WESTAR_AVX512 inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(_bzhi_u32(0xFFFFu, static_cast<uint32_t>(n)));
+}
+
+// westar::ordered_key on 16 floats: bits ^ (negative ? 0xFFFFFFFF : 0x80000000).
+WESTAR_AVX512 inline __m512i ordered_keys(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_xor_si512(bits, flip);
+}
+
+// torch.sign on 16 floats: -1, 0 or +1; NaN stays NaN (westar::sign).
+WESTAR_AVX512 inline __m512 sign16(__m512 x) {
+  const __m512 zero = _mm512_setzero_ps();
+  __m512 s = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), _mm512_set1_ps(1.0f));
+  s = _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_set1_ps(-1.0f));
+  return _mm512_mask_mov_ps(s, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+// Stores the lanes of v selected by m, packed, at dst; returns how many.
+WESTAR_AVX512 inline int64_t store_packed(int32_t* dst, __mmask16 m, __m512i v) {
+  const int64_t n = _mm_popcnt_u32(m);
+  // Compress into a register, then a masked store: vpcompressd with a memory operand
+  // is microcoded and slow on some CPUs (AMD Zen 4).
+  _mm512_mask_storeu_epi32(dst, first_lanes(n), _mm512_maskz_compress_epi32(m, v));
+  return n;
+}
+WESTAR_AVX512 inline int64_t store_packed(float* dst, __mmask16 m, __m512 v) {
+  const int64_t n = _mm_popcnt_u32(m);
+  _mm512_mask_storeu_ps(dst, first_lanes(n), _mm512_maskz_compress_ps(m, v));
+  return n;
+}
+
+// One run of pixels [j0, j0 + len) of a plane that all belong to context k when usable
+// (seg >= 0 on entry): rewrites seg to k / -1 and appends (pixel index, pred, target) of
+// the usable ones at position pos of the segment arrays. Returns the new pos.
+WESTAR_AVX512 inline int64_t compact_run_avx512(const float* p, const float* q, int32_t* seg, int64_t len,
+                                                int64_t j0, int32_t k, int32_t* member, float* sp, float* sq,
+                                                int64_t pos) {
+  const __m512i kv = _mm512_set1_epi32(k), none = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 in = len - i >= 16 ? __mmask16(0xFFFF) : first_lanes(len - i);
+    const __m512i s = _mm512_maskz_loadu_epi32(in, seg + i);
+    const __mmask16 use = _mm512_mask_cmpge_epi32_mask(in, s, zero);
+    _mm512_mask_storeu_epi32(seg + i, in, _mm512_mask_blend_epi32(use, none, kv));
+    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0 + i)));
+    store_packed(member + pos, use, idx);
+    store_packed(sp + pos, use, _mm512_maskz_loadu_ps(in, p + i));
+    pos += store_packed(sq + pos, use, _mm512_maskz_loadu_ps(in, q + i));
+  }
+  return pos;
+}
+
+struct SelectSums {
+  int64_t n_lo, n_hi, n_cand;
+  double s_lo, s_hi;
+};
+
+// The selection pass of sa_hdn_cpu.cpp's select_pass<float>: counts and sums of the
+// elements below lo / above hi, and the ordered keys of the others (NaN included) packed
+// into cand.
+WESTAR_AVX512 inline SelectSums select_pass_avx512(const float* x, int64_t len, float lo, float hi,
+                                                   uint32_t* cand) {
+  const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
+  __m512 s_lo = _mm512_setzero_ps(), s_hi = _mm512_setzero_ps();
+  int64_t n_lo = 0, n_hi = 0, c = 0;
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 in = len - i >= 16 ? __mmask16(0xFFFF) : first_lanes(len - i);
+    const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
+    const __mmask16 below = _mm512_mask_cmp_ps_mask(in, v, lo_v, _CMP_LT_OQ);
+    const __mmask16 above = _mm512_mask_cmp_ps_mask(in, v, hi_v, _CMP_GT_OQ);
+    n_lo += _mm_popcnt_u32(below);
+    n_hi += _mm_popcnt_u32(above);
+    s_lo = _mm512_mask_add_ps(s_lo, below, s_lo, _mm512_sub_ps(lo_v, v));
+    s_hi = _mm512_mask_add_ps(s_hi, above, s_hi, _mm512_sub_ps(v, hi_v));
+    const __mmask16 inside = in & ~(below | above);
+    if (inside) c += store_packed(reinterpret_cast<int32_t*>(cand) + c, inside, ordered_keys(v));
+  }
+  alignas(64) float lanes_lo[16], lanes_hi[16];
+  _mm512_store_ps(lanes_lo, s_lo);
+  _mm512_store_ps(lanes_hi, s_hi);
+  SelectSums r{n_lo, n_hi, c, 0.0, 0.0};
+  for (int l = 0; l < 16; ++l) {
+    r.s_lo += lanes_lo[l];
+    r.s_hi += lanes_hi[l];
+  }
+  return r;
+}
+
+struct SumSums {
+  double s1, s2, loss;
+  int64_t median_pos;
+};
+
+// The sum pass of sa_hdn_cpu.cpp's sum_pass<float>: S1, S2, the loss numerator, and the
+// first position whose pred has the bits of the median tp (or -1).
+WESTAR_AVX512 inline SumSums sum_pass_avx512(const float* p, const float* q, int64_t len, float tp, float dp,
+                                             float tq, float dq) {
+  const __m512 tp_v = _mm512_set1_ps(tp), dp_v = _mm512_set1_ps(dp);
+  const __m512 tq_v = _mm512_set1_ps(tq), dq_v = _mm512_set1_ps(dq);
+  const __m512i t_bits = _mm512_set1_epi32(static_cast<int32_t>(bit_cast<uint32_t>(tp)));
+  __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), ls = _mm512_setzero_ps();
+  int64_t median_pos = -1;
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 in = len - i >= 16 ? __mmask16(0xFFFF) : first_lanes(len - i);
+    const __m512 pv = _mm512_maskz_loadu_ps(in, p + i);
+    const __m512 ph = _mm512_div_ps(_mm512_sub_ps(pv, tp_v), dp_v);  // westar::normalize
+    const __m512 d = _mm512_sub_ps(ph, _mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, q + i), tq_v), dq_v));
+    const __m512 sg = sign16(d);
+    s1 = _mm512_mask_add_ps(s1, in, s1, sg);
+    s2 = _mm512_mask_add_ps(s2, in, s2, _mm512_mul_ps(sg, ph));
+    ls = _mm512_mask_add_ps(ls, in, ls, _mm512_abs_ps(d));
+    if (median_pos < 0) {
+      const __mmask16 eq = _mm512_mask_cmpeq_epi32_mask(in, _mm512_castps_si512(pv), t_bits);
+      if (eq) median_pos = i + __builtin_ctz(eq);
+    }
+  }
+  alignas(64) float l1[16], l2[16], l3[16];
+  _mm512_store_ps(l1, s1);
+  _mm512_store_ps(l2, s2);
+  _mm512_store_ps(l3, ls);
+  SumSums r{0.0, 0.0, 0.0, median_pos};
+  for (int l = 0; l < 16; ++l) {
+    r.s1 += l1[l];
+    r.s2 += l2[l];
+    r.loss += l3[l];
+  }
+  return r;
+}
+
+#else  // no AVX-512 paths in this build
+
+inline bool use_avx512() { return false; }
+
+#endif
+
+}  // namespace cpu
+}  // namespace westar
