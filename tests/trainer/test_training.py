@@ -316,9 +316,24 @@ def test_dpt_trains_through_the_same_code(tmp_path, dataset_root):
 
 
 def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
-    """Accelerate under torchrun --nproc_per_node 2 (gloo on CPU) runs a few steps."""
+    """Accelerate under torchrun --nproc_per_node 2 (gloo on CPU) runs a few steps.
+
+    One image is a truncated JPEG that passes the header check and fails to decode when
+    loaded: with --skip-bad, the rank that draws it has no batch for that step, and both
+    ranks must skip it together (otherwise the other one waits in DDP's all-reduce).
+    """
+    import json
+    import shutil
     import socket
 
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset_root, root)
+    bad = root / "images" / "img_005.jpg"
+    Image.open(root / "images" / "img_005.png").save(bad, quality=90)
+    (root / "images" / "img_005.png").unlink()
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -326,16 +341,31 @@ def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--master_port", str(port), "-m", "westar", "train", "--model", str(tiny_model),
-        "--data", str(dataset_root), "--output-dir", str(out), "--image-size", "56",
-        "--steps", "2", "--batch-size", "2", "--save-every", "2", "--no-progress",
-        "--no-tensorboard",
+        "--data", str(root), "--output-dir", str(out), "--image-size", "56",
+        "--steps", "3", "--batch-size", "1", "--save-every", "3", "--no-progress",
+        "--no-tensorboard", "--skip-bad",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
-    import json
-
-    state = json.loads((out / "checkpoints" / "step_00000002" / "state.json").read_text())
-    assert state["world_size"] == 2
-    assert (out / "checkpoints" / "step_00000002" / "rng_rank1.pt").is_file()
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes SIGTERM on to its workers (own sessions)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stderr = ""
+        pytest.fail(f"torchrun run hung:\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "skipping sample 'img_005'" in stderr
+    ckpt = out / "checkpoints" / "step_00000003"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert (ckpt / "rng_rank1.pt").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # 3 steps x 2 ranks x 1 image = one epoch: the bad image's step is skipped on both ranks
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2
