@@ -19,7 +19,8 @@ or, without touching this file, in a module of the package listed in PLUGIN_COMM
     def cli_run(args): ...               # do the work; return an exit code or None
 
 A plugin module that does not exist (yet) is simply not offered. Errors about the user's
-input (DataError, missing files, bad values) are printed as one line and exit with 2;
+input (DataError, missing files, bad values, a missing optional package) are printed as
+one line and exit with 2;
 set WESTAR_DEBUG=1 to see the traceback.
 """
 
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args._run(args)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         if os.environ.get("WESTAR_DEBUG"):
             raise
         print(f"westar {args.command}: error: {err}", file=sys.stderr)

@@ -116,7 +116,7 @@ def make_instance_maps(
         method = "sam2" if sam2_available() and sam2_checkpoint and sam2_config else "felzenszwalb"
     if method == "sam2":
         if not sam2_available():
-            raise RuntimeError("method='sam2' needs the sam2 package: pip install 'westar[sam2]'")
+            raise ImportError("method='sam2' needs the sam2 package: pip install 'westar[sam2]'")
         if not sam2_checkpoint or not sam2_config:
             raise ValueError("method='sam2' needs --sam2-checkpoint and --sam2-config")
         segment = SAM2Segmenter(sam2_checkpoint, sam2_config)
