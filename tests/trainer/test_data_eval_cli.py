@@ -82,6 +82,34 @@ def test_dataset_items_and_collate(dataset_root):
     assert (batch["labels"][1, 3:] == -100).all()
 
 
+def test_depth_and_instance_formats(tmp_path):
+    from westar.data import read_depth, read_instances
+
+    mm = np.array([[0, 1000], [2500, 65535]], np.uint16)
+    Image.fromarray(mm).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I;16")
+    np.testing.assert_allclose(read_depth(tmp_path / "d.png"), mm / 1000.0, rtol=1e-6)
+    np.testing.assert_allclose(read_depth(tmp_path / "d.png", 256.0), mm / 256.0, rtol=1e-6)
+    np.save(tmp_path / "i.npy", mm.astype(np.int32))  # integer .npy: divided by the scale
+    np.testing.assert_allclose(read_depth(tmp_path / "i.npy"), mm / 1000.0, rtol=1e-6)
+    np.save(tmp_path / "f.npy", np.array([[np.nan, -1.0], [2.5, np.inf]], np.float32))
+    assert read_depth(tmp_path / "f.npy").tolist() == [[0.0, 0.0], [2.5, 0.0]]  # 0 = invalid
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match=r"rgb\.png.*16-bit"):
+        read_depth(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match=r"rgb\.png.*grayscale"):
+        read_instances(tmp_path / "rgb.png")
+    levels = np.stack([np.ones((4, 5), np.int64), np.arange(20).reshape(4, 5)])
+    np.save(tmp_path / "lv.npy", levels)
+    assert read_instances(tmp_path / "lv.npy").shape == (2, 4, 5)
+    np.save(tmp_path / "neg.npy", -levels)
+    with pytest.raises(DataError, match="neg.npy"):
+        read_instances(tmp_path / "neg.npy")
+    np.save(tmp_path / "flt.npy", levels.astype(np.float32))
+    with pytest.raises(DataError, match="flt.npy.*integers"):
+        read_instances(tmp_path / "flt.npy")
+
+
 @pytest.fixture
 def bad_root(tmp_path):
     return make_dataset(tmp_path / "bad", n=3, size=(28, 28))
