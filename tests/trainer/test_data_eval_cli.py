@@ -270,3 +270,25 @@ def test_module_entry_point_help():
     assert res.returncode == 0
     for name in ("train", "eval", "masks", "pairs", "merge"):
         assert name in res.stdout
+
+
+def test_augmentations_are_photometric_and_seeded():
+    from westar.augment import step_generator, strong_augment, weak_augment
+
+    x = torch.rand(3, 3, 20, 24)
+    assert weak_augment(x, step_generator(0, 0)) is x  # default weak view: the image
+    a = strong_augment(x, step_generator(0, 5))
+    assert a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, strong_augment(x, step_generator(0, 5)))  # (seed, step) decides
+    assert not torch.equal(a, strong_augment(x, step_generator(0, 6)))
+    assert not torch.allclose(a, x)
+    gray = strong_augment(x, step_generator(0, 1), gray_prob=1.0, noise_prob=0.0)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    # no geometry change: an edge stays where it is (blur only, no jitter/noise)
+    edge = torch.zeros(1, 3, 16, 16)
+    edge[..., 8:] = 1.0
+    blurred = strong_augment(
+        edge, step_generator(0, 0), jitter=0, hue=0, blur_prob=1.0, noise_prob=0.0, gray_prob=0
+    )
+    assert torch.allclose(blurred, blurred.flip(-1).neg() + 1, atol=1e-6)  # symmetric about 8
+    assert (blurred[..., :8] < 0.5).all() and (blurred[..., 8:] > 0.5).all()
