@@ -422,25 +422,59 @@ bool select_finish(const SelectPartial<acc_t>& p, acc_t lo, acc_t hi, int64_t n,
   return true;
 }
 
-// Two pivots from a strided sample of x[0, n) that bracket the lower median's rank with
-// high probability.
-template <typename acc_t>
-void sample_pivots(const acc_t* x, int64_t n, acc_t* lo, acc_t* hi) {
-  using key_t = typename KeyTraits<acc_t>::key_t;
+// Size of the strided sample that gives a big segment of n elements its pivots.
+inline int64_t sample_size(int64_t n) {
   const double n23 = std::pow(static_cast<double>(n), 2.0 / 3.0);
-  const int64_t s = std::min<int64_t>(n, std::max<int64_t>(512, static_cast<int64_t>(n23)));
-  std::vector<key_t> sample(s);
-  for (int64_t i = 0; i < s; ++i) {
-    const int64_t pos = static_cast<int64_t>((static_cast<double>(i) + 0.5) * static_cast<double>(n) / s);
-    sample[i] = ordered_key(x[std::min(pos, n - 1)]);
+  return std::min<int64_t>(n, std::max<int64_t>(512, static_cast<int64_t>(n23)));
+}
+
+// Rank (in segment order) of sample i of s from a segment of n elements.
+inline int64_t sample_rank(int64_t i, int64_t s, int64_t n) {
+  const int64_t pos = static_cast<int64_t>((static_cast<double>(i) + 0.5) * static_cast<double>(n) / s);
+  return std::min(pos, n - 1);
+}
+
+// Takes the strided sample of a big context while the scatter writes its segment: after
+// each write, the samples whose positions were reached are read back from the segment
+// arrays, still in L1 (a gather after the scatter missed the cache on every element).
+template <typename acc_t>
+struct SampleCursor {
+  using key_t = typename KeyTraits<acc_t>::key_t;
+  int64_t next = std::numeric_limits<int64_t>::max();  // absolute position of the next sample
+  int64_t i = 0, s = 0, n = 0, off = 0;
+  key_t* keys_p = nullptr;
+  key_t* keys_q = nullptr;
+
+  void start(int64_t seg_off, int64_t seg_len, key_t* kp, key_t* kq) {
+    off = seg_off;
+    n = seg_len;
+    s = sample_size(seg_len);
+    keys_p = kp;
+    keys_q = kq;
+    next = off + sample_rank(0, s, n);
   }
+  // pos: the segment arrays are written up to (not including) pos.
+  void take(int64_t pos, const acc_t* sp, const acc_t* sq) {
+    while (next < pos) {
+      keys_p[i] = ordered_key(sp[next]);
+      keys_q[i] = ordered_key(sq[next]);
+      ++i;
+      next = i < s ? off + sample_rank(i, s, n) : std::numeric_limits<int64_t>::max();
+    }
+  }
+};
+
+// Two pivots that bracket the lower median's rank (of a segment of n elements) with high
+// probability, from its strided sample of s keys (reordered in place).
+template <typename acc_t>
+void sample_pivots(typename KeyTraits<acc_t>::key_t* sample, int64_t s, int64_t n, acc_t* lo, acc_t* hi) {
   const int64_t ks = lower_median_rank(n) * s / n;
   const int64_t d = static_cast<int64_t>(2.0 * std::sqrt(static_cast<double>(s))) + 2;
   const int64_t rl = std::max<int64_t>(0, ks - d);
   const int64_t rh = std::min<int64_t>(s - 1, ks + d);
-  std::nth_element(sample.begin(), sample.begin() + rl, sample.end());
+  std::nth_element(sample, sample + rl, sample + s);
   // The second selection leaves sample[rl] in place: it only permutes (rl, s).
-  if (rh > rl) std::nth_element(sample.begin() + rl + 1, sample.begin() + rh, sample.end());
+  if (rh > rl) std::nth_element(sample + rl + 1, sample + rh, sample + s);
   *lo = KeyTraits<acc_t>::from_key(sample[rl]);
   *hi = KeyTraits<acc_t>::from_key(sample[rh]);
 }
@@ -627,14 +661,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   // Scratch: segment arrays (pixel index, pred, target) and, for the big segments'
   // blocks, candidate keys (at most one more per block than pixels).
   const int64_t cand_bound = total + total / kBlock + K + 1;
+  // Big segments: where their samples go (sample_off[k], -1 for small segments).
+  std::vector<int64_t> sample_off(K, -1);
+  int64_t total_samples = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (seg_len[k] <= kSmallSegment) continue;
+    sample_off[k] = total_samples;
+    total_samples += sample_size(seg_len[k]);
+  }
   // The segment arrays have one more (sink) element, written by pixels of no context.
   cpu::Workspace ws(cpu::Workspace::bytes_for<int32_t>(total + 1) + 2 * cpu::Workspace::bytes_for<acc_t>(total + 1) +
-                    2 * cpu::Workspace::bytes_for<key_t>(cand_bound));
+                    2 * cpu::Workspace::bytes_for<key_t>(cand_bound) + 2 * cpu::Workspace::bytes_for<key_t>(total_samples));
   int32_t* member = ws.take<int32_t>(total + 1);
   acc_t* sp = ws.take<acc_t>(total + 1);
   acc_t* sq = ws.take<acc_t>(total + 1);
   key_t* cand_p = ws.take<key_t>(cand_bound);
   key_t* cand_q = ws.take<key_t>(cand_bound);
+  key_t* sample_p = ws.take<key_t>(total_samples);
+  key_t* sample_q = ws.take<key_t>(total_samples);
   run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
     const Plane& pl = planes[pi];
     const int64_t b = pi % B;
@@ -643,8 +687,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     int32_t* s = S0 + pi * hw;
     const int32_t* s2k = pl.slot_to_k.data();
     std::vector<int64_t> cursor(pl.num_k);
-    for (int64_t i = 0; i < pl.num_k; ++i) cursor[i] = seg_off[pl.first_k + i];
+    std::vector<SampleCursor<acc_t>> samplers(pl.num_k);
+    for (int64_t i = 0; i < pl.num_k; ++i) {
+      const int64_t k = pl.first_k + i;
+      cursor[i] = seg_off[k];
+      if (sample_off[k] >= 0) samplers[i].start(seg_off[k], seg_len[k], sample_p + sample_off[k], sample_q + sample_off[k]);
+    }
     int64_t* cur = cursor.data() - pl.first_k;
+    SampleCursor<acc_t>* sampler = samplers.data() - pl.first_k;
     // Runs of one id: seg holds the slot (or -1 for unusable pixels) of the whole run.
     const int64_t sink = total;  // written by unusable pixels instead of branching
     for (const Run& r : pl.runs) {
@@ -655,10 +705,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
         continue;
       }
       int64_t pos = cur[k];
+      SampleCursor<acc_t>& sc = sampler[k];
 #if WESTAR_HAVE_AVX512_PATHS
       if constexpr (std::is_same_v<acc_t, float>) {
         if (avx512) {
-          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, sr, r.len, r.start, k, member, sp, sq, pos);
+          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, sr, r.len, r.start, k, member, sp, sq, pos,
+                                           [&](int64_t written) {
+                                             if (written > sc.next) sc.take(written, sp, sq);
+                                           });
           continue;
         }
       }
@@ -671,6 +725,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
         sp[w] = p[r.start + i];
         sq[w] = q[r.start + i];
         pos += u;
+        if (pos > sc.next) sc.take(pos, sp, sq);
       }
       cur[k] = pos;
     }
@@ -718,8 +773,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     const acc_t* p = sp + off;
     const acc_t* q = sq + off;
     if (n > kSmallSegment) {
-      sample_pivots(p, n, &ctx[k].lo_p, &ctx[k].hi_p);
-      sample_pivots(q, n, &ctx[k].lo_q, &ctx[k].hi_q);
+      const int64_t ns = sample_size(n);
+      sample_pivots(sample_p + sample_off[k], ns, n, &ctx[k].lo_p, &ctx[k].hi_p);
+      sample_pivots(sample_q + sample_off[k], ns, n, &ctx[k].lo_q, &ctx[k].hi_q);
       return;
     }
     key_t scratch[kSmallSegment];
