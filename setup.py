@@ -23,13 +23,42 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 ROOT = Path(__file__).parent.resolve()
 
 
+def nvcc_found() -> bool:
+    return CUDA_HOME is not None and (Path(CUDA_HOME) / "bin" / "nvcc").exists()
+
+
 def want_cuda() -> bool:
     flag = os.environ.get("WESTAR_CUDA")
     if flag == "0":
         return False
-    if flag == "1" or os.environ.get("FORCE_CUDA") == "1":
+    forced = flag == "1" or os.environ.get("FORCE_CUDA") == "1"
+    if forced:
+        if torch.version.cuda is None:
+            raise RuntimeError(
+                "WESTAR_CUDA=1 / FORCE_CUDA=1: this torch is a CPU-only build "
+                f"({torch.__version__}), so CUDA kernels cannot be linked against it; install "
+                "a CUDA build of torch, or build without WESTAR_CUDA=1 for the CPU kernels"
+            )
+        if not nvcc_found():
+            raise RuntimeError(
+                "WESTAR_CUDA=1 / FORCE_CUDA=1: nvcc not found "
+                f"(CUDA_HOME={CUDA_HOME!r}); set CUDA_HOME to a CUDA toolkit"
+            )
         return True
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    return torch.version.cuda is not None and nvcc_found()
+
+
+def cuda_arch_list() -> str:
+    """The architectures nvcc builds for: TORCH_CUDA_ARCH_LIST, or what torch picks."""
+    explicit = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if explicit:
+        return explicit
+    try:  # torch's own choice (the visible GPUs, else every arch of its CUDA)
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+        return " ".join(_get_cuda_arch_flags())
+    except Exception:  # a private helper: report what is known rather than fail the build
+        return "torch default"
 
 
 def openmp_flags() -> list[str]:
@@ -53,7 +82,7 @@ def write_build_info(with_cuda: bool) -> None:
         f"TORCH_VERSION = {torch.__version__!r}",
         f"WITH_CUDA = {with_cuda!r}",
         f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}",
-        f"CUDA_ARCH_LIST = {(os.environ.get('TORCH_CUDA_ARCH_LIST') if with_cuda else None)!r}",
+        f"CUDA_ARCH_LIST = {(cuda_arch_list() if with_cuda else None)!r}",
     ]
     (ROOT / "westar_ops" / "_build_info.py").write_text("\n".join(lines) + "\n")
 
