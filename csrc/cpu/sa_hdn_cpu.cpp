@@ -225,11 +225,15 @@ void label_instances(const id_t* ids, const bool* valid, const acc_t* q, int64_t
 
 template <typename acc_t>
 struct SelectPartial {
+  using key_t = typename KeyTraits<acc_t>::key_t;
   int64_t n_lo = 0;    // elements < lo
   int64_t n_hi = 0;    // elements > hi
   int64_t n_cand = 0;  // elements in [lo, hi] (or unordered: NaN)
   double s_lo = 0;     // sum of (lo - x) over x < lo
   double s_hi = 0;     // sum of (x - hi) over x > hi
+  bool has_bounds = false;  // key_min/key_max hold the candidates' smallest and largest key
+  key_t key_min = std::numeric_limits<key_t>::max();
+  key_t key_max = 0;
 };
 
 // Counts and sums the elements of x[0, len) outside [lo, hi] and writes the keys of the
@@ -248,6 +252,9 @@ SelectPartial<acc_t> select_pass(const acc_t* x, int64_t len, acc_t lo, acc_t hi
       out.n_cand = r.n_cand;
       out.s_lo = r.s_lo;
       out.s_hi = r.s_hi;
+      out.has_bounds = true;
+      out.key_min = r.key_min;
+      out.key_max = r.key_max;
       return out;
     }
   }
@@ -333,27 +340,34 @@ Selected<acc_t> select_exact(const acc_t* x, int64_t n, typename KeyTraits<acc_t
 // histogram the next 11 bits of (key - min), keep the bucket that holds rank k (copied
 // to buf), repeat; small remainders go to nth_element.
 template <typename key_t>
-key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf) {
+key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf, const key_t* bounds = nullptr) {
   constexpr int kDigit = 11;
   const key_t* src = a;
   int64_t m = n;
   bool in_buf = false;
-  std::vector<uint32_t> hist(size_t(1) << kDigit);
+  uint32_t hist[size_t(1) << kDigit];
   for (;;) {
     if (m <= 256) {
       if (!in_buf) buf.assign(src, src + m);
       std::nth_element(buf.begin(), buf.begin() + k, buf.begin() + m);
       return buf[k];
     }
-    key_t lo = src[0], hi = src[0];
-    for (int64_t i = 1; i < m; ++i) {
-      lo = src[i] < lo ? src[i] : lo;
-      hi = src[i] > hi ? src[i] : hi;
+    key_t lo, hi;
+    if (bounds != nullptr && !in_buf) {  // the smallest and largest key, already known
+      lo = bounds[0];
+      hi = bounds[1];
+    } else {
+      lo = src[0];
+      hi = src[0];
+      for (int64_t i = 1; i < m; ++i) {
+        lo = src[i] < lo ? src[i] : lo;
+        hi = src[i] > hi ? src[i] : hi;
+      }
     }
     if (lo == hi) return lo;
     const int bits = 64 - __builtin_clzll(static_cast<unsigned long long>(hi - lo));
     const int shift = bits > kDigit ? bits - kDigit : 0;
-    std::fill(hist.begin(), hist.end(), 0u);
+    std::fill(hist, hist + (size_t(1) << kDigit), 0u);
     for (int64_t i = 0; i < m; ++i) ++hist[static_cast<size_t>((src[i] - lo) >> shift)];
     size_t sel = 0;
     int64_t before = 0;
@@ -385,8 +399,9 @@ bool select_finish(const SelectPartial<acc_t>& p, acc_t lo, acc_t hi, int64_t n,
   const int64_t k = lower_median_rank(n);
   const int64_t kc = k - p.n_lo;
   if (kc < 0 || kc >= p.n_cand) return false;
-  std::vector<key_t> buf;
-  const key_t tk = radix_select(cand, p.n_cand, kc, buf);
+  thread_local std::vector<key_t> buf;  // reused: no allocation per segment
+  const key_t bounds[2] = {p.key_min, p.key_max};
+  const key_t tk = radix_select(cand, p.n_cand, kc, buf, p.has_bounds ? bounds : nullptr);
   const acc_t t = KeyTraits<acc_t>::from_key(tk);
   acc_t sums[kLanes] = {};
   int64_t less[kLanes] = {}, greater[kLanes] = {};
@@ -827,6 +842,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       sum.n_hi += pb.n_hi;
       sum.s_lo += pb.s_lo;
       sum.s_hi += pb.s_hi;
+      sum.has_bounds = i == first_block[k] ? pb.has_bounds : (sum.has_bounds && pb.has_bounds);
+      sum.key_min = std::min(sum.key_min, pb.key_min);
+      sum.key_max = std::max(sum.key_max, pb.key_max);
       std::memmove(dst + sum.n_cand, cand + blocks[i].cand, sizeof(key_t) * pb.n_cand);
       sum.n_cand += pb.n_cand;
     }

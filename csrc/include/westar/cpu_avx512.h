@@ -106,6 +106,7 @@ WESTAR_AVX512 inline int64_t compact_run_avx512(const float* p, const float* q, 
 struct SelectSums {
   int64_t n_lo, n_hi, n_cand;
   double s_lo, s_hi;
+  uint32_t key_min, key_max;  // of the candidates (UINT32_MAX, 0 when there are none)
 };
 
 // The selection pass of sa_hdn_cpu.cpp's select_pass<float>: counts and sums of the
@@ -115,6 +116,7 @@ WESTAR_AVX512 inline SelectSums select_pass_avx512(const float* x, int64_t len, 
                                                    uint32_t* cand) {
   const __m512 lo_v = _mm512_set1_ps(lo), hi_v = _mm512_set1_ps(hi);
   __m512 s_lo = _mm512_setzero_ps(), s_hi = _mm512_setzero_ps();
+  __m512i kmin = _mm512_set1_epi32(-1), kmax = _mm512_setzero_si512();
   int64_t n_lo = 0, n_hi = 0, c = 0;
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 in = len - i >= 16 ? __mmask16(0xFFFF) : first_lanes(len - i);
@@ -126,12 +128,17 @@ WESTAR_AVX512 inline SelectSums select_pass_avx512(const float* x, int64_t len, 
     s_lo = _mm512_mask_add_ps(s_lo, below, s_lo, _mm512_sub_ps(lo_v, v));
     s_hi = _mm512_mask_add_ps(s_hi, above, s_hi, _mm512_sub_ps(v, hi_v));
     const __mmask16 inside = in & ~(below | above);
-    if (inside) c += store_packed(reinterpret_cast<int32_t*>(cand) + c, inside, ordered_keys(v));
+    if (inside) {
+      const __m512i keys = ordered_keys(v);
+      kmin = _mm512_mask_min_epu32(kmin, inside, kmin, keys);
+      kmax = _mm512_mask_max_epu32(kmax, inside, kmax, keys);
+      c += store_packed(reinterpret_cast<int32_t*>(cand) + c, inside, keys);
+    }
   }
   alignas(64) float lanes_lo[16], lanes_hi[16];
   _mm512_store_ps(lanes_lo, s_lo);
   _mm512_store_ps(lanes_hi, s_hi);
-  SelectSums r{n_lo, n_hi, c, 0.0, 0.0};
+  SelectSums r{n_lo, n_hi, c, 0.0, 0.0, _mm512_reduce_min_epu32(kmin), _mm512_reduce_max_epu32(kmax)};
   for (int l = 0; l < 16; ++l) {
     r.s_lo += lanes_lo[l];
     r.s_hi += lanes_hi[l];
