@@ -152,54 +152,49 @@ struct Plane {
   int64_t bad_pixel = -1;  // first pixel with a negative id, if any
 };
 
-// Usable pixel: valid (when given) and a finite target. |x| <= max is false for NaN and
-// +-inf, and unlike std::isfinite it vectorizes.
-// valid is read as bytes (0 or 1): GCC does not vectorize loads of bool.
+// usable[j] = 1 where valid (when given) and the target is finite, else 0, for one image;
+// returns the number of usable pixels. |x| <= max is false for NaN and +-inf, and unlike
+// std::isfinite it vectorizes; valid is read as bytes (GCC does not vectorize bool loads).
 template <typename acc_t>
-inline bool usable(const bool* valid, const acc_t* q, int64_t j) {
-  const bool finite = std::abs(q[j]) <= std::numeric_limits<acc_t>::max();
-  if (valid == nullptr) return finite;
-  return (reinterpret_cast<const uint8_t*>(valid)[j] != 0) & finite;
-}
-
-// seg[j] = usable ? slot : -1 for j in [0, n); returns the number of usable pixels.
-// One loop per case of valid, so that both vectorize.
-template <typename acc_t>
-int64_t label_span(const bool* valid, const acc_t* q, int64_t n, int32_t slot, int32_t* seg) {
+int64_t mark_usable(const bool* valid, const acc_t* q, int64_t hw, uint8_t* usable) {
   int64_t count = 0;
   if (valid == nullptr) {
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t u = usable<acc_t>(nullptr, q, j);
-      seg[j] = u ? slot : -1;
+    for (int64_t j = 0; j < hw; ++j) {
+      const uint8_t u = std::abs(q[j]) <= std::numeric_limits<acc_t>::max();
+      usable[j] = u;
       count += u;
     }
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t u = usable(valid, q, j);
-      seg[j] = u ? slot : -1;
+    const uint8_t* v = reinterpret_cast<const uint8_t*>(valid);
+    for (int64_t j = 0; j < hw; ++j) {
+      const uint8_t u = (v[j] != 0) & (std::abs(q[j]) <= std::numeric_limits<acc_t>::max());
+      usable[j] = u;
       count += u;
     }
   }
   return count;
 }
 
-// Global level: every usable pixel of the image is in slot 0.
-template <typename acc_t>
-void label_global(const bool* valid, const acc_t* q, int64_t hw, int32_t* seg, Plane& plane) {
-  const int64_t count = label_span(valid, q, hw, 0, seg);
-  if (count > 0) {
-    plane.ids.push_back(1);
-    plane.counts.push_back(count);
-  }
-  plane.runs.push_back({0, hw, count > 0 ? 0 : -1});
+inline int64_t count_usable(const uint8_t* usable, int64_t n) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += usable[j];
+  return count;
 }
 
-// Instance level: slots of the ids > 0 of usable pixels, in order of first appearance.
-// The row-major scan is cut into runs of equal ids; the hash table is consulted once
-// per run, and each run is labeled by the vectorized label_span.
-template <typename id_t, typename acc_t>
-void label_instances(const id_t* ids, const bool* valid, const acc_t* q, int64_t hw, int32_t* seg,
-                     Plane& plane) {
+// Global level: one run over the image, slot 0 holding every usable pixel.
+inline void label_global(int64_t hw, int64_t usable_count, Plane& plane) {
+  if (usable_count > 0) {
+    plane.ids.push_back(1);
+    plane.counts.push_back(usable_count);
+  }
+  plane.runs.push_back({0, hw, usable_count > 0 ? 0 : -1});
+}
+
+// Instance level: the row-major scan is cut into runs of equal ids; the hash table gives
+// each id > 0 a slot (in order of first appearance) once per run, and the run adds its
+// usable pixels to the slot's count. Only ids and the usable mask are read.
+template <typename id_t>
+void label_instances(const id_t* ids, const uint8_t* usable, int64_t hw, Plane& plane) {
   IdTable table;
   int64_t j = 0;
   while (j < hw) {
@@ -211,11 +206,10 @@ void label_instances(const id_t* ids, const bool* valid, const acc_t* q, int64_t
     if (id64 > 0) {
       slot = table.slot(id64, plane.ids);
       if (plane.counts.size() < plane.ids.size()) plane.counts.push_back(0);
+      plane.counts[slot] += count_usable(usable + j, end - j);
     } else if (id64 < 0 && plane.bad_pixel < 0) {
       plane.bad_pixel = j;
     }
-    const int64_t count = label_span(valid ? valid + j : nullptr, q + j, end - j, slot, seg + j);
-    if (slot >= 0) plane.counts[slot] += count;
     plane.runs.push_back({j, end - j, slot});
     j = end;
   }
@@ -620,20 +614,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   cpu::advise_huge_pages(S0, seg.numel() * sizeof(int32_t));
   const int64_t num_planes = C * B;
 
-  // 1. Label the planes.
+  // 0. Usable pixels of every image, once for all levels. The workspace is sized for
+  // the most memberships there can be (C usable levels of every pixel); pages that are
+  // not used are never touched.
+  const int64_t max_total = C * B * hw;
+  const int64_t cand_bound = max_total + max_total / kBlock + 2 * max_total / (kSmallSegment + 1) + 2;
+  // sample_size(n) <= 512 + n / 8, and there are at most max_total / (kSmallSegment + 1) big segments.
+  const int64_t sample_bound = 512 * (max_total / (kSmallSegment + 1) + 1) + max_total / 8 + 1;
+  cpu::Workspace ws(cpu::Workspace::bytes_for<uint8_t>(B * hw + 64) + cpu::Workspace::bytes_for<int32_t>(max_total + 1) +
+                    2 * cpu::Workspace::bytes_for<acc_t>(max_total + 1) + 2 * cpu::Workspace::bytes_for<key_t>(cand_bound) +
+                    2 * cpu::Workspace::bytes_for<key_t>(sample_bound));
+  uint8_t* U0 = ws.take<uint8_t>(B * hw + 64);
+  std::vector<int64_t> usable_count(B);
+  run_tasks(B, B * hw, [&](int64_t b) {
+    usable_count[b] = mark_usable(V0 ? V0 + b * hw : nullptr, Q0 + b * hw, hw, U0 + b * hw);
+  });
+
+  // 1. Label the planes (runs, slots and counts; seg is written by the scatter).
   std::vector<Plane> planes(num_planes);
   run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
     const int64_t c = pi / B, b = pi % B;
-    const acc_t* q = Q0 + b * hw;
-    const bool* v = V0 ? V0 + b * hw : nullptr;
-    int32_t* s = S0 + pi * hw;
     if (c < G) {
-      label_global(v, q, hw, s, planes[pi]);
+      label_global(hw, usable_count[b], planes[pi]);
     } else {
       const int64_t l = c - G;
       AT_DISPATCH_INTEGRAL_TYPES(instances.scalar_type(), "sa_hdn_forward_cpu", [&] {
         const scalar_t* ids = instances.data_ptr<scalar_t>() + (b * L + l) * hw;
-        label_instances<scalar_t, acc_t>(ids, v, q, hw, s, planes[pi]);
+        label_instances<scalar_t>(ids, U0 + b * hw, hw, planes[pi]);
       });
     }
   });
@@ -675,7 +682,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   // 3. Counting sort of the pixels into their segments.
   // Scratch: segment arrays (pixel index, pred, target) and, for the big segments'
   // blocks, candidate keys (at most one more per block than pixels).
-  const int64_t cand_bound = total + total / kBlock + K + 1;
   // Big segments: where their samples go (sample_off[k], -1 for small segments).
   std::vector<int64_t> sample_off(K, -1);
   int64_t total_samples = 0;
@@ -684,22 +690,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     sample_off[k] = total_samples;
     total_samples += sample_size(seg_len[k]);
   }
+  TORCH_CHECK(total_samples <= sample_bound, "sa_hdn_forward: internal error, sample bound");
   // The segment arrays have one more (sink) element, written by pixels of no context.
-  cpu::Workspace ws(cpu::Workspace::bytes_for<int32_t>(total + 1) + 2 * cpu::Workspace::bytes_for<acc_t>(total + 1) +
-                    2 * cpu::Workspace::bytes_for<key_t>(cand_bound) + 2 * cpu::Workspace::bytes_for<key_t>(total_samples));
-  int32_t* member = ws.take<int32_t>(total + 1);
-  acc_t* sp = ws.take<acc_t>(total + 1);
-  acc_t* sq = ws.take<acc_t>(total + 1);
+  int32_t* member = ws.take<int32_t>(max_total + 1);
+  acc_t* sp = ws.take<acc_t>(max_total + 1);
+  acc_t* sq = ws.take<acc_t>(max_total + 1);
   key_t* cand_p = ws.take<key_t>(cand_bound);
   key_t* cand_q = ws.take<key_t>(cand_bound);
-  key_t* sample_p = ws.take<key_t>(total_samples);
-  key_t* sample_q = ws.take<key_t>(total_samples);
+  key_t* sample_p = ws.take<key_t>(sample_bound);
+  key_t* sample_q = ws.take<key_t>(sample_bound);
   run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
     const Plane& pl = planes[pi];
     const int64_t b = pi % B;
     const acc_t* p = P0 + b * hw;
     const acc_t* q = Q0 + b * hw;
     int32_t* s = S0 + pi * hw;
+    const uint8_t* u = U0 + b * hw;
     const int32_t* s2k = pl.slot_to_k.data();
     std::vector<int64_t> cursor(pl.num_k);
     std::vector<SampleCursor<acc_t>> samplers(pl.num_k);
@@ -710,8 +716,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     }
     int64_t* cur = cursor.data() - pl.first_k;
     SampleCursor<acc_t>* sampler = samplers.data() - pl.first_k;
-    // Runs of one id: seg holds the slot (or -1 for unusable pixels) of the whole run.
-    const int64_t sink = total;  // written by unusable pixels instead of branching
+    // Runs of one id: every usable pixel of a run belongs to the run's context (if any).
+    const int64_t sink = max_total;  // written by unusable pixels instead of branching
     for (const Run& r : pl.runs) {
       const int32_t k = r.slot >= 0 ? s2k[r.slot] : -1;
       int32_t* sr = s + r.start;
@@ -724,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
 #if WESTAR_HAVE_AVX512_PATHS
       if constexpr (std::is_same_v<acc_t, float>) {
         if (avx512) {
-          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, sr, r.len, r.start, k, member, sp, sq, pos,
+          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, u + r.start, sr, r.len, r.start, k, member, sp, sq, pos,
                                            [&](int64_t written) {
                                              if (written > sc.next) sc.take(written, sp, sq);
                                            });
@@ -733,13 +739,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       }
 #endif
       for (int64_t i = 0; i < r.len; ++i) {
-        const bool u = sr[i] >= 0;
-        sr[i] = u ? k : -1;
-        const int64_t w = u ? pos : sink;
+        const bool use = u[r.start + i] != 0;
+        sr[i] = use ? k : -1;
+        const int64_t w = use ? pos : sink;
         member[w] = static_cast<int32_t>(r.start + i);
         sp[w] = p[r.start + i];
         sq[w] = q[r.start + i];
-        pos += u;
+        pos += use;
         if (pos > sc.next) sc.take(pos, sp, sq);
       }
       cur[k] = pos;
