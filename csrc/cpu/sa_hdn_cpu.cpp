@@ -1,24 +1,34 @@
 // CPU kernels of sa_hdn_forward / sa_hdn_backward (contract: docs/internals.md).
 //
 // Forward, in O(N + K) apart from the selections:
-//  1. Label every (level, image) plane in parallel: ids > 0 of usable pixels are compacted
-//     through a small open-addressing hash table (never an array indexed by raw id), so
-//     the cost does not depend on how large or sparse the ids are. seg holds plane-local
-//     slots for now.
+//  0. Per image, a byte mask of the usable pixels (valid, finite target), shared by all
+//     levels.
+//  1. Label every (level, image) plane in parallel: the plane is cut into runs of equal
+//     ids; ids > 0 are compacted through a small open-addressing hash table (never an
+//     array indexed by raw id), so the cost does not depend on how large or sparse the
+//     ids are. Only the ids and the mask are read.
 //  2. Serially, per plane, sort its few unique ids and number the contexts that have at
 //     least max(min_pixels, 1) pixels in canonical order (level, image, id ascending).
-//  3. Counting sort: every plane scatters its pixels into its contexts' segments (pixel
-//     index, pred, target), in ascending pixel order; seg becomes the context number k.
+//  3. Counting sort: every plane, run by run, scatters its usable pixels into their
+//     contexts' segments (pixel index, pred, target) in ascending pixel order and writes
+//     seg (the context number k, or -1). Big segments take their strided pivot samples
+//     here, while the values are in L1.
 //  4. Per segment, an exact lower median and mean absolute deviation of pred and of
-//     target: a deterministic strided sample gives two pivots that bracket the median
-//     rank with high probability; one pass counts and sums the elements outside the
-//     pivots (relative to the pivots, so that no cancellation occurs) and collects the
-//     few inside; nth_element on those gives the median and the sums give the MAD. When
-//     the pivots miss (rare), the segment falls back to nth_element on all of it.
-//     Small segments run entirely in one task; big ones are split into fixed blocks.
+//     target: the sample gives two pivots that bracket the median rank with high
+//     probability; one pass counts and sums the elements outside the pivots (relative
+//     to the pivots, so that no cancellation occurs) and collects the few inside; radix
+//     selection on those gives the median and the sums give the MAD. When the pivots
+//     miss (rare), the segment falls back to nth_element on all of it. Small segments run
+//     entirely in one task (nth_element); big ones are split into fixed blocks.
 //  5. Per segment, S1, S2 and the loss numerator, in fixed blocks; partial sums are
 //     combined in block order and the loss in context order: deterministic.
 // Backward: one elementwise pass with westar::pixel_grad.
+//
+// The hot float32 loops (3, 4, 5 and the backward) have AVX-512 versions
+// (westar/cpu_avx512.h) used when the CPU has AVX-512; WESTAR_CPU_ISA=generic forces the
+// portable ones. Parallelism: at::parallel_for / run_tasks over planes, blocks and
+// segments; every partial result is combined in a fixed order, so the output does not
+// depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
