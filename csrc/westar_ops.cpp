@@ -13,6 +13,16 @@ namespace {
 // The instruction set of the CPU kernels' hot loops in this process: "avx512" or
 // "generic" (set WESTAR_CPU_ISA=generic to force the portable loops).
 std::string cpu_isa() { return westar::cpu::use_avx512() ? "avx512" : "generic"; }
+
+// Whether at::parallel_for runs in parallel in this library: with torch's OpenMP backend
+// it is a pragma compiled into our objects, so it needs -fopenmp (setup.py adds it).
+std::string cpu_threading() {
+#ifdef _OPENMP
+  return "openmp";
+#else
+  return "no openmp";
+#endif
+}
 }  // namespace
 
 extern "C" {
@@ -50,4 +60,5 @@ TORCH_LIBRARY(westar_ops, m) {
       "lora_delta_sq_norm_backward(Tensor grad, Tensor A, Tensor B, float scaling) "
       "-> (Tensor, Tensor)");
   m.def("cpu_isa() -> str", &cpu_isa);
+  m.def("cpu_threading() -> str", &cpu_threading);
 }

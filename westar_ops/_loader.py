@@ -54,4 +54,5 @@ def build_info() -> dict:
         "cuda_arch_list": _INFO.CUDA_ARCH_LIST,
         "triton_available": importlib.util.find_spec("triton") is not None,
         "cpu_isa": torch.ops.westar_ops.cpu_isa(),
+        "cpu_threading": torch.ops.westar_ops.cpu_threading(),
     }

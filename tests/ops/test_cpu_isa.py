@@ -1,4 +1,5 @@
-"""The two sets of CPU loops (AVX-512 and portable) against each other and the switch."""
+"""How the CPU kernels are built and run: the two sets of loops (AVX-512 and portable)
+against each other, the switch between them, and the parallel loops."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def test_avx512_used_where_available(monkeypatch):
     if not needed <= _cpu_flags():
         pytest.skip("this CPU has no AVX-512")
     assert torch.ops.westar_ops.cpu_isa() == "avx512"
+
+
+def test_parallel_loops_compiled_for_torchs_backend():
+    """With torch's OpenMP backend, at::parallel_for only runs in parallel in code built
+    with -fopenmp; without it every 'parallel' loop of the kernels ran on one thread."""
+    if "backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's intra-op backend is not OpenMP")
+    assert westar_ops.build_info()["cpu_threading"] == "openmp"
 
 
 def _loss_and_grad(pred, target, instances, valid, stats_grad):
