@@ -149,11 +149,14 @@ struct Run {
   int64_t start;
   int64_t len;
   int32_t slot;
+  int64_t seg_pos = -1;  // where its usable pixels start in the segment arrays (scatter)
 };
 
 // One (level, image) plane.
 struct Plane {
   std::vector<Run> runs;           // the plane in runs, in pixel order
+  std::vector<int32_t> runs_by_k;  // indices of the runs of each context, grouped by k
+  std::vector<int64_t> runs_by_k_off;  // context first_k + i: runs_by_k[off[i], off[i + 1])
   std::vector<int64_t> ids;        // slot -> id
   std::vector<int64_t> counts;     // slot -> usable pixels
   std::vector<int32_t> slot_to_k;  // slot -> context number, or -1 (skipped)
@@ -631,8 +634,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   const int64_t cand_bound = max_total + max_total / kBlock + 2 * max_total / (kSmallSegment + 1) + 2;
   // sample_size(n) <= 512 + n / 8, and there are at most max_total / (kSmallSegment + 1) big segments.
   const int64_t sample_bound = 512 * (max_total / (kSmallSegment + 1) + 1) + max_total / 8 + 1;
-  cpu::Workspace ws(cpu::Workspace::bytes_for<uint8_t>(B * hw + 64) + cpu::Workspace::bytes_for<int32_t>(max_total + 1) +
-                    2 * cpu::Workspace::bytes_for<acc_t>(max_total + 1) + 2 * cpu::Workspace::bytes_for<key_t>(cand_bound) +
+  cpu::Workspace ws(cpu::Workspace::bytes_for<uint8_t>(B * hw + 64) + 2 * cpu::Workspace::bytes_for<acc_t>(max_total + 1) + 2 * cpu::Workspace::bytes_for<key_t>(cand_bound) +
                     2 * cpu::Workspace::bytes_for<key_t>(sample_bound));
   uint8_t* U0 = ws.take<uint8_t>(B * hw + 64);
   std::vector<int64_t> usable_count(B);
@@ -665,7 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   tick("label");
   // 2. Number the contexts in canonical order.
   const int64_t min_n = std::max<int64_t>(min_pixels, 1);
-  std::vector<int64_t> seg_off, seg_len, seg_img;
+  std::vector<int64_t> seg_off, seg_len, seg_plane;
   int64_t total = 0;
   for (int64_t pi = 0; pi < num_planes; ++pi) {
     Plane& pl = planes[pi];
@@ -680,7 +682,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       pl.slot_to_k[s] = static_cast<int32_t>(seg_len.size());
       seg_off.push_back(total);
       seg_len.push_back(pl.counts[s]);
-      seg_img.push_back(pi % B);
+      seg_plane.push_back(pi);
       total += pl.counts[s];
     }
     pl.num_k = static_cast<int64_t>(seg_len.size()) - pl.first_k;
@@ -702,7 +704,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   }
   TORCH_CHECK(total_samples <= sample_bound, "sa_hdn_forward: internal error, sample bound");
   // The segment arrays have one more (sink) element, written by pixels of no context.
-  int32_t* member = ws.take<int32_t>(max_total + 1);
   acc_t* sp = ws.take<acc_t>(max_total + 1);
   acc_t* sq = ws.take<acc_t>(max_total + 1);
   key_t* cand_p = ws.take<key_t>(cand_bound);
@@ -710,7 +711,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   key_t* sample_p = ws.take<key_t>(sample_bound);
   key_t* sample_q = ws.take<key_t>(sample_bound);
   run_tasks(num_planes, num_planes * hw, [&](int64_t pi) {
-    const Plane& pl = planes[pi];
+    Plane& pl = planes[pi];
     const int64_t b = pi % B;
     const acc_t* p = P0 + b * hw;
     const acc_t* q = Q0 + b * hw;
@@ -728,19 +729,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     SampleCursor<acc_t>* sampler = samplers.data() - pl.first_k;
     // Runs of one id: every usable pixel of a run belongs to the run's context (if any).
     const int64_t sink = max_total;  // written by unusable pixels instead of branching
-    for (const Run& r : pl.runs) {
+    std::vector<int64_t>& by_k_off = pl.runs_by_k_off;
+    by_k_off.assign(pl.num_k + 1, 0);
+    for (Run& r : pl.runs) {
       const int32_t k = r.slot >= 0 ? s2k[r.slot] : -1;
       int32_t* sr = s + r.start;
       if (k < 0) {  // id 0, or a skipped context
         std::fill(sr, sr + r.len, -1);
         continue;
       }
+      ++by_k_off[k - pl.first_k + 1];
       int64_t pos = cur[k];
+      r.seg_pos = pos;
       SampleCursor<acc_t>& sc = sampler[k];
 #if WESTAR_HAVE_AVX512_PATHS
       if constexpr (std::is_same_v<acc_t, float>) {
         if (avx512) {
-          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, u + r.start, sr, r.len, r.start, k, member, sp, sq, pos,
+          cur[k] = cpu::compact_run_avx512(p + r.start, q + r.start, u + r.start, sr, r.len, k, sp, sq, pos,
                                            [&](int64_t written) {
                                              if (written > sc.next) sc.take(written, sp, sq);
                                            });
@@ -752,7 +757,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
         const bool use = u[r.start + i] != 0;
         sr[i] = use ? k : -1;
         const int64_t w = use ? pos : sink;
-        member[w] = static_cast<int32_t>(r.start + i);
         sp[w] = p[r.start + i];
         sq[w] = q[r.start + i];
         pos += use;
@@ -760,9 +764,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       }
       cur[k] = pos;
     }
+    // The runs of each context in pixel order (their seg_pos ascending), for median_pixel.
+    for (int64_t i = 0; i < pl.num_k; ++i) by_k_off[i + 1] += by_k_off[i];
+    pl.runs_by_k.resize(by_k_off[pl.num_k]);
+    std::vector<int64_t> fill(by_k_off.begin(), by_k_off.end() - 1);
+    for (int64_t ri = 0; ri < static_cast<int64_t>(pl.runs.size()); ++ri) {
+      const Run& r = pl.runs[ri];
+      if (r.seg_pos >= 0) pl.runs_by_k[fill[s2k[r.slot] - pl.first_k]++] = static_cast<int32_t>(ri);
+    }
   });
 
   tick("scatter");
+  // Flat pixel index of the element at position pos (0-based, pixel order) of context
+  // k's segment: the run that holds it, then its rank among the run's usable pixels.
+  auto median_pixel = [&](int64_t k, int64_t pos) -> int64_t {
+    const int64_t pi = seg_plane[k];
+    const Plane& pl = planes[pi];
+    const int64_t i = k - pl.first_k;
+    const int32_t* first = pl.runs_by_k.data() + pl.runs_by_k_off[i];
+    const int32_t* last = pl.runs_by_k.data() + pl.runs_by_k_off[i + 1];
+    const int64_t target = seg_off[k] + pos;
+    // The last run that starts at or before target.
+    const int32_t* it = std::upper_bound(first, last, target,
+                                         [&](int64_t t, int32_t ri) { return t < pl.runs[ri].seg_pos; });
+    TORCH_CHECK(it != first, "sa_hdn_forward: internal error, median run not found");
+    const Run& r = pl.runs[*(it - 1)];
+    const int64_t b = pi % B;
+    const uint8_t* u = U0 + b * hw + r.start;
+    int64_t left = target - r.seg_pos;  // usable pixels of the run to skip
+    int64_t j = 0;
+    for (; j + 8 <= r.len; j += 8) {  // whole words first: bytes are 0 or 1
+      uint64_t word;
+      std::memcpy(&word, u + j, 8);
+      const int64_t ones = static_cast<int64_t>((word * 0x0101010101010101ull) >> 56);
+      if (ones > left) break;
+      left -= ones;
+    }
+    for (; j < r.len; ++j) {
+      if (u[j] != 0 && left-- == 0) return b * hw + r.start + j;
+    }
+    TORCH_CHECK(false, "sa_hdn_forward: internal error, median pixel not found");
+    return -1;
+  };
   // 4-5. Per-context statistics.
   at::Tensor stats = at::empty({K, kNumStats}, pred.options().dtype(stats_dtype));
   at::Tensor median_index = at::empty({K}, pred.options().dtype(at::kLong));
@@ -786,7 +829,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     st[kSumSign] = static_cast<acc_t>(sums.s1);
     st[kSumSignHat] = static_cast<acc_t>(sums.s2);
     ctx[k].loss = sums.loss;
-    MI[k] = seg_img[k] * hw + member[seg_off[k] + sums.median_pos];
+    MI[k] = median_pixel(k, sums.median_pos);
   };
 
   // Big segments first, so that uneven tasks balance across threads.
@@ -886,7 +929,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     const Block& bl = blocks[i];
     part_s[i] = sum_pass(sp + bl.start, sq + bl.start, bl.len, ST + bl.k * kNumStats, avx512);
   });
-  for (int64_t k : big) {
+  run_tasks(static_cast<int64_t>(big.size()), total, [&](int64_t t) {
+    const int64_t k = big[t];
     SumPartial<acc_t> sum;
     for (int64_t i = first_block[k]; i < num_blocks && blocks[i].k == k; ++i) {
       const SumPartial<acc_t>& pb = part_s[i];
@@ -897,7 +941,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     }
     TORCH_CHECK(sum.median_pos >= 0, "sa_hdn_forward: internal error, median element not found");
     set_sum_stats(k, sum);
-  }
+  });
 
   tick("5");
   double loss_sum = 0;

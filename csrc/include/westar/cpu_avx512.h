@@ -79,23 +79,19 @@ WESTAR_AVX512 inline int64_t store_packed(float* dst, __mmask16 m, __m512 v) {
   return n;
 }
 
-// One run of pixels [j0, j0 + len) of a plane that all belong to context k when usable
-// (usable[i] != 0): writes seg = k / -1 and appends (pixel index, pred, target) of the
-// usable ones at position pos of the segment arrays, calling after_chunk(pos) each time
-// 16 pixels are done. Returns the new pos.
+// One run of len pixels of a plane that all belong to context k when usable
+// (usable[i] != 0): writes seg = k / -1 and appends (pred, target) of the usable ones at
+// position pos of the segment arrays, calling after_chunk(pos) each time 16 pixels are
+// done. Returns the new pos.
 template <typename AfterChunk>
 WESTAR_AVX512 inline int64_t compact_run_avx512(const float* p, const float* q, const uint8_t* usable,
-                                                int32_t* seg, int64_t len,
-                                                int64_t j0, int32_t k, int32_t* member, float* sp, float* sq,
+                                                int32_t* seg, int64_t len, int32_t k, float* sp, float* sq,
                                                 int64_t pos, const AfterChunk& after_chunk) {
   const __m512i kv = _mm512_set1_epi32(k), none = _mm512_set1_epi32(-1);
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t i = 0; i < len; i += 16) {
     const __mmask16 in = len - i >= 16 ? __mmask16(0xFFFF) : first_lanes(len - i);
     const __mmask16 use = _mm_mask_test_epi8_mask(in, _mm_maskz_loadu_epi8(in, usable + i), _mm_set1_epi8(1));
     _mm512_mask_storeu_epi32(seg + i, in, _mm512_mask_blend_epi32(use, none, kv));
-    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(j0 + i)));
-    store_packed(member + pos, use, idx);
     store_packed(sp + pos, use, _mm512_maskz_loadu_ps(in, p + i));
     pos += store_packed(sq + pos, use, _mm512_maskz_loadu_ps(in, q + i));
     after_chunk(pos);
