@@ -154,6 +154,7 @@ def main() -> None:
         return
 
     names = [*SA_HDN, "ordinal"]
+    load_before = os.getloadavg()
     rows = []
     for name in names:
         k, r = time_pair(name, args.reps, args.ref_reps)
@@ -161,10 +162,18 @@ def main() -> None:
         mem_r = None if args.no_memory else peak_memory(name, "reference", args.threads)
         rows.append((name, k, r, mem_k, mem_r))
 
+    load_after = os.getloadavg()
+    info = westar_ops.build_info()
     print(f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()}")
     print(
         f"- torch {torch.__version__}, {args.threads} intra-op threads; "
-        f"python {platform.python_version()}; westar_ops {westar_ops.__version__}"
+        f"python {platform.python_version()}; westar_ops {westar_ops.__version__} "
+        f"(CPU loops: {info['cpu_isa']}, {info['cpu_threading']})"
+    )
+    print(
+        f"- load average (1 min) before / after the timing: {load_before[0]:.2f} / "
+        f"{load_after[0]:.2f} (other work on the machine distorts both sides, the "
+        "multi-threaded reference most)"
     )
     print(
         "- workloads: B=4, 518x518, float32, 10% invalid pixels (benchmarks/workloads.py, "
