@@ -1022,8 +1022,11 @@ struct GradConsts {
 
 #if WESTAR_HAVE_AVX512_PATHS
 // The chunk loop of sa_hdn_backward_impl<float> with 16-pixel chunks, for chunks
-// [begin, end): a level whose usable pixels in the chunk all belong to one context (and
-// hold none of its median) runs in vector form, else lane by lane with pixel_grad.
+// [begin, end). Per level, the contexts present in the chunk are taken one at a time
+// (usually one, two at a boundary): their lanes get the vector form of pixel_grad, and
+// the lane of a context's median, if here, its median term. Per lane this is
+// pixel_grad's arithmetic in pixel_grad's order (r * (1 / D) == r / D for r in
+// {-1, 0, 1}), so no scalar path is needed.
 WESTAR_AVX512 void backward_chunks_avx512(int64_t begin, int64_t end, const float* P, const float* Q,
                                           const int32_t* S, int64_t N, int64_t C, const float* ST,
                                           const int64_t* MI, const GradConsts<float>* consts, int stats_grad,
@@ -1037,14 +1040,13 @@ WESTAR_AVX512 void backward_chunks_avx512(int64_t begin, int64_t end, const floa
     for (int64_t c = 0; c < C; ++c) {
       const int32_t* sk = S + c * N + j;
       const __m512i kv = _mm512_loadu_si512(sk);
-      const __mmask16 use = _mm512_cmpge_epi32_mask(kv, zero);
-      if (!use) continue;
-      const int32_t k0 = _mm512_reduce_max_epi32(kv);
-      const __mmask16 same = _mm512_cmpeq_epi32_mask(kv, _mm512_set1_epi32(k0));
-      const int64_t mrel = MI[k0] - j;
-      if (same == use && !(stats_grad == kStatsGradFull && mrel >= 0 && mrel < 16)) {
-        const float* st = ST + static_cast<int64_t>(k0) * kNumStats;
-        const GradConsts<float>& gc = consts[k0];
+      __mmask16 todo = _mm512_cmpge_epi32_mask(kv, zero);
+      while (todo) {
+        const int32_t k = sk[__builtin_ctz(todo)];
+        const __mmask16 lanes = _mm512_mask_cmpeq_epi32_mask(todo, kv, _mm512_set1_epi32(k));
+        todo &= ~lanes;
+        const float* st = ST + static_cast<int64_t>(k) * kNumStats;
+        const GradConsts<float>& gc = consts[k];
         const __m512 tp = _mm512_set1_ps(st[kMedianPred]);
         const __m512 ph = _mm512_div_ps(_mm512_sub_ps(pv, tp), _mm512_set1_ps(st[kScalePred]));
         const __m512 qh = _mm512_div_ps(_mm512_sub_ps(qv, _mm512_set1_ps(st[kMedianTarget])),
@@ -1053,17 +1055,14 @@ WESTAR_AVX512 void backward_chunks_avx512(int64_t begin, int64_t end, const floa
         if (stats_grad >= kStatsGradScale) {
           gk = _mm512_sub_ps(gk, _mm512_mul_ps(_mm512_set1_ps(gc.scale_term), cpu::sign16(_mm512_sub_ps(pv, tp))));
         }
-        g = _mm512_mask_add_ps(g, use, g, gk);
-      } else {
-        alignas(64) float lanes[16];
-        _mm512_store_ps(lanes, g);
-        for (int l = 0; l < 16; ++l) {
-          const int32_t k = sk[l];
-          if (k < 0) continue;
-          lanes[l] += pixel_grad<float>(P[j + l], Q[j + l], ST + static_cast<int64_t>(k) * kNumStats,
-                                        MI[k] == j + l, stats_grad);
+        if (stats_grad == kStatsGradFull) {
+          const int64_t mrel = MI[k] - j;
+          if (mrel >= 0 && mrel < 16) {
+            const __mmask16 median = static_cast<__mmask16>(lanes & (1u << mrel));
+            gk = _mm512_mask_add_ps(gk, median, gk, _mm512_set1_ps(gc.median_term));
+          }
         }
-        g = _mm512_load_ps(lanes);
+        g = _mm512_mask_add_ps(g, lanes, g, gk);
       }
     }
     _mm512_storeu_ps(G + j, _mm512_mul_ps(g, scale_v));
