@@ -207,12 +207,17 @@ inline void label_global(int64_t hw, int64_t usable_count, Plane& plane) {
 // each id > 0 a slot (in order of first appearance) once per run, and the run adds its
 // usable pixels to the slot's count. Only ids and the usable mask are read.
 template <typename id_t>
-void label_instances(const id_t* ids, const uint8_t* usable, int64_t hw, Plane& plane) {
+void label_instances(const id_t* ids, const uint8_t* usable, int64_t hw, Plane& plane, bool avx512) {
   IdTable table;
   int64_t j = 0;
   while (j < hw) {
     const id_t id = ids[j];
     int64_t end = j + 1;
+#if WESTAR_HAVE_AVX512_PATHS
+    if constexpr (std::is_same_v<id_t, int32_t>) {
+      if (avx512) end = cpu::run_end_avx512(ids, j, hw);
+    }
+#endif
     while (end < hw && ids[end] == id) ++end;
     const int64_t id64 = static_cast<int64_t>(id);
     int32_t slot = -1;
@@ -652,7 +657,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       const int64_t l = c - G;
       AT_DISPATCH_INTEGRAL_TYPES(instances.scalar_type(), "sa_hdn_forward_cpu", [&] {
         const scalar_t* ids = instances.data_ptr<scalar_t>() + (b * L + l) * hw;
-        label_instances<scalar_t>(ids, U0 + b * hw, hw, planes[pi]);
+        label_instances<scalar_t>(ids, U0 + b * hw, hw, planes[pi], cpu::use_avx512());
       });
     }
   });

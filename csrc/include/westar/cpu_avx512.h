@@ -100,6 +100,19 @@ WESTAR_AVX512 inline int64_t compact_run_avx512(const float* p, const float* q, 
   return pos;
 }
 
+// End of the run of ids equal to ids[j] that starts at j: the first index in (j, n)
+// whose id differs, or n. 16 ids per step.
+WESTAR_AVX512 inline int64_t run_end_avx512(const int32_t* ids, int64_t j, int64_t n) {
+  const __m512i id = _mm512_set1_epi32(ids[j]);
+  int64_t i = j + 1;
+  for (; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? __mmask16(0xFFFF) : first_lanes(n - i);
+    const __mmask16 differ = _mm512_mask_cmpneq_epi32_mask(in, _mm512_maskz_loadu_epi32(in, ids + i), id);
+    if (differ) return i + __builtin_ctz(differ);
+  }
+  return n;
+}
+
 struct SelectSums {
   int64_t n_lo, n_hi, n_cand;
   double s_lo, s_hi;
