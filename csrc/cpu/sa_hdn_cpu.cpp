@@ -352,7 +352,8 @@ Selected<acc_t> select_exact(const acc_t* x, int64_t n, typename KeyTraits<acc_t
 // histogram the next 11 bits of (key - min), keep the bucket that holds rank k (copied
 // to buf), repeat; small remainders go to nth_element.
 template <typename key_t>
-key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf, const key_t* bounds = nullptr) {
+key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf, const key_t* bounds = nullptr,
+                   bool avx512 = false) {
   constexpr int kDigit = 11;
   const key_t* src = a;
   int64_t m = n;
@@ -391,9 +392,16 @@ key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf
     if (!in_buf) buf.resize(hist[sel]);
     key_t* dst = buf.data();  // in place once src is buf: the write index never passes the read index
     int64_t c = 0;
-    for (int64_t i = 0; i < m; ++i) {
-      const key_t v = src[i];
-      if (static_cast<size_t>((v - lo) >> shift) == sel) dst[c++] = v;
+#if WESTAR_HAVE_AVX512_PATHS
+    if constexpr (std::is_same_v<key_t, uint32_t>) {
+      if (avx512) c = cpu::radix_filter_avx512(src, m, lo, shift, static_cast<uint32_t>(sel), dst);
+    }
+#endif
+    if (!(avx512 && std::is_same_v<key_t, uint32_t>)) {
+      for (int64_t i = 0; i < m; ++i) {
+        const key_t v = src[i];
+        if (static_cast<size_t>((v - lo) >> shift) == sel) dst[c++] = v;
+      }
     }
     m = c;
     src = buf.data();
@@ -406,15 +414,33 @@ key_t radix_select(const key_t* a, int64_t n, int64_t k, std::vector<key_t>& buf
 // p the combined partials. Returns false when the pivots missed the median rank.
 template <typename acc_t>
 bool select_finish(const SelectPartial<acc_t>& p, acc_t lo, acc_t hi, int64_t n,
-                   const typename KeyTraits<acc_t>::key_t* cand, Selected<acc_t>* out) {
+                   const typename KeyTraits<acc_t>::key_t* cand, Selected<acc_t>* out, bool avx512) {
   using key_t = typename KeyTraits<acc_t>::key_t;
   const int64_t k = lower_median_rank(n);
   const int64_t kc = k - p.n_lo;
   if (kc < 0 || kc >= p.n_cand) return false;
   thread_local std::vector<key_t> buf;  // reused: no allocation per segment
   const key_t bounds[2] = {p.key_min, p.key_max};
-  const key_t tk = radix_select(cand, p.n_cand, kc, buf, p.has_bounds ? bounds : nullptr);
+  const key_t tk = radix_select(cand, p.n_cand, kc, buf, p.has_bounds ? bounds : nullptr, avx512);
   const acc_t t = KeyTraits<acc_t>::from_key(tk);
+  // Elements outside the pivots: |x - t| = (lo - x) + (t - lo) below, (x - hi) + (hi - t) above.
+  auto finish_with = [&](double abs_sum, int64_t n_less, int64_t n_greater) {
+    abs_sum += p.s_lo + static_cast<double>(p.n_lo) * (static_cast<double>(t) - static_cast<double>(lo));
+    abs_sum += p.s_hi + static_cast<double>(p.n_hi) * (static_cast<double>(hi) - static_cast<double>(t));
+    out->t = t;
+    out->abs_sum = abs_sum;
+    out->n_less = n_less;
+    out->n_greater = n_greater;
+    return true;
+  };
+#if WESTAR_HAVE_AVX512_PATHS
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (avx512) {
+      const cpu::CandidateSums cs = cpu::candidate_sums_avx512(cand, p.n_cand, tk, t);
+      return finish_with(cs.abs_sum, p.n_lo + cs.n_less, p.n_hi + cs.n_greater);
+    }
+  }
+#endif
   acc_t sums[kLanes] = {};
   int64_t less[kLanes] = {}, greater[kLanes] = {};
   int64_t i = 0;
@@ -439,14 +465,7 @@ bool select_finish(const SelectPartial<acc_t>& p, acc_t lo, acc_t hi, int64_t n,
     n_less += less[l];
     n_greater += greater[l];
   }
-  // Elements outside the pivots: |x - t| = (lo - x) + (t - lo) below, (x - hi) + (hi - t) above.
-  abs_sum += p.s_lo + static_cast<double>(p.n_lo) * (static_cast<double>(t) - static_cast<double>(lo));
-  abs_sum += p.s_hi + static_cast<double>(p.n_hi) * (static_cast<double>(hi) - static_cast<double>(t));
-  out->t = t;
-  out->abs_sum = abs_sum;
-  out->n_less = n_less;
-  out->n_greater = n_greater;
-  return true;
+  return finish_with(abs_sum, n_less, n_greater);
 }
 
 // Size of the strided sample that gives a big segment of n elements its pivots.
@@ -913,7 +932,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       sum.n_cand += pb.n_cand;
     }
     Selected<acc_t> sel;
-    if (!select_finish(sum, lo, hi, n, dst, &sel)) {
+    if (!select_finish(sum, lo, hi, n, dst, &sel, avx512)) {
       RawBuffer<key_t> scratch(n);
       sel = select_exact(x, n, scratch.data());
     }

@@ -156,6 +156,53 @@ WESTAR_AVX512 inline SelectSums select_pass_avx512(const float* x, int64_t len, 
   return r;
 }
 
+// Filter pass of the radix selection (sa_hdn_cpu.cpp's radix_select<uint32_t>): packs
+// the keys of src[0, m) whose digit ((key - lo) >> shift) is sel into dst; returns how
+// many. dst may be src (the write index never passes the read index).
+WESTAR_AVX512 inline int64_t radix_filter_avx512(const uint32_t* src, int64_t m, uint32_t lo, int shift,
+                                                 uint32_t sel, uint32_t* dst) {
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(lo)), sel_v = _mm512_set1_epi32(static_cast<int32_t>(sel));
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  int64_t c = 0;
+  for (int64_t i = 0; i < m; i += 16) {
+    const __mmask16 in = m - i >= 16 ? __mmask16(0xFFFF) : first_lanes(m - i);
+    const __m512i v = _mm512_maskz_loadu_epi32(in, src + i);
+    const __m512i digit = _mm512_srl_epi32(_mm512_sub_epi32(v, lo_v), sh);
+    c += store_packed(reinterpret_cast<int32_t*>(dst) + c, _mm512_mask_cmpeq_epi32_mask(in, digit, sel_v), v);
+  }
+  return c;
+}
+
+struct CandidateSums {
+  double abs_sum;
+  int64_t n_less, n_greater;
+};
+
+// Over n ordered keys of floats: sum |x - t|, and how many keys are below / above tk
+// (the key of t), as in sa_hdn_cpu.cpp's select_finish<float>.
+WESTAR_AVX512 inline CandidateSums candidate_sums_avx512(const uint32_t* cand, int64_t n, uint32_t tk, float t) {
+  const __m512i tk_v = _mm512_set1_epi32(static_cast<int32_t>(tk));
+  const __m512 t_v = _mm512_set1_ps(t);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t less = 0, greater = 0;
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 in = n - i >= 16 ? __mmask16(0xFFFF) : first_lanes(n - i);
+    const __m512i key = _mm512_maskz_loadu_epi32(in, cand + i);
+    // westar::float_from_ordered_key: key ^ (top bit set ? 0x80000000 : 0xFFFFFFFF)
+    const __m512i flip = _mm512_or_si512(_mm512_xor_si512(_mm512_srai_epi32(key, 31), _mm512_set1_epi32(-1)),
+                                         _mm512_set1_epi32(INT32_MIN));
+    const __m512 x = _mm512_castsi512_ps(_mm512_xor_si512(key, flip));
+    acc = _mm512_mask_add_ps(acc, in, acc, _mm512_abs_ps(_mm512_sub_ps(x, t_v)));
+    less += _mm_popcnt_u32(_mm512_mask_cmplt_epu32_mask(in, key, tk_v));
+    greater += _mm_popcnt_u32(_mm512_mask_cmpgt_epu32_mask(in, key, tk_v));
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, acc);
+  CandidateSums r{0.0, less, greater};
+  for (int l = 0; l < 16; ++l) r.abs_sum += lanes[l];
+  return r;
+}
+
 struct SumSums {
   double s1, s2, loss;
   int64_t median_pos;
