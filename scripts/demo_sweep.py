@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the `westar demo` pipeline for every corruption x seed and write RESULTS.md.
 
-    python scripts/demo_sweep.py                                   # 6 corruptions x 3 seeds
+    python scripts/demo_sweep.py                                   # 6 corruptions x seeds 1-3
     python scripts/demo_sweep.py --variants self_training grid_hdn sa_hdn sa_hdn_weak full
     python scripts/demo_sweep.py --from-json runs/demo_sweep/sweep.json   # rewrite the table
 
@@ -160,7 +160,8 @@ _RECIPE_KEYS = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--corruptions", nargs="+", default=SIX)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    # not seed 0: the recipe-tuning runs (seed 100) trained on seed 0's test scenes
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=["self_training", "full"])
     ap.add_argument("--output", default=str(ROOT / "runs" / "demo_sweep"))
     ap.add_argument("--results", default=str(ROOT / "RESULTS.md"))

@@ -55,6 +55,7 @@ __all__ = [
     "cli_run",
     "run_demo",
     "make_target_domain",
+    "scene_seeds",
     "LADDER",
     "DEFAULTS",
     "QUICK",
@@ -71,8 +72,11 @@ SEED_STRIDE = 100_000  # scenes per (split, seed) block
 MAX_DEPTH = 50.0  # evaluation cap in meters; the rooms are at most ~25 m deep
 
 # The demo's recipe, chosen on the validation split (scene seeds 40_000_000+, seed 100,
-# fog severity 4; never on the test split): see RESULTS.md. Deviations from the paper,
-# because the demo domain is tiny and the budget is a minute or two of CPU:
+# fog severity 4; never on the test split): see RESULTS.md. Those tuning runs trained on
+# seed 100's training block, which is seed 0's test block, so the default seed is 1 (its
+# scenes, like those of seeds 2 and 3 that RESULTS.md reports, were never touched).
+# Deviations from the paper, because the demo domain is tiny and the budget is a minute
+# or two of CPU:
 # - lr 1e-2 (paper 1e-4): 400 steps instead of thousands, a 2 M-parameter model;
 # - lambda_w 1.0 (paper 0.001): the ordinal hinge acts on raw disparity, which this source
 #   model outputs with a median near 1, and there are only 15 pairs per image; at 0.001
@@ -85,7 +89,7 @@ DEMO_LR = 1e-2
 DEFAULTS: dict[str, Any] = dict(
     corruption="fog",
     severity=4,
-    seed=0,
+    seed=1,  # not 0: see above
     train_images=64,
     eval_images=64,
     steps=400,
@@ -111,6 +115,19 @@ def _corruptions() -> list[str]:
     from westar.corrupt import CORRUPTIONS
 
     return sorted(CORRUPTIONS)
+
+
+def scene_seeds(split: str, seed: int, n: int) -> range:
+    """Scene seeds of the first `n` scenes of `split` ("train", "test", "val") for demo
+    seed `seed`: a block of SEED_STRIDE seeds per (split, seed). With seeds in [0, 100)
+    the blocks of different splits and seeds never meet (tests/demo checks the seeds that
+    RESULTS.md reports against the recipe-tuning runs)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; one of {tuple(SPLIT_SEEDS)}")
+    if not 0 <= n <= SEED_STRIDE:
+        raise ValueError(f"at most {SEED_STRIDE} scenes per split, got {n}")
+    base = SPLIT_SEEDS[split] + seed * SEED_STRIDE
+    return range(base, base + n)
 
 
 def _mix(*parts: Any) -> int:
@@ -146,9 +163,11 @@ def make_target_domain(
         folder = root / split
         if folder.exists():
             shutil.rmtree(folder)
-        base = SPLIT_SEEDS[split] + seed * SEED_STRIDE
-        for i in tqdm(range(n), desc=f"{split} scenes ({corruption})", disable=not progress):
-            scene = render_scene(base + i, params)
+        seeds = scene_seeds(split, seed, n)
+        for i, scene_seed in enumerate(
+            tqdm(seeds, desc=f"{split} scenes ({corruption})", disable=not progress)
+        ):
+            scene = render_scene(scene_seed, params)
             image = corrupt_image(
                 scene.image,
                 corruption,
@@ -158,7 +177,7 @@ def make_target_domain(
             )
             write_sample(
                 folder,
-                f"{split}_{base + i:08d}",
+                f"{split}_{scene_seed:08d}",
                 image,
                 depth=scene.depth,
                 instances=scene.instances if split == "train" else None,
