@@ -154,3 +154,17 @@ def test_scene_seeds_rejects_bad_arguments():
         scene_seeds("dev", 0, 4)
     with pytest.raises(ValueError, match="at most"):
         scene_seeds("train", 0, 10**6)
+
+
+def test_ablation_prints_the_ladder_in_the_papers_order(tmp_path):
+    from westar.demo import LADDER, format_table, run_demo
+
+    model = None if (SOURCE / "config.json").exists() else _model_args(tmp_path)[1]
+    report = run_demo(output=tmp_path / "abl", quick=True, steps=1, ablation=True, model=model,
+                      device="cpu", progress=False, verbose=False)  # fmt: skip
+    assert report["settings"]["variants"] == list(LADDER)
+    text = format_table(report)
+    labels = ["Source (zero-shot)", "plain self-training", "grid HDN", "SA-HDN",
+              "+ weak labels", "+ regularization (WeSTAR)"]  # fmt: skip
+    at = [text.index(label) for label in labels]
+    assert at == sorted(at)
