@@ -426,10 +426,15 @@ def register_family(namespace: str) -> None:
         pred, target, _instances, _valid, _glob, _eps, _minp, stats_grad = inputs
         _loss, seg, stats, median_index = output
         ctx.mark_non_differentiable(seg, stats, median_index)
+        # Their gradients are never used: without this, autograd fills a zero tensor as
+        # large as seg (levels x B x H x W) for every backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(pred, target, seg, stats, median_index)
         ctx.stats_grad = stats_grad
 
     def _sa_hdn_backward(ctx, grad_loss, _g_seg, _g_stats, _g_median):
+        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
+            return None, None, None, None, None, None, None, None
         pred, target, seg, stats, median_index = ctx.saved_tensors
         grad_pred = family.sa_hdn_backward(
             grad_loss, pred, target, seg, stats, median_index, ctx.stats_grad
