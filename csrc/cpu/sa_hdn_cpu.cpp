@@ -646,9 +646,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
 #else
   auto tick = [](const char*) {};
 #endif
-  at::Tensor seg = at::empty({C, B, H, W}, pred.options().dtype(at::kInt));
+  at::Tensor seg = cpu::pooled_empty({C, B, H, W}, pred.options().dtype(at::kInt));
   int32_t* S0 = seg.data_ptr<int32_t>();
-  cpu::advise_huge_pages(S0, seg.numel() * sizeof(int32_t));
   const int64_t num_planes = C * B;
 
   // 0. Usable pixels of every image, once for all levels. The workspace is sized for
@@ -1223,8 +1222,7 @@ at::Tensor sa_hdn_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, c
   const at::Tensor p = to_acc(pred), q = to_acc(target.to(pred.scalar_type()));
   const at::Tensor s = seg.contiguous(), st = stats.contiguous(), mi = median_index.contiguous();
   const double g = grad.to(at::kDouble).contiguous().data_ptr<double>()[0];
-  at::Tensor out = at::empty(pred.sizes(), p.options());
-  cpu::advise_huge_pages(out.data_ptr(), out.numel() * out.element_size());
+  at::Tensor out = cpu::pooled_empty(pred.sizes(), p.options());
   if (is_double) {
     sa_hdn_backward_impl<double>(g, p, q, s, st, mi, static_cast<int>(stats_grad), out);
   } else {

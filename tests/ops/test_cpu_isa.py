@@ -3,6 +3,10 @@ against each other, the switch between them, and the parallel loops."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,29 @@ def test_paths_agree(monkeypatch, stats_grad):
     # Repeatable bit for bit on the same path.
     loss_n2, grad_n2 = _loss_and_grad(pred, target, instances, valid, stats_grad)
     assert torch.equal(loss_n, loss_n2) and torch.equal(grad_n, grad_n2)
+
+
+def test_caches_off_same_result():
+    """WESTAR_CPU_WORKSPACE_CACHE=0 (no scratch cache, no pooled output blocks; read once
+    per process, hence a subprocess) gives the same bits; outputs big enough for the pool."""
+    code = (
+        "import torch, westar_ops\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "pred = torch.randn(2, 400, 400, generator=g)\n"
+        "target = torch.rand(2, 400, 400, generator=g)\n"
+        "inst = torch.randint(0, 9, (2, 1, 400, 400), generator=g, dtype=torch.int32)\n"
+        "for _ in range(3):\n"
+        "    x = pred.clone().requires_grad_()\n"
+        "    loss = westar_ops.sa_hdn_loss(x, target, inst)\n"
+        "    loss.backward()\n"
+        "torch.save((loss.detach(), x.grad), __import__('sys').argv[1])\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for flag in ("1", "0"):
+            path = os.path.join(tmp, f"out{flag}.pt")
+            env = dict(os.environ, WESTAR_CPU_WORKSPACE_CACHE=flag)
+            subprocess.run([sys.executable, "-c", code, path], check=True, env=env)
+            results.append(torch.load(path))
+    (loss_on, grad_on), (loss_off, grad_off) = results
+    assert torch.equal(loss_on, loss_off) and torch.equal(grad_on, grad_off)

@@ -8,6 +8,10 @@
 // its own. Set WESTAR_CPU_WORKSPACE_CACHE=0 to free every block at the end of its call.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -21,6 +25,23 @@
 
 namespace westar {
 namespace cpu {
+
+inline void advise_huge_pages(void* ptr, size_t bytes);
+
+// Big blocks are 2 MiB-aligned and advised for transparent huge pages once, when they are
+// allocated: the kernels' scattered writes then miss the TLB far less, and a reused block
+// keeps its huge pages.
+constexpr size_t kHugePage = size_t(2) << 20;
+
+inline size_t block_alignment(size_t bytes) { return bytes >= 2 * kHugePage ? kHugePage : 64; }
+
+inline void* allocate_block(size_t bytes) {
+  void* p = ::operator new(bytes, std::align_val_t(block_alignment(bytes)));
+  advise_huge_pages(p, bytes);
+  return p;
+}
+
+inline void free_block(void* p, size_t bytes) { ::operator delete(p, std::align_val_t(block_alignment(bytes))); }
 
 class Workspace {
  public:
@@ -38,7 +59,7 @@ class Workspace {
         c.size = 0;
       }
     }
-    if (ptr_ == nullptr) ptr_ = ::operator new(bytes, std::align_val_t(kAlign));
+    if (ptr_ == nullptr) ptr_ = allocate_block(bytes);
   }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
@@ -47,15 +68,17 @@ class Workspace {
     if (ptr_ == nullptr) return;
     Cache& c = cache();
     void* to_free = ptr_;
+    size_t free_size = size_;
     if (c.enabled) {
       std::lock_guard<std::mutex> lock(c.mutex);
       if (c.size < size_) {
         to_free = c.ptr;  // keep the larger block
+        free_size = c.size;
         c.ptr = ptr_;
         c.size = size_;
       }
     }
-    if (to_free != nullptr) ::operator delete(to_free, std::align_val_t(kAlign));
+    if (to_free != nullptr) free_block(to_free, free_size);
   }
 
   // Carves consecutive, aligned arrays out of the block (call with the sizes that
@@ -95,6 +118,77 @@ class Workspace {
   size_t offset_ = 0;
 };
 
+// A few freed output blocks, handed out again to later outputs of about the same size.
+// The big outputs of the CPU kernels (seg in the forward, the gradient in the backward)
+// are as large as the input; memory freshly mapped from the OS costs a fault and the
+// zeroing of every page on first touch, on every call. At most kMaxBlocks blocks
+// (kMaxBytes in all) are kept; WESTAR_CPU_WORKSPACE_CACHE=0 keeps none.
+class OutputPool {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 20;  // smaller outputs: plain allocations
+  static constexpr size_t kMaxBlocks = 4;
+  static constexpr size_t kMaxBytes = size_t(512) << 20;
+
+  // A block of at least `bytes` bytes (*size: its real size), from the pool when one fits
+  // without wasting more than half of it.
+  static void* take(size_t bytes, size_t* size) {
+    State& st = state();
+    {
+      std::lock_guard<std::mutex> lock(st.mutex);
+      size_t best = st.count;
+      for (size_t i = 0; i < st.count; ++i) {
+        const bool fits = st.size[i] >= bytes && st.size[i] <= 2 * bytes;
+        if (fits && (best == st.count || st.size[i] < st.size[best])) best = i;
+      }
+      if (best < st.count) {
+        void* p = st.ptr[best];
+        *size = st.size[best];
+        st.total -= st.size[best];
+        st.ptr[best] = st.ptr[st.count - 1];
+        st.size[best] = st.size[st.count - 1];
+        --st.count;
+        return p;
+      }
+    }
+    *size = bytes;
+    return allocate_block(bytes);
+  }
+
+  static void give(void* p, size_t size) {
+    State& st = state();
+    if (st.enabled) {
+      std::lock_guard<std::mutex> lock(st.mutex);
+      if (st.count < kMaxBlocks && st.total + size <= kMaxBytes) {
+        st.ptr[st.count] = p;
+        st.size[st.count] = size;
+        st.total += size;
+        ++st.count;
+        return;
+      }
+    }
+    free_block(p, size);
+  }
+
+ private:
+  struct State {
+    std::mutex mutex;
+    void* ptr[kMaxBlocks] = {};
+    size_t size[kMaxBlocks] = {};
+    size_t count = 0;
+    size_t total = 0;
+    bool enabled = true;
+  };
+  static State& state() {
+    static State* s = [] {
+      State* made = new State;  // never destroyed: no ordering issue at exit
+      const char* env = std::getenv("WESTAR_CPU_WORKSPACE_CACHE");
+      made->enabled = !(env != nullptr && std::strcmp(env, "0") == 0);
+      return made;
+    }();
+    return *s;
+  }
+};
+
 // Asks Linux for transparent huge pages on the 2 MiB-aligned part of [ptr, ptr + bytes)
 // before it is first touched: a fresh output of several MiB then costs a few page
 // faults instead of thousands. A hint only; nothing changes where THP is off.
@@ -109,6 +203,18 @@ inline void advise_huge_pages(void* ptr, size_t bytes) {
   (void)ptr;
   (void)bytes;
 #endif
+}
+
+// An uninitialized contiguous CPU tensor for a kernel's output; big ones come from the
+// OutputPool and go back to it when the tensor is freed.
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t numel = 1;
+  for (int64_t d : sizes) numel *= d;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (bytes < OutputPool::kMinBytes) return at::empty(sizes, options);
+  size_t size = 0;
+  void* p = OutputPool::take(bytes, &size);
+  return at::from_blob(p, sizes, [size](void* q) { OutputPool::give(q, size); }, options);
 }
 
 }  // namespace cpu
