@@ -28,9 +28,9 @@ namespace cpu {
 
 inline void advise_huge_pages(void* ptr, size_t bytes);
 
-// Big blocks are 2 MiB-aligned and advised for transparent huge pages once, when they are
-// allocated: the kernels' scattered writes then miss the TLB far less, and a reused block
-// keeps its huge pages.
+// Big output blocks are 2 MiB-aligned and advised for transparent huge pages once, when
+// they are allocated: writes to them miss the TLB far less, and a reused block keeps its
+// huge pages.
 constexpr size_t kHugePage = size_t(2) << 20;
 
 inline size_t block_alignment(size_t bytes) { return bytes >= 2 * kHugePage ? kHugePage : 64; }
@@ -59,7 +59,9 @@ class Workspace {
         c.size = 0;
       }
     }
-    if (ptr_ == nullptr) ptr_ = allocate_block(bytes);
+    // Scratch stays on small pages: it is sized for the worst case and touched sparsely
+    // (candidate blocks), and huge pages would commit all of it.
+    if (ptr_ == nullptr) ptr_ = ::operator new(bytes, std::align_val_t(kAlign));
   }
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
@@ -68,17 +70,15 @@ class Workspace {
     if (ptr_ == nullptr) return;
     Cache& c = cache();
     void* to_free = ptr_;
-    size_t free_size = size_;
     if (c.enabled) {
       std::lock_guard<std::mutex> lock(c.mutex);
       if (c.size < size_) {
         to_free = c.ptr;  // keep the larger block
-        free_size = c.size;
         c.ptr = ptr_;
         c.size = size_;
       }
     }
-    if (to_free != nullptr) free_block(to_free, free_size);
+    if (to_free != nullptr) ::operator delete(to_free, std::align_val_t(kAlign));
   }
 
   // Carves consecutive, aligned arrays out of the block (call with the sizes that
