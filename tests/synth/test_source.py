@@ -34,3 +34,26 @@ def test_source_model_loads_offline_and_predicts(monkeypatch, size):
     assert out.shape == (2, size, size)
     assert torch.isfinite(out).all()
     assert out.std() > 0
+
+
+def test_every_asset_is_packaged():
+    """pyproject's package-data patterns match every file under westar/assets, so a
+    regular (non-editable) install ships the source model (`assets/*` alone did not
+    descend into assets/source_model/, and `westar demo` failed after `pip install .`)."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["westar"]
+    package = root / "westar"
+    assets = [p for p in (package / "assets").rglob("*") if p.is_file()]
+    assert assets, "no assets found"
+    for path in assets:
+        rel = path.relative_to(package).as_posix()
+        # setuptools' glob: '*' does not cross '/'
+        assert any(
+            fnmatch.fnmatch(rel, pat) and rel.count("/") == pat.count("/") for pat in patterns
+        ), f"{rel} is not matched by package-data {patterns}"
