@@ -43,6 +43,16 @@ inline void* allocate_block(size_t bytes) {
 
 inline void free_block(void* p, size_t bytes) { ::operator delete(p, std::align_val_t(block_alignment(bytes))); }
 
+// WESTAR_CPU_WORKSPACE_CACHE=0 in the environment: free every block at the end of its
+// use instead of keeping it for the next call (read once per process).
+inline bool caches_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("WESTAR_CPU_WORKSPACE_CACHE");
+    return !(env != nullptr && std::strcmp(env, "0") == 0);
+  }();
+  return enabled;
+}
+
 class Workspace {
  public:
   static constexpr size_t kAlign = 64;
@@ -70,7 +80,7 @@ class Workspace {
     if (ptr_ == nullptr) return;
     Cache& c = cache();
     void* to_free = ptr_;
-    if (c.enabled) {
+    if (caches_enabled()) {
       std::lock_guard<std::mutex> lock(c.mutex);
       if (c.size < size_) {
         to_free = c.ptr;  // keep the larger block
@@ -100,15 +110,9 @@ class Workspace {
     std::mutex mutex;
     void* ptr = nullptr;
     size_t size = 0;
-    bool enabled = true;
   };
   static Cache& cache() {
-    static Cache* c = [] {
-      Cache* made = new Cache;  // never destroyed: no ordering issue at exit
-      const char* env = std::getenv("WESTAR_CPU_WORKSPACE_CACHE");
-      made->enabled = !(env != nullptr && std::strcmp(env, "0") == 0);
-      return made;
-    }();
+    static Cache* c = new Cache;  // never destroyed: no ordering issue at exit
     return *c;
   }
   static size_t round_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
@@ -156,7 +160,7 @@ class OutputPool {
 
   static void give(void* p, size_t size) {
     State& st = state();
-    if (st.enabled) {
+    if (caches_enabled()) {
       std::lock_guard<std::mutex> lock(st.mutex);
       if (st.count < kMaxBlocks && st.total + size <= kMaxBytes) {
         st.ptr[st.count] = p;
@@ -176,15 +180,9 @@ class OutputPool {
     size_t size[kMaxBlocks] = {};
     size_t count = 0;
     size_t total = 0;
-    bool enabled = true;
   };
   static State& state() {
-    static State* s = [] {
-      State* made = new State;  // never destroyed: no ordering issue at exit
-      const char* env = std::getenv("WESTAR_CPU_WORKSPACE_CACHE");
-      made->enabled = !(env != nullptr && std::strcmp(env, "0") == 0);
-      return made;
-    }();
+    static State* s = new State;  // never destroyed: no ordering issue at exit
     return *s;
   }
 };
