@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -69,6 +70,8 @@ def openmp_flags() -> list[str]:
     pragma is dropped and every "parallel" loop runs on one thread. torch ships its own
     libgomp.so.1; the loader reuses it (same soname), so one OpenMP runtime is in use.
     """
+    if not sys.platform.startswith("linux"):  # Apple clang has no -fopenmp: loops run serially
+        return []
     info = torch.__config__.parallel_info()
     if "backend: OpenMP" in info and "OpenMP not found" not in info:
         return ["-fopenmp"]
