@@ -36,6 +36,19 @@ def make_tiny_depth_anything(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_dpt(path: Path) -> Path:
+    """Save a tiny random-init DPTForDepthEstimation (ViT, patch 16, 64x64) to `path`."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = DPTConfig(
+        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
+        num_attention_heads=2, intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
+    )  # fmt: skip
+    DPTForDepthEstimation(config).save_pretrained(str(path))
+    return path
+
+
 def synthetic_scene(rng: np.random.Generator, h: int, w: int):
     """(rgb uint8, depth float32 meters, instances uint16) of boxes in front of a wall."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.trainer.helpers import make_tiny_dpt
 from westar.config import TrainConfig
 from westar.data import collate
 from westar.losses import lora_regularizer
@@ -274,16 +275,9 @@ def test_ablation_flag_then_explicit_flags(tiny_model):
 
 
 def test_dpt_model_gets_query_key_value(tmp_path):
-    from transformers import DPTConfig, DPTForDepthEstimation
-
     from westar.model import add_lora, load_depth_model, predict
 
-    config = DPTConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
-        num_attention_heads=2, intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
-        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
-    )  # fmt: skip
-    DPTForDepthEstimation(config).save_pretrained(str(tmp_path / "dpt"))
+    make_tiny_dpt(tmp_path / "dpt")
     dm = load_depth_model(str(tmp_path / "dpt"))
     names = find_attention_projections(dm.model)
     assert {n.rsplit(".", 1)[-1] for n in names} == {"query", "key", "value"}
@@ -294,14 +288,7 @@ def test_dpt_model_gets_query_key_value(tmp_path):
 
 
 def test_dpt_trains_through_the_same_code(tmp_path, dataset_root):
-    from transformers import DPTConfig, DPTForDepthEstimation
-
-    config = DPTConfig(
-        image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=4,
-        num_attention_heads=2, intermediate_size=64, backbone_out_indices=[0, 1, 2, 3],
-        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16,
-    )  # fmt: skip
-    DPTForDepthEstimation(config).save_pretrained(str(tmp_path / "dpt"))
+    make_tiny_dpt(tmp_path / "dpt")
     with pytest.raises(ValueError, match="multiples of 16"):
         Trainer(make_cfg(tmp_path / "dpt", dataset_root, tmp_path / "x", image_size=(56, 56)))
     cfg = make_cfg(tmp_path / "dpt", dataset_root, tmp_path / "run", image_size=None, steps=2)

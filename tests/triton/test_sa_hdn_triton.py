@@ -1,56 +1,23 @@
 """Triton sa_hdn ops vs the C++ CPU ops and westar_ops.reference (tiny images)."""
 
+from functools import partial
+
 import pytest
 import torch
 
+from tests.gpu.cases import TOL, case, to
 from westar_ops import ops, reference
 
-TOL = {  # (rtol, atol) for losses and gradients
-    torch.float32: (2e-5, 1e-6),
-    torch.float64: (1e-10, 1e-12),
-    torch.float16: (5e-3, 1e-4),
-    torch.bfloat16: (2e-2, 1e-3),
-}
 STATS_GRAD = ("none", "scale", "full")
 
 
-def _case(name, rng, dtype=torch.float32, batch=2, height=6, width=7):
-    """pred, target, instances, valid of a named scenario."""
-    pred = torch.randn(batch, height, width, generator=rng).to(dtype)
-    target = (torch.rand(batch, height, width, generator=rng) * 4 + 0.5).to(dtype)
-    instances, valid = None, None
-    if name == "global":
-        pass
-    elif name == "levels":  # three levels: grid cells, sparse huge ids, single pixels
-        grid = reference.grid_instances(batch, height, width, grids=(2,))[:, 0]
-        sparse = torch.randint(0, 3, (batch, height, width), generator=rng) * 700_000_001
-        sparse[0, 0, 0] = 2**31 - 1  # a one-pixel context with the largest id
-        single = torch.zeros(batch, height, width, dtype=torch.int64)
-        single[:, 1, 2] = 5
-        single[1, 3, 3] = 9
-        instances = torch.stack([grid.to(torch.int64), sparse, single], 1)
-    elif name == "invalid_nan":  # invalid pixels, NaN and inf targets, a whole-image id
-        instances = torch.randint(0, 4, (batch, 2, height, width), generator=rng, dtype=torch.int32)
-        instances[:, 1] = 3
-        valid = torch.rand(batch, height, width, generator=rng) > 0.25
-        target[0, 0, :4] = float("nan")
-        target[1, 2, 1] = float("inf")
-    elif name == "uint8_ties":  # uint8 ids, tied values in pred and target
-        instances = torch.randint(0, 3, (batch, 1, height, width), generator=rng).to(torch.uint8)
-        pred = torch.randint(-2, 3, (batch, height, width), generator=rng).to(dtype)
-        target = torch.randint(1, 4, (batch, height, width), generator=rng).to(dtype)
-    else:
-        raise ValueError(name)
-    return pred, target, instances, valid
-
-
-def _to(x, device):
-    return None if x is None else x.to(device)
+# The GPU suite's scenarios, at a size the interpreter runs quickly.
+_case = partial(case, height=6, width=7)
 
 
 def _cpu_forward(pred, target, instances, valid, include_global, eps, min_pixels):
     return torch.ops.westar_ops.sa_hdn_forward(
-        pred.cpu(), target.cpu(), _to(instances, "cpu"), _to(valid, "cpu"),
+        pred.cpu(), target.cpu(), to(instances, "cpu"), to(valid, "cpu"),
         include_global, eps, min_pixels, 2,
     )  # fmt: skip
 
@@ -82,7 +49,7 @@ def test_forward_outputs_match_cpu(name, path, rng, device, request):
     pred, target, instances, valid = _case(name, rng)
     args = (pred, target, instances, valid, True, 1e-6, 1)
     out_t = torch.ops.westar_triton.sa_hdn_forward(
-        pred.to(device), target.to(device), _to(instances, device), _to(valid, device),
+        pred.to(device), target.to(device), to(instances, device), to(valid, device),
         True, 1e-6, 1, 2,
     )  # fmt: skip
     _check_forward(out_t, _cpu_forward(*args), pred, torch.float32)
@@ -95,7 +62,7 @@ def test_forward_dtypes_match_cpu(dtype, path, rng, device, request):
         request.getfixturevalue("big_path")
     pred, target, instances, valid = _case("invalid_nan", rng, dtype=dtype, height=5, width=6)
     out_t = torch.ops.westar_triton.sa_hdn_forward(
-        pred.to(device), target.to(device), _to(instances, device), _to(valid, device),
+        pred.to(device), target.to(device), to(instances, device), to(valid, device),
         True, 1e-6, 1, 2,
     )  # fmt: skip
     _check_forward(out_t, _cpu_forward(pred, target, instances, valid, True, 1e-6, 1), pred, dtype)
@@ -110,7 +77,7 @@ def test_loss_and_grad_match_cpu_and_reference(name, stats_grad, rng, device):
     for backend in ("triton", "cpu", None):
         dev = device if backend == "triton" else "cpu"
         p = pred.to(dev).requires_grad_(True)
-        args = (p, target.to(dev), _to(instances, dev), _to(valid, dev))
+        args = (p, target.to(dev), to(instances, dev), to(valid, dev))
         if backend is None:
             loss = reference.sa_hdn_loss(*args, **kw)
         else:
@@ -134,7 +101,7 @@ def test_loss_and_grad_dtypes(dtype, stats_grad, rng, device, big_path):
     for backend, dev in (("triton", device), ("cpu", "cpu")):
         p = pred.to(dev).requires_grad_(True)
         loss = ops.sa_hdn_loss(
-            p, target.to(dev), _to(instances, dev), _to(valid, dev), backend=backend, **kw
+            p, target.to(dev), to(instances, dev), to(valid, dev), backend=backend, **kw
         )
         (grad,) = torch.autograd.grad(loss, p)
         assert loss.dtype == dtype and grad.dtype == dtype
@@ -182,7 +149,7 @@ def test_strided_inputs_and_nan_pred(rng, device):
     pred_t = pred.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
     inst_t = instances.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
     out_t = torch.ops.westar_triton.sa_hdn_forward(
-        pred_t.to(device), target.to(device), inst_t.to(device), _to(valid, device),
+        pred_t.to(device), target.to(device), inst_t.to(device), to(valid, device),
         True, 1e-6, 1, 2,
     )  # fmt: skip
     _check_forward(out_t, _cpu_forward(pred, target, instances, valid, True, 1e-6, 1), pred,
