@@ -629,7 +629,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   const acc_t* Q0 = target.data_ptr<acc_t>();
   const bool* V0 = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   const at::ScalarType stats_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-  const bool avx512 = std::is_same_v<acc_t, float> && cpu::use_avx512();
+  // One ISA decision per call: the id scan is ISA-only, the value loops are float32-only.
+  const bool cpu_avx512 = cpu::use_avx512();
+  const bool avx512 = std::is_same_v<acc_t, float> && cpu_avx512;
 
 #ifdef WESTAR_PROFILE_PHASES  // build with -DWESTAR_PROFILE_PHASES: CPU time per phase on stderr
   auto cpu_ms = [] {
@@ -675,7 +677,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
       const int64_t l = c - G;
       AT_DISPATCH_INTEGRAL_TYPES(instances.scalar_type(), "sa_hdn_forward_cpu", [&] {
         const scalar_t* ids = instances.data_ptr<scalar_t>() + (b * L + l) * hw;
-        label_instances<scalar_t>(ids, U0 + b * hw, hw, planes[pi], cpu::use_avx512());
+        label_instances<scalar_t>(ids, U0 + b * hw, hw, planes[pi], cpu_avx512);
       });
     }
   });
