@@ -202,7 +202,7 @@ def _select_bits(key, m, krank, BITS: tl.constexpr):
     less = tl.sum(tl.zeros_like(krank + m.to(tl.int32)), 0)
     kr = krank
     for i in tl.static_range(BITS):
-        bp: tl.constexpr = BITS - 1 - i
+        bp = BITS - 1 - i  # constexpr (static_range); Triton >= 3.6 forbids re-annotating it
         bit = ((key >> bp) & 1).to(tl.int32)
         if bp == BITS - 1:
             bit = 1 - bit
