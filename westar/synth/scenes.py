@@ -539,6 +539,46 @@ def _occluded(prims, p, ldir):
     return occ
 
 
+def _hit_surfaces(prims, mats, pos, d, cam, H, W, what="scene"):
+    """Cast the camera rays and look up what they hit.
+
+    Returns t (N,) z-depth, p (N, 3) hit points, normals (N, 3), base colours (N, 3) from
+    each primitive's material (`mats[k].color(local point)`), instance ids (N,) int32 and
+    the index of the primitive hit (N,) int32. Raises if a ray escapes (infinite depth).
+    """
+    o = np.broadcast_to(pos, d.shape)
+    t, idx = _cast(prims, pos, d, cam, H, W)
+    if not np.all(np.isfinite(t)):  # the generators close their scenes; be safe
+        raise RuntimeError(f"{what}: rays escaped the scene")
+    p = o + t[:, None] * d
+    rgb = np.zeros((len(d), 3), np.float32)
+    normals = np.zeros((len(d), 3), np.float32)
+    inst = np.zeros(len(d), np.int32)
+    for k, pr in enumerate(prims):
+        sel = np.nonzero(idx == k)[0]
+        if len(sel) == 0:
+            continue
+        pk = p[sel]
+        normals[sel] = pr.normal(pk)
+        rgb[sel] = mats[k].color(pr.local(pk))
+        inst[sel] = pr.inst
+    return t, p, normals, rgb, inst, idx
+
+
+def _sun_shading(prims, p, normals, ldir, shadows=True):
+    """Lambert factor (N,) in [0, 1] of a directional light `ldir`, 0 where an object
+    (not a plane) stands between the point and the light when `shadows`."""
+    lam = np.clip(normals @ ldir, 0, None)
+    if not shadows:
+        return lam
+    lit = lam > 0
+    pl = p[lit] + normals[lit] * 1e-3
+    occ = _occluded(prims, pl, ldir)
+    shade = lam.copy()
+    shade[np.nonzero(lit)[0][occ]] = 0.0
+    return shade
+
+
 def render_scene(seed: int, params: SceneParams | None = None) -> Scene:
     """Render one random scene, fully determined by `seed` (and `params`)."""
     prm = params or SceneParams()
@@ -559,31 +599,8 @@ def render_scene(seed: int, params: SceneParams | None = None) -> Scene:
     exposure = np.float32(rng.uniform(0.9, 1.3))
 
     H, W = prm.height, prm.width
-    o = np.broadcast_to(pos, d.shape)
-    t, idx = _cast(prims, pos, d, cam, H, W)
-    if not np.all(np.isfinite(t)):  # cannot happen in a closed room; be safe
-        raise RuntimeError(f"scene {seed}: rays escaped the room")
-    p = o + t[:, None] * d
-    rgb = np.zeros((len(d), 3), np.float32)
-    normals = np.zeros((len(d), 3), np.float32)
-    inst = np.zeros(len(d), np.int32)
-    for k, pr in enumerate(prims):
-        sel = np.nonzero(idx == k)[0]
-        if len(sel) == 0:
-            continue
-        pk = p[sel]
-        normals[sel] = pr.normal(pk)
-        rgb[sel] = mats[k].color(pr.local(pk))
-        inst[sel] = pr.inst
-    lam = np.clip(normals @ ldir, 0, None)
-    if prm.shadows:
-        lit = lam > 0
-        pl = p[lit] + normals[lit] * 1e-3
-        occ = _occluded(prims, pl, ldir)
-        shade = lam.copy()
-        shade[np.nonzero(lit)[0][occ]] = 0.0
-    else:
-        shade = lam
+    t, p, normals, rgb, inst, _ = _hit_surfaces(prims, mats, pos, d, cam, H, W, f"scene {seed}")
+    shade = _sun_shading(prims, p, normals, ldir, prm.shadows)
     # a soft fall-off with distance from the camera (lamp near the viewer), mild
     fall = 1.0 / (1.0 + 0.02 * t)
     col = rgb * (ambient + (1 - ambient) * shade[:, None] * light_col) * (fall * exposure)[:, None]
