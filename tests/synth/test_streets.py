@@ -211,3 +211,27 @@ def test_rooms_are_bit_identical_to_before(key):
     for a in (s.image, s.depth, s.instances):
         digest.update(np.ascontiguousarray(a).tobytes())
     assert digest.hexdigest() == ROOM_HASHES[key]
+
+
+@pytest.mark.parametrize("family", ["room", "street"])
+def test_pixel_windows_and_shadow_index_change_nothing(family, monkeypatch):
+    """The cast's per-primitive pixel windows and the shadow test's light-space index are
+    shortcuts: testing every primitive on every pixel and every shadow ray against every
+    object (a brute-force reference) gives the same images, depths and ids."""
+    from westar.synth import scenes
+
+    def occluded_brute_force(prims, p, ldir):
+        occ = np.zeros(len(p), bool)
+        for pr in prims:
+            if scenes._bounding_sphere(pr) is not None:  # objects only, as documented
+                occ |= np.isfinite(pr.intersect(p, np.broadcast_to(ldir, p.shape)))
+        return occ
+
+    fast = [render(family, s, 48, 64) for s in range(6)]
+    monkeypatch.setattr(scenes, "_screen_window", lambda *a: None)
+    monkeypatch.setattr(scenes, "_occluded", occluded_brute_force)
+    for s, a in enumerate(fast):
+        b = render(family, s, 48, 64)
+        np.testing.assert_array_equal(a.depth, b.depth)
+        np.testing.assert_array_equal(a.instances, b.instances)
+        np.testing.assert_array_equal(a.image, b.image)

@@ -482,6 +482,8 @@ def _screen_window(pr, pos, cam, H, W):
     Returns None for "test every pixel" (planes, or a bound that reaches behind the
     camera) and an empty window when the primitive is out of view.
     """
+    if isinstance(pr, _Box):
+        return _box_window(pr, pos, cam, H, W)
     bs = _bounding_sphere(pr)
     if bs is None:
         return None
@@ -493,6 +495,37 @@ def _screen_window(pr, pos, cam, H, W):
     fx = cam["fx"]
     gx = [(xc + a) / (zc + b) for a in (-R, R) for b in (-R, R)]
     gy = [(yc + a) / (zc + b) for a in (-R, R) for b in (-R, R)]
+    return _pixel_window(gx, gy, fx, H, W)
+
+
+_CORNER_SIGNS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
+_BOX_EDGES = [(i, j) for i in range(8) for j in range(i + 1, 8) if bin(i ^ j).count("1") == 1]
+
+
+def _box_window(pr, pos, cam, H, W):
+    """Pixel window of a box: the projection of the box clipped to the half-space in front
+    of the camera (its corners there and the points where its edges cross the near plane);
+    tighter than a bounding sphere for long boxes, and valid when one reaches behind."""
+    corners = pr.c.astype(float) + (_CORNER_SIGNS * pr.h) @ pr.R.T.astype(float)
+    v = corners - pos
+    x, y, z = v @ cam["right"], v @ cam["up"], v @ cam["forward"]
+    near = _EPS  # rays hit at t > _EPS; t is the z-depth
+    px, py, pz = list(x[z >= near]), list(y[z >= near]), list(z[z >= near])
+    for i, j in _BOX_EDGES:
+        if (z[i] < near) != (z[j] < near):
+            f = (near - z[i]) / (z[j] - z[i])
+            px.append(x[i] + f * (x[j] - x[i]))
+            py.append(y[i] + f * (y[j] - y[i]))
+            pz.append(near)
+    if not pz:
+        return 0, 0, 0, 0
+    gx = [a / b for a, b in zip(px, pz)]
+    gy = [a / b for a, b in zip(py, pz)]
+    return _pixel_window(gx, gy, cam["fx"], H, W)
+
+
+def _pixel_window(gx, gy, fx, H, W):
+    """Conservative pixel window around image-plane points (x/z, y/z)."""
     j0 = math.floor(min(gx) * fx + W / 2 - 0.5) - 1
     j1 = math.ceil(max(gx) * fx + W / 2 - 0.5) + 2
     i0 = math.floor(H / 2 - 0.5 - max(gy) * fx) - 1
@@ -521,19 +554,42 @@ def _cast(prims, pos, d, cam, H, W):
 
 
 def _occluded(prims, p, ldir):
-    """Whether the ray from p towards the (directional) light hits an object."""
+    """Whether the ray from p towards the (directional) light hits an object.
+
+    Points are indexed by their coordinates across the light (sorted along one axis), so
+    each object only tests the points whose shadow rays can pass near its bounding sphere;
+    the exact bounding-sphere test and the intersection then run on those alone (the result
+    is the same as testing every point against every object).
+    """
     occ = np.zeros(len(p), bool)
+    if len(p) == 0:
+        return occ
+    l64 = ldir.astype(np.float64)
+    e1 = np.cross(l64, [0.0, 0.0, 1.0] if abs(l64[2]) < 0.9 else [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(l64, e1)
+    a, b = p @ e1, p @ e2
+    order = np.argsort(a, kind="stable")
+    a_sorted = a[order]
     for pr in prims:
         bs = _bounding_sphere(pr)
         if bs is None:
             continue
         c, R = bs
-        v = c - p
+        # generous margin: the float32 test below may accept slightly beyond R
+        m = 1.01 * R + 0.05
+        ca, cb = float(c @ e1), float(c @ e2)
+        lo, hi = np.searchsorted(a_sorted, [ca - m, ca + m])
+        near = order[lo:hi]
+        near = near[np.abs(b[near] - cb) <= m]
+        if len(near) == 0:
+            continue
+        v = c - p[near]
         tca = v @ ldir
-        cand = (tca > -R) & (np.einsum("ij,ij->i", v, v) - tca * tca <= R * R) & ~occ
+        cand = (tca > -R) & (np.einsum("ij,ij->i", v, v) - tca * tca <= R * R) & ~occ[near]
         if not cand.any():
             continue
-        sel = np.nonzero(cand)[0]
+        sel = near[cand]
         t = pr.intersect(p[sel], np.broadcast_to(ldir, (len(sel), 3)))
         occ[sel[np.isfinite(t)]] = True
     return occ

@@ -292,6 +292,7 @@ class _Objects:
     def __init__(self):
         self.prims, self.mats, self.meta = [], [], []
         self.next_id = FIRST_OBJECT_ID
+        self.n_ground = 0  # the first n_ground primitives are the road and the sidewalks
 
     def add_surface(self, prim, mat):
         self.prims.append(prim)
@@ -460,6 +461,7 @@ def _build_street(rng, lattice, prm: StreetParams):
         half = (20.0, _CURB / 2, (z1 - z0) / 2)
         center = (curb + side * 20.0, _CURB / 2, (z0 + z1) / 2)
         objs.add_surface(_Box(center, half, 0.0, inst), _Paving(rng, lattice, curb_x=-side * 20.0))
+    objs.n_ground = len(objs.prims)
     z_end = back - 16.0
     for side, curb in ((-1, left_curb), (1, right_curb)):
         _buildings(rng, lattice, objs, side, curb + side * walk_w, z_end)
@@ -520,11 +522,13 @@ def render_street(seed: int, params: StreetParams | None = None) -> Scene:
 
     H, W = prm.height, prm.width
     t, p, normals, rgb, inst, _ = _hit_surfaces(prims, mats, pos, d, cam, H, W, f"street {seed}")
-    shade = _sun_shading(prims, p, normals, ldir, prm.shadows)
+    is_sky = inst == SKY_ID
+    normals[is_sky] = 0  # the sky is not lit: no shadow rays from it
+    # the objects cast the shadows (a 15 cm curb's shadow is not worth a test per pixel)
+    shade = _sun_shading(objs.prims[objs.n_ground :], p, normals, ldir, prm.shadows)
     col = rgb * (skylight + shade[:, None] * sun) * exposure
     fog = 1.0 - np.exp(-np.clip(t - 15.0, 0, None) / haze_len)
     col = col * (1 - fog[:, None]) + haze_col * fog[:, None]
-    is_sky = inst == SKY_ID
     col[is_sky] = rgb[is_sky]  # the sky is its own light, already horizon-hazed
     img = np.clip(col, 0, 1) ** (1 / 1.8)
     image = (img * 255 + 0.5).astype(np.uint8).reshape(H, W, 3)
