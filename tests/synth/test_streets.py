@@ -235,3 +235,13 @@ def test_pixel_windows_and_shadow_index_change_nothing(family, monkeypatch):
         np.testing.assert_array_equal(a.depth, b.depth)
         np.testing.assert_array_equal(a.instances, b.instances)
         np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_sky_depth_can_be_marked_invalid():
+    a = render_street(5, SMALL)
+    b = render_street(5, StreetParams(height=56, width=84, sky_depth=False))
+    sky = a.instances == SKY_ID
+    assert sky.any() and (b.depth[sky] == 0).all()
+    np.testing.assert_array_equal(a.depth[~sky], b.depth[~sky])
+    assert (b.depth[~sky] > 0).all()
+    np.testing.assert_array_equal(a.image, b.image)

@@ -499,7 +499,9 @@ def _screen_window(pr, pos, cam, H, W):
 
 
 _CORNER_SIGNS = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
-_BOX_EDGES = [(i, j) for i in range(8) for j in range(i + 1, 8) if bin(i ^ j).count("1") == 1]
+_BOX_EDGES = np.array(
+    [(i, j) for i in range(8) for j in range(i + 1, 8) if bin(i ^ j).count("1") == 1]
+).T  # (2, 12) corner indices
 
 
 def _box_window(pr, pos, cam, H, W):
@@ -510,17 +512,17 @@ def _box_window(pr, pos, cam, H, W):
     v = corners - pos
     x, y, z = v @ cam["right"], v @ cam["up"], v @ cam["forward"]
     near = _EPS  # rays hit at t > _EPS; t is the z-depth
-    px, py, pz = list(x[z >= near]), list(y[z >= near]), list(z[z >= near])
-    for i, j in _BOX_EDGES:
-        if (z[i] < near) != (z[j] < near):
-            f = (near - z[i]) / (z[j] - z[i])
-            px.append(x[i] + f * (x[j] - x[i]))
-            py.append(y[i] + f * (y[j] - y[i]))
-            pz.append(near)
-    if not pz:
+    front = z >= near
+    if front.all():
+        return _pixel_window(x / z, y / z, cam["fx"], H, W)
+    i, j = _BOX_EDGES
+    cross = front[i] != front[j]
+    if not front.any():
         return 0, 0, 0, 0
-    gx = [a / b for a, b in zip(px, pz)]
-    gy = [a / b for a, b in zip(py, pz)]
+    i, j = i[cross], j[cross]
+    f = (near - z[i]) / (z[j] - z[i])
+    gx = np.concatenate([x[front] / z[front], (x[i] + f * (x[j] - x[i])) / near])
+    gy = np.concatenate([y[front] / z[front], (y[i] + f * (y[j] - y[i])) / near])
     return _pixel_window(gx, gy, cam["fx"], H, W)
 
 

@@ -15,7 +15,8 @@ view 60-90 degrees) looks along a straight street:
 - a sky: a backdrop of planes (far wall at 60-75 m, side walls at 60 m, a lid, one behind
   the camera) with a sky gradient and clouds, unshaded and haze-coloured at the horizon.
   So every pixel has a finite, positive depth (max about 80 m, the KITTI cap), like rooms;
-  the sky's depth is that of a backdrop, a choice of this generator, not a physical value.
+  the sky's depth is that of a backdrop, a choice of this generator, not a physical value
+  (``StreetParams(sky_depth=False)`` writes 0, "invalid", there instead, as lidar would).
 
 Lighting differs from rooms: a sun low over the horizon (elevation 8-40 degrees, any
 azimuth) with warm or cool colour and long shadows, a blue skylight ambient, no fall-off
@@ -90,6 +91,8 @@ class StreetParams:
     backdrop_distance: tuple[float, float] = (60.0, 75.0)  # far sky wall, along the street
     n_cars: tuple[int, int] = (2, 8)  # inclusive range
     shadows: bool = True
+    # False: depth 0 (invalid in the dataset format) on sky pixels, as in real driving data
+    sky_depth: bool = True
 
 
 _SIDE_SKY = 60.0  # the side sky walls, |x| in meters
@@ -540,9 +543,12 @@ def render_street(seed: int, params: StreetParams | None = None) -> Scene:
         sun=dict(direction=ldir.tolist(), color=sun.tolist()),
         objects=objs.meta,
     )
+    depth = t.reshape(H, W).astype(np.float32)
+    if not prm.sky_depth:
+        depth[is_sky.reshape(H, W)] = 0.0
     return Scene(
         image=image,
-        depth=t.reshape(H, W).astype(np.float32),
+        depth=depth,
         instances=inst.reshape(H, W),
         meta=meta,
     )
