@@ -19,7 +19,8 @@ view 60-90 degrees) looks along a straight street:
   (``StreetParams(sky_depth=False)`` writes 0, "invalid", there instead, as lidar would).
 
 Lighting differs from rooms: a sun low over the horizon (elevation 8-40 degrees, any
-azimuth) with warm or cool colour and long shadows, a blue skylight ambient, no fall-off
+azimuth) with warm or cool colour and long shadows (a quarter of the days overcast: weak
+sun, bright grey sky), a blue skylight ambient, no fall-off
 towards the camera, and aerial perspective (haze that starts beyond 15 m).
 
 `render_street(seed)` returns a `Scene` with
@@ -251,11 +252,13 @@ class _Sky:
     """Backdrop planes (world coordinates): horizon-to-zenith gradient by the elevation
     angle seen from the camera, and soft clouds."""
 
-    def __init__(self, rng, lattice, cam_pos, horizon):
+    def __init__(self, rng, lattice, cam_pos, horizon, overcast=False):
         self.horizon = np.asarray(horizon, np.float32)
         self.zenith = _hsv(rng.uniform(0.55, 0.64), rng.uniform(0.35, 0.7), rng.uniform(0.6, 0.9))
+        if overcast:  # grey sky, full of cloud
+            self.zenith = 0.3 * self.zenith + 0.7 * np.array([0.7, 0.72, 0.75])
         self.zenith = self.zenith.astype(np.float32)
-        self.cloud = np.float32(rng.uniform(0.0, 0.8))
+        self.cloud = np.float32(rng.uniform(1.3, 1.6) if overcast else rng.uniform(0.0, 1.0))
         self.cloud_col = np.array([0.97, 0.97, 0.99], np.float32) * rng.uniform(0.8, 1.0)
         self.pos = np.asarray(cam_pos, np.float32)
         self.lattice = lattice
@@ -265,10 +268,10 @@ class _Sky:
         elev = np.arctan2(v[:, 1], np.hypot(v[:, 0], v[:, 2]))
         m = np.clip(elev / 0.6, 0, 1)[:, None] ** 0.7
         c = (1 - m) * self.horizon + m * self.zenith
-        cl = _value_noise(p * np.float32([1, 2.5, 1]), self.lattice, 6.0)
-        cl += 0.5 * _value_noise(p, self.lattice, 1.5)
-        a = (np.clip(cl - 0.75, 0, 1) * 3 * self.cloud * np.clip(elev / 0.05, 0, 1))[:, None]
-        a = np.clip(a, 0, 1)
+        cl = _value_noise(p * np.float32([1, 2.5, 1]), self.lattice, 12.0)
+        cl += 0.25 * _value_noise(p, self.lattice, 3.0)
+        a = np.clip((cl - 1.0 + 0.5 * self.cloud) * 3, 0, 1) * np.clip(elev / 0.05, 0, 1)
+        a = a[:, None]
         return ((1 - a) * c + a * self.cloud_col).astype(np.float32)
 
 
@@ -417,7 +420,7 @@ def _cars(rng, lattice, objs, prm, road_cx, road_w, z_end):
         yaw = rng.uniform(-0.04, 0.04) + (math.pi if rng.uniform() < 0.5 else 0.0)
         paint = np.asarray(_CAR_PAINT[rng.integers(len(_CAR_PAINT))]) * rng.uniform(0.85, 1.05)
         body = _Flat(np.clip(paint, 0, 1), lattice, 0.04, 1.0)
-        glass = _Flat((0.08, 0.1, 0.13), lattice, 0.2, 0.5)
+        glass = _Flat(np.array([0.2, 0.24, 0.3]) * rng.uniform(0.6, 1.2), lattice, 0.3, 0.5)
         dark = _Flat((0.04, 0.04, 0.04), lattice, 0.1, 0.3)
         hw = rng.uniform(0.85, 1.0)
         if van:
@@ -503,7 +506,8 @@ def render_street(seed: int, params: StreetParams | None = None) -> Scene:
     objs, street = _build_street(rng, lattice, prm)
     pos, d, cam = _camera(rng, prm, dict(ceiling=False, width=2.0 / 0.3))
 
-    # sun: low, any azimuth; warm (evening) to cool (hazy noon) colour
+    # sun: low, any azimuth; warm (evening) to cool (hazy noon) colour; on an overcast day
+    # weak (soft shadows) under a bright grey sky
     el = math.radians(rng.uniform(8.0, 40.0))
     az = rng.uniform(0.0, 2 * math.pi)
     ldir = np.array(
@@ -512,12 +516,16 @@ def render_street(seed: int, params: StreetParams | None = None) -> Scene:
     warm = rng.uniform()
     sun = warm * np.array([1.25, 1.0, 0.7]) + (1 - warm) * np.array([1.0, 1.02, 1.08])
     sun = sun.astype(np.float32)
-    skylight = (rng.uniform(0.22, 0.4) * np.array([0.85, 0.95, 1.15])).astype(np.float32)
+    skylight = rng.uniform(0.22, 0.4) * np.array([0.85, 0.95, 1.15])
+    overcast = rng.uniform() < 0.25
+    if overcast:
+        sun, skylight = 0.25 * sun, 1.8 * skylight
+    sun, skylight = sun.astype(np.float32), skylight.astype(np.float32)
     haze_col = (0.75 * np.array([0.8, 0.85, 0.95]) + 0.25 * sun / sun.max()).astype(np.float32)
     haze_len = np.float32(rng.uniform(80.0, 300.0))
     exposure = np.float32(rng.uniform(0.9, 1.15))
 
-    sky = _Sky(rng, lattice, pos, haze_col)
+    sky = _Sky(rng, lattice, pos, haze_col, overcast)
     back = street["backdrop_distance"]
     planes = [_Plane((0, 0, -1), -back, SKY_ID, (0, 1)), *_sky_planes()]
     prims = objs.prims + planes
@@ -540,7 +548,7 @@ def render_street(seed: int, params: StreetParams | None = None) -> Scene:
         family="street",
         camera=cam,
         street=street,
-        sun=dict(direction=ldir.tolist(), color=sun.tolist()),
+        sun=dict(direction=ldir.tolist(), color=sun.tolist(), overcast=bool(overcast)),
         objects=objs.meta,
     )
     depth = t.reshape(H, W).astype(np.float32)
