@@ -51,11 +51,13 @@ def test_bad_size_is_one_clear_error():
 
 
 def test_depth_range():
-    maxima, minima = [], []
+    maxima, minima, sky_seen = [], [], 0
     for seed in range(12):
         s = render_street(seed, SMALL)
         maxima.append(float(s.depth.max()))
         minima.append(float(s.depth.min()))
+        sky_seen += bool((s.instances == SKY_ID).any())
+    assert sky_seen >= 10
     assert min(minima) > 0.3
     assert max(maxima) < 100.0
     assert sum(m > 50.0 for m in maxima) >= 10  # most streets see far down the road
@@ -64,9 +66,12 @@ def test_depth_range():
 def test_far_more_depth_than_rooms():
     street = np.stack([render_street(s, SMALL).depth for s in range(8)])
     room = np.stack([render_scene(s, SceneParams(height=56, width=84)).depth for s in range(8)])
-    assert np.median(street) > 2.5 * np.median(room)
+    # the road near the camera fills the lower half of a street image, so medians differ
+    # less than means and the far tail
+    assert np.median(street) > 2 * np.median(room)
     assert street.mean() > 2.5 * room.mean()
-    assert street.max() > 3 * room.max() or street.max() > 55.0
+    assert np.percentile(street, 90) > 3 * np.percentile(room, 90)
+    assert street.max() > 3 * room.max()
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -78,7 +83,7 @@ def test_instance_ids_are_the_documented_ones(seed):
     present = set(np.unique(s.instances).tolist())
     assert present <= {ROAD_ID, LEFT_SIDEWALK_ID, RIGHT_SIDEWALK_ID, SKY_ID, *ids}
     assert 0 not in present
-    assert {ROAD_ID, SKY_ID} <= present
+    assert ROAD_ID in present  # the sky may be hidden by tall blocks: see test_depth_range
     assert {LEFT_SIDEWALK_ID, RIGHT_SIDEWALK_ID} & present
     kinds_seen = {o["kind"] for o in s.meta["objects"] if o["id"] in present}
     assert "building" in kinds_seen

@@ -6,7 +6,7 @@ view 60-90 degrees) looks along a straight street:
 
 - a road (the ground plane, asphalt with lane markings) between two raised sidewalks
   (15 cm curbs, paving slabs) that also run under the buildings, so alleys show pavement;
-- building blocks (boxes) on both sides, 5-35 m high, with facades of brick, plaster,
+- building blocks (boxes) on both sides, 4-35 m high (a suburb to downtown), with facades of brick, plaster,
   concrete or glass and a grid of windows, sometimes with alleys between them;
 - lamp posts (thin cylinder + arm + lamp box) and trees (trunk cylinder + sphere crown)
   along the curbs, cars and the odd van (a body, a cabin and a dark underbody, all boxes)
@@ -314,7 +314,7 @@ class _Objects:
         self.meta.append(dict(id=oid, kind=kind, parts=[_geometry(pr) for pr, _ in parts]))
 
 
-def _buildings(rng, lattice, objs, side, facade_x, z_end):
+def _buildings(rng, lattice, objs, side, facade_x, z_end, max_height):
     """Blocks along one side (side -1 left, +1 right) from behind the camera to z_end."""
     z = rng.uniform(-14.0, -6.0)
     while z < z_end:
@@ -324,7 +324,7 @@ def _buildings(rng, lattice, objs, side, facade_x, z_end):
         z1 = min(z + length, z_end + 4)
         setback = rng.uniform(0.0, 1.5) if rng.uniform() < 0.5 else 0.0
         deep = rng.uniform(8.0, 20.0)
-        tall = rng.uniform(5.0, 35.0) if rng.uniform() < 0.7 else rng.uniform(5.0, 14.0)
+        tall = rng.uniform(4.0, max_height) if rng.uniform() < 0.8 else rng.uniform(4.0, 10.0)
         x_front = facade_x + side * setback
         half = np.array([deep / 2, tall / 2, (z1 - z) / 2])
         center = (x_front + side * deep / 2, tall / 2, (z + z1) / 2)
@@ -469,8 +469,9 @@ def _build_street(rng, lattice, prm: StreetParams):
         objs.add_surface(_Box(center, half, 0.0, inst), _Paving(rng, lattice, curb_x=-side * 20.0))
     objs.n_ground = len(objs.prims)
     z_end = back - 16.0
+    max_height = rng.uniform(8.0, 35.0)  # from a suburb to downtown
     for side, curb in ((-1, left_curb), (1, right_curb)):
-        _buildings(rng, lattice, objs, side, curb + side * walk_w, z_end)
+        _buildings(rng, lattice, objs, side, curb + side * walk_w, z_end, max_height)
     for side, curb in ((-1, left_curb), (1, right_curb)):
         _street_furniture(rng, lattice, objs, side, curb, walk_w, z_end)
     _cars(rng, lattice, objs, prm, road_cx, road_w, z_end)
