@@ -157,8 +157,8 @@ class _Asphalt:
         self.offset = np.float32(rng.uniform(0, 10))
 
     def color(self, p):
-        n = _value_noise(p, self.lattice, 0.08) + 0.5 * _value_noise(p, self.lattice, 1.5)
-        c = self.base[None] * (0.75 + 0.35 * n[:, None])
+        n = _value_noise(p, self.lattice, 0.08)
+        c = self.base[None] * (0.8 + 0.35 * n[:, None])
         x = p[:, 0] - self.cx
         z = p[:, 2] + self.offset
         centre = (np.abs(x) < 0.08) & (np.mod(z / self.dash, 1.0) < 0.45)
@@ -298,19 +298,25 @@ class _Objects:
     def __init__(self):
         self.prims, self.mats, self.meta = [], [], []
         self.next_id = FIRST_OBJECT_ID
-        self.n_ground = 0  # the first n_ground primitives are the road and the sidewalks
+        # the primitives tested for sun shadows: the objects, not the road and sidewalks (a
+        # 15 cm curb's shadow is not worth a test per pixel) nor the lamp heads
+        self.casters = []
 
-    def add_surface(self, prim, mat):
+    def add_surface(self, prim, mat, casts_shadow=False):
         self.prims.append(prim)
         self.mats.append(mat)
+        if casts_shadow:
+            self.casters.append(prim)
 
-    def add_object(self, kind, parts):
-        """parts: [(primitive with inst=None, material)]; gives them all a new id."""
+    def add_object(self, kind, parts, n_casters=None):
+        """parts: [(primitive with inst=None, material)], the first `n_casters` (all if None)
+        cast shadows; gives them all a new id."""
         oid = self.next_id
         self.next_id += 1
-        for pr, mat in parts:
+        n_casters = len(parts) if n_casters is None else n_casters
+        for k, (pr, mat) in enumerate(parts):
             pr.inst = oid
-            self.add_surface(pr, mat)
+            self.add_surface(pr, mat, casts_shadow=k < n_casters)
         self.meta.append(dict(id=oid, kind=kind, parts=[_geometry(pr) for pr, _ in parts]))
 
 
@@ -377,7 +383,7 @@ def _street_furniture(rng, lattice, objs, side, curb_x, walk_w, z_end):
                 _Flat((0.95, 0.93, 0.8), lattice, 0.02),
             ),
         ]
-        objs.add_object("lamp_post", parts)
+        objs.add_object("lamp_post", parts, n_casters=1)  # the pole's shadow, not the head's
         if rng.uniform() < 0.7:  # a tree between this post and the next
             tz = z + spacing * rng.uniform(0.35, 0.65)
             if tz < z_end:
@@ -467,7 +473,6 @@ def _build_street(rng, lattice, prm: StreetParams):
         half = (20.0, _CURB / 2, (z1 - z0) / 2)
         center = (curb + side * 20.0, _CURB / 2, (z0 + z1) / 2)
         objs.add_surface(_Box(center, half, 0.0, inst), _Paving(rng, lattice, curb_x=-side * 20.0))
-    objs.n_ground = len(objs.prims)
     z_end = back - 16.0
     max_height = rng.uniform(8.0, 35.0)  # from a suburb to downtown
     for side, curb in ((-1, left_curb), (1, right_curb)):
@@ -536,8 +541,7 @@ def render_street(seed: int, params: StreetParams | None = None) -> Scene:
     t, p, normals, rgb, inst, _ = _hit_surfaces(prims, mats, pos, d, cam, H, W, f"street {seed}")
     is_sky = inst == SKY_ID
     normals[is_sky] = 0  # the sky is not lit: no shadow rays from it
-    # the objects cast the shadows (a 15 cm curb's shadow is not worth a test per pixel)
-    shade = _sun_shading(objs.prims[objs.n_ground :], p, normals, ldir, prm.shadows)
+    shade = _sun_shading(objs.casters, p, normals, ldir, prm.shadows)
     col = rgb * (skylight + shade[:, None] * sun) * exposure
     fog = 1.0 - np.exp(-np.clip(t - 15.0, 0, None) / haze_len)
     col = col * (1 - fog[:, None]) + haze_col * fog[:, None]
