@@ -298,7 +298,9 @@ def sa_hdn_loss(
             dtype differs from pred's, both are computed in pred's compute dtype
             (float32 for half pred, else pred's dtype).
         instances: None, (B, H, W) or (B, L, H, W) integer ids; every id > 0 of a level
-            is one context, 0 means none. Ids may be sparse and up to 2**31 - 1.
+            is one context, 0 means none. Ids may be sparse and up to 2**31 - 1;
+            a negative id or one of 2**31 and above raises ValueError. At most
+            2**31 - 2 memberships (levels x B x H x W; docs/ops.md, Limits).
         valid: None or (B, H, W) bool; pixels that are False, or whose target is not
             finite, belong to no context.
         include_global: add one context of all valid pixels per image.

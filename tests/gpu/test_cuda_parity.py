@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 import westar_ops  # noqa: E402
-from westar_ops import ops, reference  # noqa: E402
+from westar_ops import ops  # noqa: E402
 
 if not westar_ops.build_info()["with_cuda"]:
     pytest.skip(
@@ -28,20 +28,23 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     import westar_ops.triton  # noqa: E402,F401  (registers torch.ops.westar_triton)
 
-from tests.gpu.cases import DTYPES, SCENARIOS, TOL  # noqa: E402
-from tests.gpu.cases import case as _case  # noqa: E402
-from tests.gpu.cases import check_forward as _check_forward  # noqa: E402
-from tests.gpu.cases import to as _to  # noqa: E402
+from tests.matrix import (  # noqa: E402
+    DTYPES,
+    SCENARIOS,
+    assert_backends_agree,
+    ordinal_case,
+    raw_forward,  # noqa: E402
+)
+from tests.matrix import case as _case  # noqa: E402
+from tests.matrix import check_forward as _check_forward  # noqa: E402
+from tests.matrix import to as _to  # noqa: E402
 
 DEV = "cuda"
 OPS = torch.ops.westar_ops
 
 
 def _forward(pred, target, instances, valid, device, include_global=True, eps=1e-6, min_pixels=1):
-    return OPS.sa_hdn_forward(
-        pred.to(device), target.to(device), _to(instances, device), _to(valid, device),
-        include_global, eps, min_pixels, 2,
-    )  # fmt: skip
+    return raw_forward(OPS, pred, target, instances, valid, device, include_global, eps, min_pixels)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -63,9 +66,7 @@ def test_forward_dtypes_match_cpu(name, dtype, rng):
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_forward_outputs_match_triton(name, rng):
     pred, target, instances, valid = _case(name, rng)
-    out_t = torch.ops.westar_triton.sa_hdn_forward(
-        pred.to(DEV), target.to(DEV), _to(instances, DEV), _to(valid, DEV), True, 1e-6, 1, 2
-    )
+    out_t = raw_forward(torch.ops.westar_triton, pred, target, instances, valid, DEV)
     out_c = _forward(pred, target, instances, valid, "cpu")
     out_t = (out_t[0].cpu(), out_t[1].cpu(), out_t[2].cpu(), out_t[3].cpu())
     _check_forward(_forward(pred, target, instances, valid, DEV), out_t, pred, torch.float32)
@@ -82,26 +83,9 @@ def test_loss_and_grad_match_cpu_triton_reference(name, stats_grad, dtype, rng):
     # dtypes have many ties) for the median's gradient: compare with it for fp32/fp64.
     ref = [None] if dtype in (torch.float32, torch.float64) else []
     backends = ["cuda", "cpu", *ref] + (["triton"] if HAS_TRITON else [])
-    out = []
-    for backend in backends:
-        dev = "cpu" if backend in ("cpu", None) else DEV
-        p = pred.to(dev).requires_grad_(True)
-        args = (p, target.to(dev), _to(instances, dev), _to(valid, dev))
-        if backend is None:
-            loss = reference.sa_hdn_loss(*args, **kw)
-        else:
-            loss = ops.sa_hdn_loss(*args, backend=backend, **kw)
-        (grad,) = torch.autograd.grad(loss, p)
-        assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == pred.shape
-        out.append((loss.detach().cpu(), grad.cpu()))
-    rtol, atol = TOL[dtype]
-    for other in range(1, len(out)):
-        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-4), atol=atol)
-        # Gradients: a sign flip at a near tie changes one pixel's gradient; compare the
-        # bulk tightly and allow a handful of outliers.
-        diff = (out[0][1].double() - out[other][1].double()).abs()
-        tol = atol + rtol * 10 * out[other][1].double().abs()
-        assert int((diff > tol).sum()) <= 4, (backends[other], float(diff.max()))
+    assert_backends_agree(
+        "sa_hdn", backends, DEV, pred, target, instances, valid, grad_outliers=4, **kw
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -235,48 +219,22 @@ def test_compile_fullgraph(backend, rng):
 # --------------------------------------------------------------------------- ordinal
 
 
-def _ordinal_case(rng, dtype, batch=3, height=17, width=23, pairs_per_image=300):
-    pred = (torch.randn(batch, height, width, generator=rng) * 0.5).to(dtype)
-    ys = torch.randint(0, height, (batch, pairs_per_image, 2), generator=rng)
-    xs = torch.randint(0, width, (batch, pairs_per_image, 2), generator=rng)
-    pairs = torch.stack([ys, xs], -1)
-    labels = torch.randint(-1, 2, (batch, pairs_per_image), generator=rng)
-    labels[0, 0] = -100  # ignored pairs, one with coordinates outside the image
-    labels[1, 3] = 7
-    pairs[1, 3] = torch.tensor([[99, -4], [0, 0]])
-    pairs[1, 10:60] = pairs[1, 9]  # many pairs sharing pixels
-    pairs[0, 2, 0] = pairs[0, 1, 1]
-    pairs[2, 5] = torch.tensor([[4, 4], [4, 4]])  # both ends on one pixel
-    return pred, pairs, labels
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["margin", "logistic"])
 def test_ordinal_matches_cpu_triton_reference(kind, dtype, rng):
-    pred, pairs, labels = _ordinal_case(rng, dtype)
+    pred, pairs, labels = ordinal_case(rng, dtype)
     kw = dict(margin=0.2, kind=kind, equal_weight=0.7)
     backends = ["cuda", "cpu", None] + (["triton"] if HAS_TRITON else [])
-    out = []
-    for backend in backends:
-        dev = "cpu" if backend in ("cpu", None) else DEV
-        p = pred.to(dev).requires_grad_(True)
-        if backend is None:
-            loss = reference.ordinal_ranking_loss(p, pairs, labels, **kw)
-        else:
-            loss = ops.ordinal_ranking_loss(p, pairs.to(dev), labels.to(dev), backend=backend, **kw)
-        (grad,) = torch.autograd.grad(loss, p)
-        assert loss.dtype == dtype and grad.dtype == dtype
-        out.append((loss.detach().cpu(), grad.cpu()))
-    rtol, atol = TOL[dtype]
-    for other in range(1, len(out)):
-        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-5), atol=atol)
-        torch.testing.assert_close(out[0][1], out[other][1], rtol=max(rtol, 1e-5), atol=atol)
+    assert_backends_agree(
+        "ordinal", backends, DEV, pred, pairs, labels,
+        loss_min_rtol=1e-5, grad_factor=1, grad_min_rtol=1e-5, **kw,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", [0, 1])
 def test_ordinal_deterministic_mode(kind, dtype, rng):
-    pred, pairs, labels = _ordinal_case(rng, dtype)
+    pred, pairs, labels = ordinal_case(rng, dtype)
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7, dtype=dtype)
     g_c = OPS.ordinal_ranking_backward(grad, pred, *args)
@@ -298,7 +256,7 @@ def test_ordinal_deterministic_mode(kind, dtype, rng):
 
 
 def test_ordinal_no_used_pairs_and_empty(rng):
-    pred, pairs, labels = _ordinal_case(rng, torch.float32)
+    pred, pairs, labels = ordinal_case(rng, torch.float32)
     labels[:] = -100
     p = pred.to(DEV).requires_grad_(True)
     loss = ops.ordinal_ranking_loss(p, pairs.to(DEV), labels.to(DEV), backend="cuda")
@@ -313,7 +271,7 @@ def test_ordinal_no_used_pairs_and_empty(rng):
 
 
 def test_opcheck_ordinal(rng):
-    pred, pairs, labels = _ordinal_case(rng, torch.float32, pairs_per_image=20)
+    pred, pairs, labels = ordinal_case(rng, torch.float32, pairs_per_image=20)
     pred = pred.to(DEV).requires_grad_(True)
     for kind in (0, 1):
         args = (pred, pairs.to(DEV), labels.to(DEV), 0.1, kind, 0.5)

@@ -20,22 +20,20 @@ if importlib.util.find_spec("triton") is None:
 
 import westar_ops  # noqa: E402
 import westar_ops.triton  # noqa: E402,F401  (registers torch.ops.westar_triton)
-from tests.gpu.cases import DTYPES, SCENARIOS, TOL, case, check_forward, to  # noqa: E402
-from westar_ops import ops, reference  # noqa: E402
+from tests.matrix import (  # noqa: E402
+    DTYPES,
+    SCENARIOS,
+    assert_backends_agree,
+    case,
+    check_forward,
+    ordinal_case,
+)
+from tests.matrix import cpu_forward as _cpu_forward  # noqa: E402
+from tests.matrix import raw_forward as _forward  # noqa: E402
+from westar_ops import ops  # noqa: E402
 
 DEV = "cuda"
 TRITON = torch.ops.westar_triton
-
-
-def _forward(ops_family, pred, target, instances, valid, device, include_global=True):
-    return ops_family.sa_hdn_forward(
-        pred.to(device), target.to(device), to(instances, device), to(valid, device),
-        include_global, 1e-6, 1, 2,
-    )  # fmt: skip
-
-
-def _cpu_forward(pred, target, instances, valid, include_global=True):
-    return _forward(torch.ops.westar_ops, pred, target, instances, valid, "cpu", include_global)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -62,26 +60,9 @@ def test_loss_and_grad_match_cpu_and_reference(name, stats_grad, dtype, rng):
     # torch.median in the reference may pick another of several tied elements for the
     # median's gradient (half dtypes have many ties): compare with it for fp32/fp64.
     backends = ["triton", "cpu"] + ([None] if dtype in (torch.float32, torch.float64) else [])
-    out = []
-    for backend in backends:
-        dev = DEV if backend == "triton" else "cpu"
-        p = pred.to(dev).requires_grad_(True)
-        args = (p, target.to(dev), to(instances, dev), to(valid, dev))
-        if backend is None:
-            loss = reference.sa_hdn_loss(*args, **kw)
-        else:
-            loss = ops.sa_hdn_loss(*args, backend=backend, **kw)
-        (grad,) = torch.autograd.grad(loss, p)
-        assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == pred.shape
-        out.append((loss.detach().cpu(), grad.cpu()))
-    rtol, atol = TOL[dtype]
-    for other in range(1, len(out)):
-        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-4), atol=atol)
-        # A sign flip at a near tie changes one pixel's gradient: compare the bulk tightly
-        # and allow a handful of outliers.
-        diff = (out[0][1].double() - out[other][1].double()).abs()
-        tol = atol + rtol * 10 * out[other][1].double().abs()
-        assert int((diff > tol).sum()) <= 4, (backends[other], float(diff.max()))
+    assert_backends_agree(
+        "sa_hdn", backends, DEV, pred, target, instances, valid, grad_outliers=4, **kw
+    )
 
 
 @pytest.mark.parametrize("stats_grad", [0, 1, 2])
@@ -117,22 +98,9 @@ def test_sa_hdn_deterministic_mode_bitwise(rng):
             assert torch.equal(a, b)
 
 
-def _ordinal_case(rng, batch=3, height=17, width=23, pairs_per_image=300):
-    pred = torch.randn(batch, height, width, generator=rng) * 0.5
-    ys = torch.randint(0, height, (batch, pairs_per_image, 2), generator=rng)
-    xs = torch.randint(0, width, (batch, pairs_per_image, 2), generator=rng)
-    pairs = torch.stack([ys, xs], -1)
-    labels = torch.randint(-1, 2, (batch, pairs_per_image), generator=rng)
-    labels[0, 0] = -100  # ignored pairs, one with coordinates outside the image
-    labels[1, 3] = 7
-    pairs[1, 3] = torch.tensor([[99, -4], [0, 0]])
-    pairs[1, 10:60] = pairs[1, 9]  # many pairs sharing pixels
-    return pred, pairs, labels
-
-
 @pytest.mark.parametrize("kind", [0, 1])
 def test_ordinal_deterministic_mode_bitwise(kind, rng):
-    pred, pairs, labels = _ordinal_case(rng)
+    pred, pairs, labels = ordinal_case(rng)
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7)
     g_c = torch.ops.westar_ops.ordinal_ranking_backward(grad, pred, *args)
@@ -188,7 +156,7 @@ def test_compile_fullgraph(compile_backend, rng):
 
 
 def test_backend_choice_on_cuda():
-    """"auto" takes the CUDA C++ kernels when built (the smaller byte model,
+    """ "auto" takes the CUDA C++ kernels when built (the smaller byte model,
     BENCHMARKS.md), else Triton; "triton" is always available with triton installed."""
     dev = torch.device(DEV)
     assert "triton" in westar_ops.available_backends(dev)

@@ -3,20 +3,24 @@
 Contract: docs/internals.md (same outputs as the C++ ops). Design and cost account:
 docs/triton_kernels.md. In short, with C levels, N = B*H*W pixels, M <= C*N memberships:
 
-Forward
-  1. ``_keys_kernel`` (1 launch, reads target, valid, ids): one int64 key per
+Forward, in the steps of the CUDA kernels' sections (csrc/cuda/sa_hdn_cuda.cu), each a
+host function here:
+  1. ``_keys`` (``_keys_kernel``, 1 launch, reads target, valid, ids): one int64 key per
      (level, pixel): (level*B + image) << 31 | id, or a sentinel for pixels in no context.
-  2. Grouping with torch ops on the device: stable ``torch.sort`` of the keys (pixels of a
-     context become one contiguous run, in ascending pixel order; runs in canonical order
-     level, image, id), run boundaries, counts (``searchsorted``), min_pixels filter,
-     context numbering (``cumsum``). Cost does not depend on the id values.
-     **The one host sync** of the op: K and the sizes of the launch grids, fetched together.
-  3. Small contexts (n <= a size class, 64 or 1024 by default): one program per context,
-     everything in registers: gather pred/target through the sort permutation, exact
-     lower median by a bitwise radix select (one reduction per key bit), mean absolute
-     deviation, S1, S2, S3, loss numerator, median index, seg. One launch per size class.
-  4. Large contexts: tiles of TILE members, multi-pass radix select with per-context
-     histograms of 8-bit digits (int32 atomics, so the counts are exact and repeatable):
+  2. ``_group``, with torch ops on the device: stable ``torch.sort`` of the keys (pixels
+     of a context become one contiguous run, in ascending pixel order; runs in canonical
+     order level, image, id), run boundaries, counts (``searchsorted``), min_pixels
+     filter, context numbering (``cumsum``). Cost does not depend on the id values.
+  3. ``_group`` ends with **the one host sync** of the op: K and the sizes of the launch
+     grids, fetched together (bad ids raise here).
+  4. ``_small_contexts`` (n <= a size class, 64 or 1024 by default): one program per
+     context, everything in registers: gather pred/target through the sort permutation,
+     exact lower median by a bitwise radix select (one reduction per key bit), mean
+     absolute deviation, S1, S2, S3, loss numerator, median index, seg. One launch per
+     size class.
+  5. ``_large_contexts``: tiles of TILE members, multi-pass radix select with
+     per-context histograms of 8-bit digits (int32 atomics, so the counts are exact and
+     repeatable):
        pass 0: gather pred/target into contiguous segment arrays + histogram of digit 0;
        pass r: filter by the digits chosen so far + histogram of digit r (r = 1..3);
        the last pass also sums, per tile, the distances of the elements outside the
@@ -24,7 +28,7 @@ Forward
        between passes a scan kernel per (context, pred|target) picks the digit;
        sums pass: S1, S2, loss numerator, first median position per tile;
      per-tile partial sums are combined per context in tile order: deterministic.
-  5. ``_loss_kernel``: sum of the per-context loss numerators in context order / N.
+  6. ``_loss_kernel``: sum of the per-context loss numerators in context order / N.
 Backward
   ``_count_kernel`` (N = sum of stats[:, 7]) and one elementwise pass over the pixels
   (``_backward_kernel``), looping over the C levels; no atomics: deterministic.
@@ -906,7 +910,7 @@ def sa_hdn_forward(
 
 
 def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
-    """Steps 1-6 (module docstring), as the CUDA kernels' sections."""
+    """Steps 1-6 of the module docstring."""
     dev = pred.device
     B, H, W = pred.shape
     L = instances.shape[1] if instances is not None else 0
