@@ -7,6 +7,8 @@ Not a test module (it needs no GPU and no triton to import).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from westar_ops import ops, reference
@@ -189,3 +191,58 @@ def check_forward(out, out_ref, pred, dtype):
     flat = pred.cpu().reshape(-1).to(stats_c.dtype)
     assert torch.equal(flat[mi_g], stats_c[:, 0])
     torch.testing.assert_close(loss_g, loss_c, rtol=max(rtol, 1e-4), atol=atol)
+
+
+# -------------------------------------------------------------- repeatability, K == 0
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """torch.use_deterministic_algorithms(enabled) inside the block, restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def sa_hdn_runs(family, pred, target, instances, valid, device, deterministic, times=3):
+    """Raw forward outputs and the gradient of ``times`` identical calls (CPU tensors)."""
+    runs = []
+    with deterministic_algorithms(deterministic):
+        for _ in range(times):
+            p = pred.to(device).requires_grad_(True)
+            out = raw_forward(family, p, target, instances, valid, device)
+            (grad,) = torch.autograd.grad(out[0], p)
+            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
+    return runs
+
+
+def assert_bitwise_equal_runs(runs):
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def assert_no_context_gives_zero(family, backend, pred, target, instances, device):
+    """No usable pixel: K == 0, loss 0 and gradient 0 (never NaN), no stats, seg all -1."""
+    p = pred.to(device).requires_grad_(True)
+    valid = torch.zeros(pred.shape, dtype=torch.bool, device=device)
+    loss = ops.sa_hdn_loss(p, target.to(device), instances.to(device), valid, backend=backend)
+    (grad,) = torch.autograd.grad(loss, p)
+    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+    _, seg, stats, mi = raw_forward(family, pred, target, None, valid, device)
+    assert stats.shape == (0, 8) and mi.shape == (0,) and bool((seg == -1).all())
+
+
+def ordinal_backward_runs(family, grad, pred, pairs, labels, margin, kind, equal_weight, device,
+                          times=3):  # fmt: skip
+    """``family.ordinal_ranking_backward`` ``times`` times in deterministic mode (CPU
+    tensors)."""
+    args = (pairs.to(device), labels.to(device), margin, kind, equal_weight)
+    with deterministic_algorithms(True):
+        return [
+            family.ordinal_ranking_backward(grad.to(device), pred.to(device), *args).cpu()
+            for _ in range(times)
+        ]

@@ -502,7 +502,9 @@ void sum_big_blocks(const StatsInput<acc_t>& in, const std::vector<int64_t>& big
       sum.s1 += pb.s1;
       sum.s2 += pb.s2;
       sum.loss += pb.loss;
-      if (sum.median_pos < 0 && pb.median_pos >= 0) sum.median_pos = plan.blocks[i].start - in.seg.off[k] + pb.median_pos;
+      if (sum.median_pos < 0 && pb.median_pos >= 0) {
+        sum.median_pos = plan.blocks[i].start - in.seg.off[k] + pb.median_pos;
+      }
     }
     TORCH_CHECK(sum.median_pos >= 0, "sa_hdn_forward: internal error, median element not found");
     cs.set_sums(k, sum, in.median_of(k, sum.median_pos));

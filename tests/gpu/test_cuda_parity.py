@@ -32,12 +32,15 @@ from tests.matrix import (  # noqa: E402
     DTYPES,
     SCENARIOS,
     assert_backends_agree,
+    assert_bitwise_equal_runs,
+    assert_no_context_gives_zero,
+    ordinal_backward_runs,
     ordinal_case,
-    raw_forward,  # noqa: E402
+    raw_forward,
+    sa_hdn_runs,
 )
 from tests.matrix import case as _case  # noqa: E402
 from tests.matrix import check_forward as _check_forward  # noqa: E402
-from tests.matrix import to as _to  # noqa: E402
 
 DEV = "cuda"
 OPS = torch.ops.westar_ops
@@ -128,14 +131,7 @@ def test_min_pixels_no_context_and_empty(rng):
     out_c = _forward(pred, target, instances, None, "cpu", include_global=False, min_pixels=3)
     out_g = _forward(pred, target, instances, None, DEV, include_global=False, min_pixels=3)
     _check_forward(out_g, out_c, pred, torch.float32)
-    # No usable pixel: K == 0, loss 0, gradient 0, never NaN.
-    p = pred.to(DEV).requires_grad_(True)
-    valid = torch.zeros(pred.shape, dtype=torch.bool, device=DEV)
-    loss = ops.sa_hdn_loss(p, target.to(DEV), instances.to(DEV), valid, backend="cuda")
-    (grad,) = torch.autograd.grad(loss, p)
-    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
-    _, seg, stats, mi = _forward(pred, target, None, valid, DEV)
-    assert stats.shape == (0, 8) and mi.shape == (0,) and bool((seg == -1).all())
+    assert_no_context_gives_zero(OPS, "cuda", pred, target, instances, DEV)
     # Empty batch and empty images.
     for shape in ((0, 4, 5), (2, 0, 5)):
         e = torch.zeros(shape, device=DEV)
@@ -159,22 +155,7 @@ def test_strided_inputs_and_nan_pred(rng):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_sa_hdn_bitwise_repeatable(deterministic, rng):
     pred, target, instances, valid = _case("levels", rng)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        runs = []
-        for _ in range(3):
-            p = pred.to(DEV).requires_grad_(True)
-            out = OPS.sa_hdn_forward(
-                p, target.to(DEV), instances.to(DEV), _to(valid, DEV), True, 1e-6, 1, 2
-            )
-            (grad,) = torch.autograd.grad(out[0], p)
-            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
-    finally:
-        torch.use_deterministic_algorithms(prev)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    assert_bitwise_equal_runs(sa_hdn_runs(OPS, pred, target, instances, valid, DEV, deterministic))
 
 
 def test_opcheck_sa_hdn(rng):
@@ -238,15 +219,7 @@ def test_ordinal_deterministic_mode(kind, dtype, rng):
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7, dtype=dtype)
     g_c = OPS.ordinal_ranking_backward(grad, pred, *args)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        gargs = (pairs.to(DEV), labels.to(DEV), 0.1, kind, 1.3)
-        runs = [
-            OPS.ordinal_ranking_backward(grad.to(DEV), pred.to(DEV), *gargs).cpu() for _ in range(3)
-        ]
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    runs = ordinal_backward_runs(OPS, grad, pred, *args, DEV)
     for r in runs[1:]:
         assert torch.equal(r, runs[0])
     if kind == 0:  # same operations in the same order as the CPU kernel: same bits

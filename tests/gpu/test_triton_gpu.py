@@ -24,9 +24,12 @@ from tests.matrix import (  # noqa: E402
     DTYPES,
     SCENARIOS,
     assert_backends_agree,
+    assert_bitwise_equal_runs,
     case,
     check_forward,
+    ordinal_backward_runs,
     ordinal_case,
+    sa_hdn_runs,
 )
 from tests.matrix import cpu_forward as _cpu_forward  # noqa: E402
 from tests.matrix import raw_forward as _forward  # noqa: E402
@@ -80,22 +83,7 @@ def test_backward_raw_matches_cpu(stats_grad, rng):
 
 def test_sa_hdn_deterministic_mode_bitwise(rng):
     pred, target, instances, valid = case("uneven", rng)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(3):
-            p = pred.to(DEV).requires_grad_(True)
-            out = TRITON.sa_hdn_forward(
-                p, target.to(DEV), instances.to(DEV), valid.to(DEV), True, 1e-6, 1, 2
-            )
-            (grad,) = torch.autograd.grad(out[0], p)
-            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    assert_bitwise_equal_runs(sa_hdn_runs(TRITON, pred, target, instances, valid, DEV, True))
 
 
 @pytest.mark.parametrize("kind", [0, 1])
@@ -104,16 +92,7 @@ def test_ordinal_deterministic_mode_bitwise(kind, rng):
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7)
     g_c = torch.ops.westar_ops.ordinal_ranking_backward(grad, pred, *args)
-    dargs = (pairs.to(DEV), labels.to(DEV), 0.1, kind, 1.3)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [
-            TRITON.ordinal_ranking_backward(grad.to(DEV), pred.to(DEV), *dargs).cpu()
-            for _ in range(3)
-        ]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    runs = ordinal_backward_runs(TRITON, grad, pred, *args, DEV)
     for r in runs[1:]:
         assert torch.equal(r, runs[0])
     torch.testing.assert_close(runs[0], g_c, rtol=1e-5, atol=1e-7)

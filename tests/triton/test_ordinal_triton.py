@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.matrix import assert_backends_agree, ordinal_case
+from tests.matrix import assert_backends_agree, ordinal_backward_runs, ordinal_case
 from westar_ops import ops
 
 
@@ -36,17 +36,7 @@ def test_raw_ops_match_cpu_deterministic_mode(kind, rng, device):
     dargs = (pairs.to(device), labels.to(device), 0.0, kind, 1.3)
     loss_t = torch.ops.westar_triton.ordinal_ranking_forward(pred.to(device), *dargs)
     torch.testing.assert_close(loss_t.cpu(), loss_c, rtol=1e-6, atol=1e-7)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        g1 = torch.ops.westar_triton.ordinal_ranking_backward(
-            grad.to(device), pred.to(device), *dargs
-        )
-        g2 = torch.ops.westar_triton.ordinal_ranking_backward(
-            grad.to(device), pred.to(device), *dargs
-        )
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    g1, g2 = ordinal_backward_runs(torch.ops.westar_triton, grad, pred, *args, device, times=2)
     assert torch.equal(g1, g2)  # bitwise repeatable
     # The segmented sum adds in pair order, as the CPU kernel does.
     torch.testing.assert_close(g1.cpu(), g_c, rtol=1e-6, atol=1e-8)

@@ -5,7 +5,15 @@ from functools import partial
 import pytest
 import torch
 
-from tests.matrix import assert_backends_agree, case, check_forward, raw_forward
+from tests.matrix import (
+    assert_backends_agree,
+    assert_bitwise_equal_runs,
+    assert_no_context_gives_zero,
+    case,
+    check_forward,
+    raw_forward,
+    sa_hdn_runs,
+)
 from tests.matrix import cpu_forward as _cpu_forward
 from westar_ops import ops
 from westar_ops.triton import sa_hdn as triton_sa_hdn
@@ -79,16 +87,7 @@ def test_min_pixels_skips_and_no_context(rng, device):
     out_t = raw_forward(TRITON, pred, target, instances, None, device, False, 1e-6, 3)
     out_c = _cpu_forward(pred, target, instances, None, False, 1e-6, 3)
     check_forward(out_t, out_c, pred, torch.float32)
-    # No usable pixel at all: K == 0, loss 0, gradient 0, never NaN.
-    p = pred.to(device).requires_grad_(True)
-    valid = torch.zeros(pred.shape, dtype=torch.bool, device=device)
-    loss = ops.sa_hdn_loss(p, target.to(device), instances.to(device), valid, backend="triton")
-    (grad,) = torch.autograd.grad(loss, p)
-    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
-    _, seg, stats, mi = torch.ops.westar_triton.sa_hdn_forward(
-        p.detach(), target.to(device), None, valid, True, 1e-6, 1, 2
-    )
-    assert stats.shape == (0, 8) and mi.shape == (0,) and bool((seg == -1).all())
+    assert_no_context_gives_zero(TRITON, "triton", pred, target, instances, device)
 
 
 def test_strided_inputs_and_nan_pred(rng, device):
@@ -107,22 +106,9 @@ def test_strided_inputs_and_nan_pred(rng, device):
 def test_deterministic(deterministic, rng, device, big_path):
     """Bitwise-repeatable forward and backward, also under
     torch.use_deterministic_algorithms(True) (no op of the path may refuse to run)."""
-    pred, target, instances, valid = _case("levels", rng, height=8, width=8)
-    runs = []
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        for _ in range(2):
-            p = pred.to(device).requires_grad_(True)
-            out = torch.ops.westar_triton.sa_hdn_forward(
-                p, target.to(device), instances.to(device), None, True, 1e-6, 1, 2
-            )
-            (grad,) = torch.autograd.grad(out[0], p)
-            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    pred, target, instances, _ = _case("levels", rng, height=8, width=8)
+    runs = sa_hdn_runs(TRITON, pred, target, instances, None, device, deterministic, times=2)
+    assert_bitwise_equal_runs(runs)
 
 
 def test_opcheck(rng, device):

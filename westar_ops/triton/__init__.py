@@ -26,78 +26,16 @@ __all__ = [
 _DEVICES = ("cuda", "cpu")
 
 
-@torch.library.custom_op(
-    "westar_triton::sa_hdn_forward",
-    mutates_args=(),
-    device_types=_DEVICES,
-    schema=cpp_schema("sa_hdn_forward"),
-)
-def sa_hdn_forward(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    instances: torch.Tensor | None,
-    valid: torch.Tensor | None,
-    include_global: bool,
-    eps: float,
-    min_pixels: int,
-    stats_grad: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _sa_hdn.sa_hdn_forward(
-        pred, target, instances, valid, include_global, eps, min_pixels, stats_grad
-    )
+def _define(name: str, fn):
+    """``westar_triton::<name>`` implemented by ``fn``, with the C++ op's schema."""
+    return torch.library.custom_op(
+        f"westar_triton::{name}", mutates_args=(), device_types=_DEVICES, schema=cpp_schema(name)
+    )(fn)
 
 
-@torch.library.custom_op(
-    "westar_triton::sa_hdn_backward",
-    mutates_args=(),
-    device_types=_DEVICES,
-    schema=cpp_schema("sa_hdn_backward"),
-)
-def sa_hdn_backward(
-    grad: torch.Tensor,
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    seg: torch.Tensor,
-    stats: torch.Tensor,
-    median_index: torch.Tensor,
-    stats_grad: int,
-) -> torch.Tensor:
-    return _sa_hdn.sa_hdn_backward(grad, pred, target, seg, stats, median_index, stats_grad)
-
-
-@torch.library.custom_op(
-    "westar_triton::ordinal_ranking_forward",
-    mutates_args=(),
-    device_types=_DEVICES,
-    schema=cpp_schema("ordinal_ranking_forward"),
-)
-def ordinal_ranking_forward(
-    pred: torch.Tensor,
-    pairs: torch.Tensor,
-    labels: torch.Tensor,
-    margin: float,
-    kind: int,
-    equal_weight: float,
-) -> torch.Tensor:
-    return _ordinal.ordinal_ranking_forward(pred, pairs, labels, margin, kind, equal_weight)
-
-
-@torch.library.custom_op(
-    "westar_triton::ordinal_ranking_backward",
-    mutates_args=(),
-    device_types=_DEVICES,
-    schema=cpp_schema("ordinal_ranking_backward"),
-)
-def ordinal_ranking_backward(
-    grad: torch.Tensor,
-    pred: torch.Tensor,
-    pairs: torch.Tensor,
-    labels: torch.Tensor,
-    margin: float,
-    kind: int,
-    equal_weight: float,
-) -> torch.Tensor:
-    return _ordinal.ordinal_ranking_backward(grad, pred, pairs, labels, margin, kind, equal_weight)
-
+sa_hdn_forward = _define("sa_hdn_forward", _sa_hdn.sa_hdn_forward)
+sa_hdn_backward = _define("sa_hdn_backward", _sa_hdn.sa_hdn_backward)
+ordinal_ranking_forward = _define("ordinal_ranking_forward", _ordinal.ordinal_ranking_forward)
+ordinal_ranking_backward = _define("ordinal_ranking_backward", _ordinal.ordinal_ranking_backward)
 
 register_family("westar_triton")
