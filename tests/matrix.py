@@ -246,3 +246,18 @@ def ordinal_backward_runs(family, grad, pred, pairs, labels, margin, kind, equal
             family.ordinal_ranking_backward(grad.to(device), pred.to(device), *args).cpu()
             for _ in range(times)
         ]
+
+
+def assert_compiled_matches_eager(fn, compile_backend, pred, *inputs, rtol=1e-5, atol=1e-6,
+                                  grad_atol=1e-7):  # fmt: skip
+    """``fn(pred, *inputs)`` (a 0-dim loss) under torch.compile(fullgraph=True) gives the
+    eager loss and gradient."""
+    compiled = torch.compile(fn, backend=compile_backend, fullgraph=True)
+    out = []
+    for f in (fn, compiled):
+        p = pred.clone().requires_grad_(True)
+        loss = f(p, *inputs)
+        (grad,) = torch.autograd.grad(loss, p)
+        out.append((loss.detach(), grad))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=rtol, atol=atol)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=rtol, atol=grad_atol)

@@ -25,6 +25,7 @@ from tests.matrix import (  # noqa: E402
     SCENARIOS,
     assert_backends_agree,
     assert_bitwise_equal_runs,
+    assert_compiled_matches_eager,
     case,
     check_forward,
     ordinal_backward_runs,
@@ -124,14 +125,7 @@ def test_compile_fullgraph(compile_backend, rng):
         )
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, backend=compile_backend, fullgraph=True)
-    p1 = pred.clone().requires_grad_(True)
-    p2 = pred.clone().requires_grad_(True)
-    l1, l2 = f(p1, target, instances), compiled(p2, target, instances)
-    (g1,) = torch.autograd.grad(l1, p1)
-    (g2,) = torch.autograd.grad(l2, p2)
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+    assert_compiled_matches_eager(f, compile_backend, pred, target, instances)
 
 
 def test_backend_choice_on_cuda():
