@@ -14,6 +14,9 @@
 #include "westar/op_checks.h"
 
 namespace westar {
+// Internal linkage, as in the one translation unit that includes this header
+// (sa_hdn_forward_cpu.cpp): the compiler may inline and specialise freely.
+namespace {
 
 // ------------------------------------------------------------------ id compaction
 
@@ -157,4 +160,5 @@ void label_instances(const id_t* ids, const uint8_t* usable, int64_t hw, Plane& 
   }
 }
 
+}  // namespace
 }  // namespace westar

@@ -18,6 +18,9 @@
 #include "westar/sa_hdn_math.h"
 
 namespace westar {
+// Internal linkage, as in the one translation unit that includes this header
+// (sa_hdn_forward_cpu.cpp): the compiler may inline and specialise freely.
+namespace {
 
 // Segments with at most this many pixels are handled by one task with nth_element.
 constexpr int64_t kSmallSegment = 1024;
@@ -420,4 +423,5 @@ SumPartial<acc_t> sum_pass(const acc_t* p, const acc_t* q, int64_t len, const ac
   return r;
 }
 
+}  // namespace
 }  // namespace westar
