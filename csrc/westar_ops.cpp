@@ -7,7 +7,7 @@
 
 #include <string>
 
-#include "westar/cpu_avx512.h"
+#include "cpu/cpu_avx512.h"
 
 namespace {
 // The instruction set of the CPU kernels' hot loops in this process: "avx512" or

@@ -5,7 +5,7 @@
     lora_delta_sq_norm     ||scaling * B @ A||_F^2 via Gram matrices
 
 Each runs on CPU (C++) and CUDA (CUDA C++ or Triton) as a torch custom op with
-autograd, fake kernels and torch.compile support. The contracts are in spec/ops.md;
+autograd, fake kernels and torch.compile support. The contracts are in docs/ops.md;
 ``westar_ops.reference`` holds plain-PyTorch definitions of the same functions.
 """
 

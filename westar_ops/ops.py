@@ -1,11 +1,12 @@
-"""Public ops: argument checks, backend choice, fake kernels and autograd formulas.
+"""Public ops: argument checks and backend choice (contract: docs/ops.md).
 
 The kernels are torch custom ops in two families with identical schemas and identical
 semantics (docs/internals.md):
 - ``torch.ops.westar_ops.*``: C++, registered for the CPU and (when built) CUDA keys;
 - ``torch.ops.westar_triton.*``: Triton, defined in :mod:`westar_ops.triton`.
-This module registers a fake kernel and an autograd formula for each family, and the
-public functions below pick the family from ``backend`` and the tensors' device.
+Their fake kernels and autograd formulas come from :mod:`westar_ops._registry`, which
+imports neither this module nor the Triton package. The public functions below pick the
+family from ``backend`` and the tensors' device.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from westar_ops import _loader  # noqa: F401  (loads the C++ library that defines the ops)
+from westar_ops._registry import acc_dtype, register_family, register_lora
 
 __all__ = [
     "sa_hdn_loss",
@@ -30,7 +31,6 @@ __all__ = [
 BACKENDS = ("auto", "cpu", "triton", "cuda")
 STATS_GRAD_MODES = {"none": 0, "scale": 1, "full": 2}
 ORDINAL_KINDS = {"margin": 0, "logistic": 1}
-NUM_STATS = 8  # columns of the per-context stats tensor (csrc/include/westar/sa_hdn_math.h)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ID_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -190,7 +190,7 @@ def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad)
         # compute dtype (float32 for half pred, as the kernels compute anyway), so that a
         # wider target is neither rounded nor overflowed to inf (= dropped pixels) by a
         # cast to pred's dtype. The caller casts the loss back to pred's dtype.
-        compute = _stats_dtype(pred3.dtype)
+        compute = acc_dtype(pred3.dtype)
         pred3 = pred3.to(compute)
         target3 = target3.to(compute)
     batch, height, width = pred3.shape
@@ -290,7 +290,7 @@ def sa_hdn_loss(
     stats_grad: str = "full",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Semantics-aware hierarchical depth normalization loss (spec/ops.md).
+    """Semantics-aware hierarchical depth normalization loss (docs/ops.md).
 
     Args:
         pred: (B, H, W) or (B, 1, H, W) prediction, float16/bfloat16/float32/float64.
@@ -298,7 +298,9 @@ def sa_hdn_loss(
             dtype differs from pred's, both are computed in pred's compute dtype
             (float32 for half pred, else pred's dtype).
         instances: None, (B, H, W) or (B, L, H, W) integer ids; every id > 0 of a level
-            is one context, 0 means none. Ids may be sparse and up to 2**31 - 1.
+            is one context, 0 means none. Ids may be sparse and up to 2**31 - 1;
+            a negative id or one of 2**31 and above raises ValueError. At most
+            2**31 - 2 memberships (levels x B x H x W; docs/ops.md, Limits).
         valid: None or (B, H, W) bool; pixels that are False, or whose target is not
             finite, belong to no context.
         include_global: add one context of all valid pixels per image.
@@ -339,7 +341,7 @@ def ordinal_ranking_loss(
     equal_weight: float = 1.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Batched pairwise ordinal loss (spec/ops.md).
+    """Batched pairwise ordinal loss (docs/ops.md).
 
     Args:
         pred: (B, H, W) or (B, 1, H, W) floating.
@@ -366,7 +368,7 @@ def ordinal_ranking_loss(
 def lora_delta_sq_norm(
     A: torch.Tensor, B: torch.Tensor, scaling: float, *, backend: str = "auto"
 ) -> torch.Tensor:
-    """|| scaling * B @ A ||_F^2 via the r x r Gram matrices (spec/ops.md).
+    """|| scaling * B @ A ||_F^2 via the r x r Gram matrices (docs/ops.md).
 
     A: (r, d_in), B: (d_out, r), floating, same dtype and device. The op is written
     with ATen matrix products, so every backend runs the same code; ``backend`` is
@@ -392,105 +394,5 @@ def lora_delta_sq_norm(
     return torch.ops.westar_ops.lora_delta_sq_norm(A, B, float(scaling))
 
 
-# ------------------------------------------------------- fake kernels and autograd
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def register_family(namespace: str) -> None:
-    """Register fake kernels and autograd formulas for one op family (idempotent per family)."""
-    qual = f"{namespace}::"
-    family = getattr(torch.ops, namespace)
-
-    @torch.library.register_fake(qual + "sa_hdn_forward")
-    def _sa_hdn_forward_fake(
-        pred, target, instances, valid, include_global, eps, min_pixels, stats_grad
-    ):
-        batch, height, width = pred.shape
-        levels = int(include_global) + (instances.shape[1] if instances is not None else 0)
-        contexts = torch.library.get_ctx().new_dynamic_size()
-        return (
-            pred.new_empty(()),
-            pred.new_empty((levels, batch, height, width), dtype=torch.int32),
-            pred.new_empty((contexts, NUM_STATS), dtype=_stats_dtype(pred.dtype)),
-            pred.new_empty((contexts,), dtype=torch.int64),
-        )
-
-    @torch.library.register_fake(qual + "sa_hdn_backward")
-    def _sa_hdn_backward_fake(grad, pred, target, seg, stats, median_index, stats_grad):
-        return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-
-    def _sa_hdn_setup(ctx, inputs, output):
-        pred, target, _instances, _valid, _glob, _eps, _minp, stats_grad = inputs
-        _loss, seg, stats, median_index = output
-        ctx.mark_non_differentiable(seg, stats, median_index)
-        # Their gradients are never used: without this, autograd fills a zero tensor as
-        # large as seg (levels x B x H x W) for every backward.
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(pred, target, seg, stats, median_index)
-        ctx.stats_grad = stats_grad
-
-    def _sa_hdn_backward(ctx, grad_loss, _g_seg, _g_stats, _g_median):
-        if grad_loss is None:  # no gradient reached the loss (grads are not materialized)
-            return None, None, None, None, None, None, None, None
-        pred, target, seg, stats, median_index = ctx.saved_tensors
-        grad_pred = family.sa_hdn_backward(
-            grad_loss, pred, target, seg, stats, median_index, ctx.stats_grad
-        )
-        return grad_pred, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        qual + "sa_hdn_forward", _sa_hdn_backward, setup_context=_sa_hdn_setup
-    )
-
-    @torch.library.register_fake(qual + "ordinal_ranking_forward")
-    def _ordinal_forward_fake(pred, pairs, labels, margin, kind, equal_weight):
-        return pred.new_empty(())
-
-    @torch.library.register_fake(qual + "ordinal_ranking_backward")
-    def _ordinal_backward_fake(grad, pred, pairs, labels, margin, kind, equal_weight):
-        return torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
-
-    def _ordinal_setup(ctx, inputs, output):
-        pred, pairs, labels, margin, kind, equal_weight = inputs
-        ctx.save_for_backward(pred, pairs, labels)
-        ctx.args = (margin, kind, equal_weight)
-
-    def _ordinal_backward(ctx, grad_loss):
-        pred, pairs, labels = ctx.saved_tensors
-        grad_pred = family.ordinal_ranking_backward(grad_loss, pred, pairs, labels, *ctx.args)
-        return grad_pred, None, None, None, None, None
-
-    torch.library.register_autograd(
-        qual + "ordinal_ranking_forward", _ordinal_backward, setup_context=_ordinal_setup
-    )
-
-
-def _register_lora() -> None:
-    @torch.library.register_fake("westar_ops::lora_delta_sq_norm")
-    def _lora_fake(A, B, scaling):
-        return A.new_empty(())
-
-    @torch.library.register_fake("westar_ops::lora_delta_sq_norm_backward")
-    def _lora_backward_fake(grad, A, B, scaling):
-        return torch.empty_like(A), torch.empty_like(B)
-
-    def _setup(ctx, inputs, output):
-        A, B, scaling = inputs
-        ctx.save_for_backward(A, B)
-        ctx.scaling = scaling
-
-    def _backward(ctx, grad):
-        A, B = ctx.saved_tensors
-        grad_a, grad_b = torch.ops.westar_ops.lora_delta_sq_norm_backward(grad, A, B, ctx.scaling)
-        return grad_a, grad_b, None
-
-    torch.library.register_autograd(
-        "westar_ops::lora_delta_sq_norm", _backward, setup_context=_setup
-    )
-
-
 register_family("westar_ops")
-_register_lora()
+register_lora()

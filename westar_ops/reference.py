@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations that define each op in code (see spec/ops.md).
+"""Plain-PyTorch implementations that define each op in code (see docs/ops.md).
 
 They are slow on purpose: a loop over contexts with ``torch.median`` each, the loss a
 user would write by hand. The kernels are tested against them, and the benchmarks use

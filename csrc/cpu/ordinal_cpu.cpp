@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "westar/op_checks.h"
 #include "westar/ordinal_math.h"
 
 namespace westar {
@@ -30,21 +31,7 @@ struct OrdinalInputs {
 
 OrdinalInputs prepare_ordinal(const at::Tensor& pred, const at::Tensor& pairs, const at::Tensor& labels,
                               int64_t kind) {
-  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()),
-                   "ordinal_ranking: pred must be a floating tensor, got ", pred.scalar_type());
-  TORCH_CHECK_VALUE(pred.dim() == 3, "ordinal_ranking: pred must have shape (B, H, W), got ", pred.sizes());
-  TORCH_CHECK_TYPE(at::isIntegralType(pairs.scalar_type(), /*includeBool=*/false),
-                   "ordinal_ranking: pairs must be an integer tensor, got ", pairs.scalar_type());
-  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
-                   "ordinal_ranking: labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(pairs.dim() == 4 && pairs.size(0) == pred.size(0) && pairs.size(2) == 2 && pairs.size(3) == 2,
-                    "ordinal_ranking: pairs must have shape (B, P, 2, 2) with B = ", pred.size(0), ", got ",
-                    pairs.sizes());
-  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == pairs.size(0) && labels.size(1) == pairs.size(1),
-                    "ordinal_ranking: labels must have shape (B, P) = (", pairs.size(0), ", ", pairs.size(1),
-                    "), got ", labels.sizes());
-  TORCH_CHECK_VALUE(kind == kOrdinalMargin || kind == kOrdinalLogistic,
-                    "ordinal_ranking: kind must be 0 (margin) or 1 (logistic), got ", kind);
+  check_ordinal(pred, pairs, labels, kind);
   OrdinalInputs in;
   const bool is_double = pred.scalar_type() == at::kDouble;
   in.pred = (is_double ? pred : pred.to(at::kFloat)).contiguous();
@@ -170,8 +157,7 @@ at::Tensor ordinal_ranking_backward_cpu(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& labels, double margin, int64_t kind,
                                         double equal_weight) {
   const OrdinalInputs in = prepare_ordinal(pred, pairs, labels, kind);
-  TORCH_CHECK_VALUE(grad.numel() == 1, "ordinal_ranking_backward: grad must hold one element, got ",
-                    grad.sizes());
+  check_grad("ordinal_ranking_backward", grad, pred);
   const int64_t used = check_and_count(in);
   at::Tensor out = at::zeros({in.batch, in.height, in.width}, in.pred.options());
   if (used > 0) {

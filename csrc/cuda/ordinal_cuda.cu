@@ -25,7 +25,8 @@
 
 #include <cub/cub.cuh>
 
-#include "westar/cuda_utils.cuh"
+#include "cuda_utils.cuh"
+#include "westar/op_checks.h"
 #include "westar/ordinal_math.h"
 
 namespace westar {
@@ -178,24 +179,7 @@ struct OrdinalArgs {
 };
 
 OrdinalArgs prepare(const at::Tensor& pred, const at::Tensor& pairs, const at::Tensor& labels, int64_t kind) {
-  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()),
-                   "ordinal_ranking: pred must be a floating tensor, got ", pred.scalar_type());
-  TORCH_CHECK_VALUE(pred.dim() == 3, "ordinal_ranking: pred must have shape (B, H, W), got ", pred.sizes());
-  TORCH_CHECK_TYPE(at::isIntegralType(pairs.scalar_type(), /*includeBool=*/false),
-                   "ordinal_ranking: pairs must be an integer tensor, got ", pairs.scalar_type());
-  TORCH_CHECK_TYPE(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
-                   "ordinal_ranking: labels must be an integer tensor, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(pairs.dim() == 4 && pairs.size(0) == pred.size(0) && pairs.size(2) == 2 && pairs.size(3) == 2,
-                    "ordinal_ranking: pairs must have shape (B, P, 2, 2) with B = ", pred.size(0), ", got ",
-                    pairs.sizes());
-  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == pairs.size(0) && labels.size(1) == pairs.size(1),
-                    "ordinal_ranking: labels must have shape (B, P) = (", pairs.size(0), ", ", pairs.size(1),
-                    "), got ", labels.sizes());
-  TORCH_CHECK_VALUE(kind == kOrdinalMargin || kind == kOrdinalLogistic,
-                    "ordinal_ranking: kind must be 0 (margin) or 1 (logistic), got ", kind);
-  TORCH_CHECK_VALUE(pairs.device() == pred.device() && labels.device() == pred.device(),
-                    "ordinal_ranking: pairs and labels must be on ", pred.device(), ", got ", pairs.device(),
-                    " and ", labels.device());
+  check_ordinal(pred, pairs, labels, kind);
   OrdinalArgs a;
   a.pred = pred.contiguous();
   a.pairs = pairs.to(at::kLong).contiguous();
@@ -203,8 +187,6 @@ OrdinalArgs prepare(const at::Tensor& pred, const at::Tensor& pairs, const at::T
   a.geom = {pred.size(0), pairs.size(1), pred.size(1), pred.size(2)};
   return a;
 }
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Launches the partial and finish kernels; returns the (1,) loss and (1,) scale tensors.
 template <typename scalar_t>
@@ -247,9 +229,7 @@ at::Tensor ordinal_ranking_backward_cuda(const at::Tensor& grad, const at::Tenso
                                          const at::Tensor& labels, double margin, int64_t kind,
                                          double equal_weight) {
   const OrdinalArgs a = prepare(pred, pairs, labels, kind);
-  TORCH_CHECK_VALUE(grad.numel() == 1, "ordinal_ranking_backward: grad must hold one element, got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.device() == pred.device(), "ordinal_ranking_backward: grad must be on ", pred.device(),
-                    ", got ", grad.device());
+  check_grad("ordinal_ranking_backward", grad, pred);
   const c10::cuda::CUDAGuard guard(pred.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = acc_dtype(pred.scalar_type());

@@ -40,7 +40,8 @@
 #include <cstdint>
 #include <limits>
 
-#include "westar/cuda_utils.cuh"
+#include "cuda_utils.cuh"
+#include "westar/op_checks.h"
 #include "westar/sa_hdn_math.h"
 
 namespace westar {
@@ -602,15 +603,6 @@ void cub_run(const at::TensorOptions& opts, F&& f) {
   C10_CUDA_CHECK(f(static_cast<void*>(temp.data_ptr<uint8_t>()), bytes));
 }
 
-void check_image(const char* name, const at::Tensor& t, const at::Tensor& pred) {
-  TORCH_CHECK_VALUE(t.dim() == 3 && t.sizes() == pred.sizes(), "sa_hdn: ", name,
-                    " must have the shape of pred (B, H, W) = ", pred.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == pred.device(), "sa_hdn: ", name, " is on ", t.device(), " but pred is on ",
-                    pred.device());
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 template <typename data_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pred,
                                                                          const at::Tensor& target,
@@ -628,8 +620,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   const int64_t C = G + L;
   const int64_t planes = C * B;
   const int64_t M = planes * hw;
-  TORCH_CHECK_VALUE(M < (int64_t(1) << 31), "sa_hdn (CUDA): levels x B x H x W = ", M,
-                    " memberships; the CUDA kernels support fewer than 2^31");
+  // check_sa_hdn_forward bounds M by kMaxMemberships: the int casts of M and M + 1 (CUB
+  // counts) and of K + 1 <= M + 1 below cannot overflow.
+  TORCH_CHECK(M <= kMaxMemberships, "sa_hdn_forward: internal error, membership bound");
   at::Tensor seg = at::empty({C, B, H, W}, opts.dtype(at::kInt));
   at::Tensor loss = at::zeros({}, opts.dtype(acc));
   auto empty_result = [&]() {
@@ -713,15 +706,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   C10_CUDA_CHECK(cudaMemcpyAsync(host, summary, sizeof(host), cudaMemcpyDeviceToHost, stream));
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
   const int64_t K = host[0], N = host[1];
-  if (host[2] >= 0) {
-    const int64_t at = host[2], j = at % hw, bl = at / hw;
-    TORCH_CHECK_VALUE(false, "instances must hold ids >= 0 (0 = no instance); found a negative id at instances[",
-                      bl / L, ", ", bl % L, ", ", j / W, ", ", j % W, "]");
-  }
-  if (host[3] >= 0) {
-    const int64_t at = host[3], j = at % hw, bl = at / hw;
-    TORCH_CHECK_VALUE(false, "sa_hdn (CUDA): instance ids must be < 2^31; found a larger id at instances[", bl / L,
-                      ", ", bl % L, ", ", j / W, ", ", j % W, "]");
+  for (int which = 0; which < 2; ++which) {  // negative ids first, then ids >= 2^31
+    const int64_t at = host[2 + which];
+    if (at < 0) continue;
+    const int64_t j = at % hw, bl = at / hw;
+    raise_bad_id(which == 0, bl / L, bl % L, j / W, j % W);
   }
   TORCH_CHECK(K < (int64_t(1) << 31), "sa_hdn_forward: too many contexts");
   if (K == 0) return empty_result();
@@ -818,44 +807,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cuda(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& instances,
     const std::optional<at::Tensor>& valid, bool include_global, double eps, int64_t min_pixels,
     int64_t stats_grad) {
-  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()), "sa_hdn: pred must be a floating tensor, got ",
-                   pred.scalar_type());
-  TORCH_CHECK_VALUE(pred.dim() == 3, "sa_hdn: pred must have shape (B, H, W), got ", pred.sizes());
-  check_image("target", target, pred);
-  TORCH_CHECK_TYPE(target.scalar_type() == pred.scalar_type(), "sa_hdn: target must have the dtype of pred (",
-                   pred.scalar_type(), "), got ", target.scalar_type());
-  TORCH_CHECK_VALUE(eps >= 0, "sa_hdn: eps must be >= 0, got ", eps);
-  TORCH_CHECK_VALUE(min_pixels >= 0, "sa_hdn: min_pixels must be >= 0, got ", min_pixels);
-  TORCH_CHECK_VALUE(stats_grad >= 0 && stats_grad <= 2, "sa_hdn: stats_grad must be 0, 1 or 2, got ", stats_grad);
-  TORCH_CHECK_VALUE(pred.size(1) * pred.size(2) < (int64_t(1) << 31), "sa_hdn: images of ", pred.size(1), "x",
-                    pred.size(2), " pixels are too large");
-  at::Tensor inst;
-  if (instances.has_value() && instances->defined()) {
-    inst = *instances;
-    TORCH_CHECK_TYPE(at::isIntegralType(inst.scalar_type(), /*includeBool=*/false),
-                     "sa_hdn: instances must be an integer tensor (uint8, int16, int32 or int64), got ",
-                     inst.scalar_type());
-    TORCH_CHECK_VALUE(inst.dim() == 4 && inst.size(0) == pred.size(0) && inst.size(2) == pred.size(1) &&
-                          inst.size(3) == pred.size(2),
-                      "sa_hdn: instances must have shape (B, L, H, W) with (B, H, W) = ", pred.sizes(), ", got ",
-                      inst.sizes());
-    TORCH_CHECK_VALUE(inst.device() == pred.device(), "sa_hdn: instances is on ", inst.device(),
-                      " but pred is on ", pred.device());
-    inst = inst.contiguous();
-  }
-  at::Tensor val;
-  if (valid.has_value() && valid->defined()) {
-    val = *valid;
-    TORCH_CHECK_TYPE(val.scalar_type() == at::kBool, "sa_hdn: valid must be a bool tensor, got ",
-                     val.scalar_type());
-    check_image("valid", val, pred);
-    val = val.contiguous();
-  }
+  const SaHdnMasks masks =
+      check_sa_hdn_forward(pred, target, instances, valid, include_global, eps, min_pixels, stats_grad);
   const c10::cuda::CUDAGuard guard(pred.device());
   const at::Tensor p = pred.contiguous(), q = target.contiguous();
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sa_hdn_forward_cuda", [&] {
-    out = forward_impl<scalar_t>(p, q, inst, val, include_global, eps, min_pixels);
+    out = forward_impl<scalar_t>(p, q, masks.instances, masks.valid, include_global, eps, min_pixels);
   });
   return out;
 }
@@ -905,32 +863,8 @@ __global__ void __launch_bounds__(kThreads)
 at::Tensor sa_hdn_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                                 const at::Tensor& seg, const at::Tensor& stats, const at::Tensor& median_index,
                                 int64_t stats_grad) {
-  TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()), "sa_hdn_backward: pred must be a floating tensor, got ",
-                   pred.scalar_type());
-  TORCH_CHECK_VALUE(pred.dim() == 3, "sa_hdn_backward: pred must have shape (B, H, W), got ", pred.sizes());
-  check_image("target", target, pred);
-  TORCH_CHECK_VALUE(grad.numel() == 1, "sa_hdn_backward: grad must hold one element, got ", grad.sizes());
-  TORCH_CHECK_TYPE(seg.scalar_type() == at::kInt, "sa_hdn_backward: seg must be int32, got ", seg.scalar_type());
-  TORCH_CHECK_VALUE(seg.dim() == 4 && seg.size(1) == pred.size(0) && seg.size(2) == pred.size(1) &&
-                        seg.size(3) == pred.size(2),
-                    "sa_hdn_backward: seg must have shape (C, B, H, W) with (B, H, W) = ", pred.sizes(), ", got ",
-                    seg.sizes());
+  check_sa_hdn_backward(grad, pred, target, seg, stats, median_index, stats_grad);
   const at::ScalarType acc = acc_dtype(pred.scalar_type());
-  TORCH_CHECK_TYPE(stats.scalar_type() == acc, "sa_hdn_backward: stats must be ", acc, ", got ",
-                   stats.scalar_type());
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(1) == kNumStats, "sa_hdn_backward: stats must have shape (K, ",
-                    int(kNumStats), "), got ", stats.sizes());
-  TORCH_CHECK_TYPE(median_index.scalar_type() == at::kLong, "sa_hdn_backward: median_index must be int64, got ",
-                   median_index.scalar_type());
-  TORCH_CHECK_VALUE(median_index.dim() == 1 && median_index.size(0) == stats.size(0),
-                    "sa_hdn_backward: median_index must have shape (K,) = (", stats.size(0), ",), got ",
-                    median_index.sizes());
-  TORCH_CHECK_VALUE(stats_grad >= 0 && stats_grad <= 2, "sa_hdn_backward: stats_grad must be 0, 1 or 2, got ",
-                    stats_grad);
-  for (const at::Tensor* t : {&grad, &seg, &stats, &median_index}) {
-    TORCH_CHECK_VALUE(t->device() == pred.device(), "sa_hdn_backward: all tensors must be on ", pred.device(),
-                      ", got one on ", t->device());
-  }
   const c10::cuda::CUDAGuard guard(pred.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor p = pred.contiguous(), q = target.to(pred.scalar_type()).contiguous();

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
 import westar_ops  # noqa: E402
-from westar_ops import ops, reference  # noqa: E402
+from westar_ops import ops  # noqa: E402
 
 if not westar_ops.build_info()["with_cuda"]:
     pytest.skip(
@@ -28,20 +28,27 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
     import westar_ops.triton  # noqa: E402,F401  (registers torch.ops.westar_triton)
 
-from tests.gpu.cases import DTYPES, SCENARIOS, TOL  # noqa: E402
-from tests.gpu.cases import case as _case  # noqa: E402
-from tests.gpu.cases import check_forward as _check_forward  # noqa: E402
-from tests.gpu.cases import to as _to  # noqa: E402
+from tests.matrix import (  # noqa: E402
+    DTYPES,
+    SCENARIOS,
+    assert_backends_agree,
+    assert_bitwise_equal_runs,
+    assert_compiled_matches_eager,
+    assert_no_context_gives_zero,
+    ordinal_backward_runs,
+    ordinal_case,
+    raw_forward,
+    sa_hdn_runs,
+)
+from tests.matrix import case as _case  # noqa: E402
+from tests.matrix import check_forward as _check_forward  # noqa: E402
 
 DEV = "cuda"
 OPS = torch.ops.westar_ops
 
 
 def _forward(pred, target, instances, valid, device, include_global=True, eps=1e-6, min_pixels=1):
-    return OPS.sa_hdn_forward(
-        pred.to(device), target.to(device), _to(instances, device), _to(valid, device),
-        include_global, eps, min_pixels, 2,
-    )  # fmt: skip
+    return raw_forward(OPS, pred, target, instances, valid, device, include_global, eps, min_pixels)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -63,9 +70,7 @@ def test_forward_dtypes_match_cpu(name, dtype, rng):
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_forward_outputs_match_triton(name, rng):
     pred, target, instances, valid = _case(name, rng)
-    out_t = torch.ops.westar_triton.sa_hdn_forward(
-        pred.to(DEV), target.to(DEV), _to(instances, DEV), _to(valid, DEV), True, 1e-6, 1, 2
-    )
+    out_t = raw_forward(torch.ops.westar_triton, pred, target, instances, valid, DEV)
     out_c = _forward(pred, target, instances, valid, "cpu")
     out_t = (out_t[0].cpu(), out_t[1].cpu(), out_t[2].cpu(), out_t[3].cpu())
     _check_forward(_forward(pred, target, instances, valid, DEV), out_t, pred, torch.float32)
@@ -82,26 +87,9 @@ def test_loss_and_grad_match_cpu_triton_reference(name, stats_grad, dtype, rng):
     # dtypes have many ties) for the median's gradient: compare with it for fp32/fp64.
     ref = [None] if dtype in (torch.float32, torch.float64) else []
     backends = ["cuda", "cpu", *ref] + (["triton"] if HAS_TRITON else [])
-    out = []
-    for backend in backends:
-        dev = "cpu" if backend in ("cpu", None) else DEV
-        p = pred.to(dev).requires_grad_(True)
-        args = (p, target.to(dev), _to(instances, dev), _to(valid, dev))
-        if backend is None:
-            loss = reference.sa_hdn_loss(*args, **kw)
-        else:
-            loss = ops.sa_hdn_loss(*args, backend=backend, **kw)
-        (grad,) = torch.autograd.grad(loss, p)
-        assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == pred.shape
-        out.append((loss.detach().cpu(), grad.cpu()))
-    rtol, atol = TOL[dtype]
-    for other in range(1, len(out)):
-        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-4), atol=atol)
-        # Gradients: a sign flip at a near tie changes one pixel's gradient; compare the
-        # bulk tightly and allow a handful of outliers.
-        diff = (out[0][1].double() - out[other][1].double()).abs()
-        tol = atol + rtol * 10 * out[other][1].double().abs()
-        assert int((diff > tol).sum()) <= 4, (backends[other], float(diff.max()))
+    assert_backends_agree(
+        "sa_hdn", backends, DEV, pred, target, instances, valid, grad_outliers=4, **kw
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -144,14 +132,7 @@ def test_min_pixels_no_context_and_empty(rng):
     out_c = _forward(pred, target, instances, None, "cpu", include_global=False, min_pixels=3)
     out_g = _forward(pred, target, instances, None, DEV, include_global=False, min_pixels=3)
     _check_forward(out_g, out_c, pred, torch.float32)
-    # No usable pixel: K == 0, loss 0, gradient 0, never NaN.
-    p = pred.to(DEV).requires_grad_(True)
-    valid = torch.zeros(pred.shape, dtype=torch.bool, device=DEV)
-    loss = ops.sa_hdn_loss(p, target.to(DEV), instances.to(DEV), valid, backend="cuda")
-    (grad,) = torch.autograd.grad(loss, p)
-    assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
-    _, seg, stats, mi = _forward(pred, target, None, valid, DEV)
-    assert stats.shape == (0, 8) and mi.shape == (0,) and bool((seg == -1).all())
+    assert_no_context_gives_zero(OPS, "cuda", pred, target, instances, DEV)
     # Empty batch and empty images.
     for shape in ((0, 4, 5), (2, 0, 5)):
         e = torch.zeros(shape, device=DEV)
@@ -175,22 +156,7 @@ def test_strided_inputs_and_nan_pred(rng):
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_sa_hdn_bitwise_repeatable(deterministic, rng):
     pred, target, instances, valid = _case("levels", rng)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        runs = []
-        for _ in range(3):
-            p = pred.to(DEV).requires_grad_(True)
-            out = OPS.sa_hdn_forward(
-                p, target.to(DEV), instances.to(DEV), _to(valid, DEV), True, 1e-6, 1, 2
-            )
-            (grad,) = torch.autograd.grad(out[0], p)
-            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
-    finally:
-        torch.use_deterministic_algorithms(prev)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
+    assert_bitwise_equal_runs(sa_hdn_runs(OPS, pred, target, instances, valid, DEV, deterministic))
 
 
 def test_opcheck_sa_hdn(rng):
@@ -222,73 +188,32 @@ def test_compile_fullgraph(backend, rng):
 
     pairs = torch.randint(0, 64, (2, 16, 2, 2), generator=rng).to(DEV)
     labels = torch.randint(-1, 2, (2, 16), generator=rng).to(DEV)
-    compiled = torch.compile(f, backend=backend, fullgraph=True)
-    p1 = pred.clone().requires_grad_(True)
-    p2 = pred.clone().requires_grad_(True)
-    l1, l2 = f(p1, target, instances), compiled(p2, target, instances)
-    (g1,) = torch.autograd.grad(l1, p1)
-    (g2,) = torch.autograd.grad(l2, p2)
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+    assert_compiled_matches_eager(f, backend, pred, target, instances)
 
 
 # --------------------------------------------------------------------------- ordinal
 
 
-def _ordinal_case(rng, dtype, batch=3, height=17, width=23, pairs_per_image=300):
-    pred = (torch.randn(batch, height, width, generator=rng) * 0.5).to(dtype)
-    ys = torch.randint(0, height, (batch, pairs_per_image, 2), generator=rng)
-    xs = torch.randint(0, width, (batch, pairs_per_image, 2), generator=rng)
-    pairs = torch.stack([ys, xs], -1)
-    labels = torch.randint(-1, 2, (batch, pairs_per_image), generator=rng)
-    labels[0, 0] = -100  # ignored pairs, one with coordinates outside the image
-    labels[1, 3] = 7
-    pairs[1, 3] = torch.tensor([[99, -4], [0, 0]])
-    pairs[1, 10:60] = pairs[1, 9]  # many pairs sharing pixels
-    pairs[0, 2, 0] = pairs[0, 1, 1]
-    pairs[2, 5] = torch.tensor([[4, 4], [4, 4]])  # both ends on one pixel
-    return pred, pairs, labels
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["margin", "logistic"])
 def test_ordinal_matches_cpu_triton_reference(kind, dtype, rng):
-    pred, pairs, labels = _ordinal_case(rng, dtype)
+    pred, pairs, labels = ordinal_case(rng, dtype)
     kw = dict(margin=0.2, kind=kind, equal_weight=0.7)
     backends = ["cuda", "cpu", None] + (["triton"] if HAS_TRITON else [])
-    out = []
-    for backend in backends:
-        dev = "cpu" if backend in ("cpu", None) else DEV
-        p = pred.to(dev).requires_grad_(True)
-        if backend is None:
-            loss = reference.ordinal_ranking_loss(p, pairs, labels, **kw)
-        else:
-            loss = ops.ordinal_ranking_loss(p, pairs.to(dev), labels.to(dev), backend=backend, **kw)
-        (grad,) = torch.autograd.grad(loss, p)
-        assert loss.dtype == dtype and grad.dtype == dtype
-        out.append((loss.detach().cpu(), grad.cpu()))
-    rtol, atol = TOL[dtype]
-    for other in range(1, len(out)):
-        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-5), atol=atol)
-        torch.testing.assert_close(out[0][1], out[other][1], rtol=max(rtol, 1e-5), atol=atol)
+    assert_backends_agree(
+        "ordinal", backends, DEV, pred, pairs, labels,
+        loss_min_rtol=1e-5, grad_factor=1, grad_min_rtol=1e-5, **kw,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", [0, 1])
 def test_ordinal_deterministic_mode(kind, dtype, rng):
-    pred, pairs, labels = _ordinal_case(rng, dtype)
+    pred, pairs, labels = ordinal_case(rng, dtype)
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7, dtype=dtype)
     g_c = OPS.ordinal_ranking_backward(grad, pred, *args)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        gargs = (pairs.to(DEV), labels.to(DEV), 0.1, kind, 1.3)
-        runs = [
-            OPS.ordinal_ranking_backward(grad.to(DEV), pred.to(DEV), *gargs).cpu() for _ in range(3)
-        ]
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    runs = ordinal_backward_runs(OPS, grad, pred, *args, DEV)
     for r in runs[1:]:
         assert torch.equal(r, runs[0])
     if kind == 0:  # same operations in the same order as the CPU kernel: same bits
@@ -298,7 +223,7 @@ def test_ordinal_deterministic_mode(kind, dtype, rng):
 
 
 def test_ordinal_no_used_pairs_and_empty(rng):
-    pred, pairs, labels = _ordinal_case(rng, torch.float32)
+    pred, pairs, labels = ordinal_case(rng, torch.float32)
     labels[:] = -100
     p = pred.to(DEV).requires_grad_(True)
     loss = ops.ordinal_ranking_loss(p, pairs.to(DEV), labels.to(DEV), backend="cuda")
@@ -313,7 +238,7 @@ def test_ordinal_no_used_pairs_and_empty(rng):
 
 
 def test_opcheck_ordinal(rng):
-    pred, pairs, labels = _ordinal_case(rng, torch.float32, pairs_per_image=20)
+    pred, pairs, labels = ordinal_case(rng, torch.float32, pairs_per_image=20)
     pred = pred.to(DEV).requires_grad_(True)
     for kind in (0, 1):
         args = (pred, pairs.to(DEV), labels.to(DEV), 0.1, kind, 0.5)

@@ -20,22 +20,24 @@ if importlib.util.find_spec("triton") is None:
 
 import westar_ops  # noqa: E402
 import westar_ops.triton  # noqa: E402,F401  (registers torch.ops.westar_triton)
-from tests.gpu.cases import DTYPES, SCENARIOS, TOL, case, check_forward, to  # noqa: E402
-from westar_ops import ops, reference  # noqa: E402
+from tests.matrix import (  # noqa: E402
+    DTYPES,
+    SCENARIOS,
+    assert_backends_agree,
+    assert_bitwise_equal_runs,
+    assert_compiled_matches_eager,
+    case,
+    check_forward,
+    ordinal_backward_runs,
+    ordinal_case,
+    sa_hdn_runs,
+)
+from tests.matrix import cpu_forward as _cpu_forward  # noqa: E402
+from tests.matrix import raw_forward as _forward  # noqa: E402
+from westar_ops import ops  # noqa: E402
 
 DEV = "cuda"
 TRITON = torch.ops.westar_triton
-
-
-def _forward(ops_family, pred, target, instances, valid, device, include_global=True):
-    return ops_family.sa_hdn_forward(
-        pred.to(device), target.to(device), to(instances, device), to(valid, device),
-        include_global, 1e-6, 1, 2,
-    )  # fmt: skip
-
-
-def _cpu_forward(pred, target, instances, valid, include_global=True):
-    return _forward(torch.ops.westar_ops, pred, target, instances, valid, "cpu", include_global)
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
@@ -62,26 +64,9 @@ def test_loss_and_grad_match_cpu_and_reference(name, stats_grad, dtype, rng):
     # torch.median in the reference may pick another of several tied elements for the
     # median's gradient (half dtypes have many ties): compare with it for fp32/fp64.
     backends = ["triton", "cpu"] + ([None] if dtype in (torch.float32, torch.float64) else [])
-    out = []
-    for backend in backends:
-        dev = DEV if backend == "triton" else "cpu"
-        p = pred.to(dev).requires_grad_(True)
-        args = (p, target.to(dev), to(instances, dev), to(valid, dev))
-        if backend is None:
-            loss = reference.sa_hdn_loss(*args, **kw)
-        else:
-            loss = ops.sa_hdn_loss(*args, backend=backend, **kw)
-        (grad,) = torch.autograd.grad(loss, p)
-        assert loss.dtype == dtype and grad.dtype == dtype and grad.shape == pred.shape
-        out.append((loss.detach().cpu(), grad.cpu()))
-    rtol, atol = TOL[dtype]
-    for other in range(1, len(out)):
-        torch.testing.assert_close(out[0][0], out[other][0], rtol=max(rtol, 1e-4), atol=atol)
-        # A sign flip at a near tie changes one pixel's gradient: compare the bulk tightly
-        # and allow a handful of outliers.
-        diff = (out[0][1].double() - out[other][1].double()).abs()
-        tol = atol + rtol * 10 * out[other][1].double().abs()
-        assert int((diff > tol).sum()) <= 4, (backends[other], float(diff.max()))
+    assert_backends_agree(
+        "sa_hdn", backends, DEV, pred, target, instances, valid, grad_outliers=4, **kw
+    )
 
 
 @pytest.mark.parametrize("stats_grad", [0, 1, 2])
@@ -99,53 +84,16 @@ def test_backward_raw_matches_cpu(stats_grad, rng):
 
 def test_sa_hdn_deterministic_mode_bitwise(rng):
     pred, target, instances, valid = case("uneven", rng)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(3):
-            p = pred.to(DEV).requires_grad_(True)
-            out = TRITON.sa_hdn_forward(
-                p, target.to(DEV), instances.to(DEV), valid.to(DEV), True, 1e-6, 1, 2
-            )
-            (grad,) = torch.autograd.grad(out[0], p)
-            runs.append([x.detach().cpu() for x in out] + [grad.cpu()])
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            assert torch.equal(a, b)
-
-
-def _ordinal_case(rng, batch=3, height=17, width=23, pairs_per_image=300):
-    pred = torch.randn(batch, height, width, generator=rng) * 0.5
-    ys = torch.randint(0, height, (batch, pairs_per_image, 2), generator=rng)
-    xs = torch.randint(0, width, (batch, pairs_per_image, 2), generator=rng)
-    pairs = torch.stack([ys, xs], -1)
-    labels = torch.randint(-1, 2, (batch, pairs_per_image), generator=rng)
-    labels[0, 0] = -100  # ignored pairs, one with coordinates outside the image
-    labels[1, 3] = 7
-    pairs[1, 3] = torch.tensor([[99, -4], [0, 0]])
-    pairs[1, 10:60] = pairs[1, 9]  # many pairs sharing pixels
-    return pred, pairs, labels
+    assert_bitwise_equal_runs(sa_hdn_runs(TRITON, pred, target, instances, valid, DEV, True))
 
 
 @pytest.mark.parametrize("kind", [0, 1])
 def test_ordinal_deterministic_mode_bitwise(kind, rng):
-    pred, pairs, labels = _ordinal_case(rng)
+    pred, pairs, labels = ordinal_case(rng)
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7)
     g_c = torch.ops.westar_ops.ordinal_ranking_backward(grad, pred, *args)
-    dargs = (pairs.to(DEV), labels.to(DEV), 0.1, kind, 1.3)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = [
-            TRITON.ordinal_ranking_backward(grad.to(DEV), pred.to(DEV), *dargs).cpu()
-            for _ in range(3)
-        ]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    runs = ordinal_backward_runs(TRITON, grad, pred, *args, DEV)
     for r in runs[1:]:
         assert torch.equal(r, runs[0])
     torch.testing.assert_close(runs[0], g_c, rtol=1e-5, atol=1e-7)
@@ -177,18 +125,11 @@ def test_compile_fullgraph(compile_backend, rng):
         )
 
     torch._dynamo.reset()
-    compiled = torch.compile(f, backend=compile_backend, fullgraph=True)
-    p1 = pred.clone().requires_grad_(True)
-    p2 = pred.clone().requires_grad_(True)
-    l1, l2 = f(p1, target, instances), compiled(p2, target, instances)
-    (g1,) = torch.autograd.grad(l1, p1)
-    (g2,) = torch.autograd.grad(l2, p2)
-    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=1e-7)
+    assert_compiled_matches_eager(f, compile_backend, pred, target, instances)
 
 
 def test_backend_choice_on_cuda():
-    """"auto" takes the CUDA C++ kernels when built (the smaller byte model,
+    """ "auto" takes the CUDA C++ kernels when built (the smaller byte model,
     BENCHMARKS.md), else Triton; "triton" is always available with triton installed."""
     dev = torch.device(DEV)
     assert "triton" in westar_ops.available_backends(dev)

@@ -1,32 +1,14 @@
-"""Shared helpers of the op tests: tolerances, tie-free random inputs, an independent
-computation of the saved per-context stats of ``sa_hdn_forward``.
+"""Input generators of the CPU op tests: tie-free random inputs, sparse ids, and an
+independent computation of the saved per-context stats of ``sa_hdn_forward``. The dtypes,
+the tolerance table and the compare helpers shared with the Triton and GPU tests are in
+tests/matrix.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 ID_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
-
-# Per-dtype tolerances (rtol, atol) of the loss and of the gradient against the
-# reference. The reference computes half inputs in float32 (as the kernels do), so the
-# differences come from summation order and from the final rounding to the output dtype.
-TOLERANCES = {
-    torch.float64: {"loss": (1e-10, 1e-12), "grad": (1e-9, 1e-12)},
-    torch.float32: {"loss": (1e-5, 1e-6), "grad": (1e-4, 1e-7)},
-    torch.float16: {"loss": (2e-3, 1e-4), "grad": (2e-3, 1e-5)},
-    torch.bfloat16: {"loss": (1.6e-2, 1e-3), "grad": (1.6e-2, 1e-4)},
-}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, msg: str = ""):
-    """Compare with the tolerance of ``expected``'s dtype for ``kind`` ("loss"/"grad")."""
-    rtol, atol = TOLERANCES[expected.dtype][kind]
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    torch.testing.assert_close(
-        actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True, msg=msg or None
-    )
 
 
 def distinct_values(

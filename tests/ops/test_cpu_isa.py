@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import westar_ops
-from tests.ops.helpers import assert_close
+from tests.matrix import assert_close
 
 
 def _cpu_flags() -> set[str]:

@@ -1,5 +1,5 @@
 """Bad input raises a clear ValueError / TypeError naming the argument, before any kernel
-runs (spec/ops.md); backend selection errors."""
+runs (docs/ops.md); backend selection errors."""
 
 from __future__ import annotations
 
@@ -191,6 +191,51 @@ def test_sa_hdn_kernel_rejects_negative_ids(pq):
     inst[0, 0, 1, 1] = -1
     with pytest.raises((ValueError, RuntimeError), match="negative id"):
         torch.ops.westar_ops.sa_hdn_forward(p, q, inst, None, True, 1e-6, 1, 2)
+
+
+@pytest.mark.parametrize("big", [2**31, 2**31 + 5, 2**62])
+def test_sa_hdn_ids_from_2_31_raise(pq, big):
+    """Ids of 2^31 and above raise on the CPU as on the GPU backends (docs/ops.md), naming
+    the first one in (b, l, y, x) order; 2^31 - 1 is still a valid id."""
+    p, q = pq
+    inst = torch.randint(0, 5, (B, 2, H, W), generator=torch.Generator().manual_seed(3))
+    inst[1, 0, 3, 4] = big
+    inst[1, 1, 0, 0] = big  # later in (b, l, y, x) order, earlier plane order (level 1)
+    inst[0, 1, 2, 2] = big  # earliest: named
+    valid = mask(B, H, W)
+    valid[0, 2, 2] = False  # found at an invalid pixel too
+    expected = re.escape(
+        "instances must hold ids < 2^31; found a larger id at instances[0, 1, 2, 2]"
+    )
+    with pytest.raises(ValueError, match=expected):
+        westar_ops.sa_hdn_loss(p, q, inst, valid)
+    with pytest.raises(ValueError, match=expected):
+        torch.ops.westar_ops.sa_hdn_forward(p, q, inst, valid, True, 1e-6, 1, 2)
+    inst[inst == big] = 2**31 - 1
+    loss = westar_ops.sa_hdn_loss(p, q, inst, valid)
+    assert torch.isfinite(loss)
+
+
+def test_sa_hdn_negative_ids_are_reported_before_large_ones(pq):
+    p, q = pq
+    inst = ids(B, 1, H, W)
+    inst[0, 0, 0, 0] = 2**31
+    inst[1, 0, 3, 4] = -2
+    with pytest.raises(ValueError, match=re.escape("negative id at instances[1, 0, 3, 4]")):
+        torch.ops.westar_ops.sa_hdn_forward(p, q, inst, None, True, 1e-6, 1, 2)
+
+
+@pytest.mark.parametrize(("shape", "levels"), [((2048, 1024, 1024), 1), ((1024, 1024, 1024), 2)])
+def test_sa_hdn_too_many_memberships(shape, levels):
+    """levels x B x H x W above 2^31 - 2 raises before anything is allocated (expanded
+    inputs: no memory behind them)."""
+    pred = torch.zeros(1, 1, 1).expand(*shape)
+    inst = torch.ones(1, 1, 1, 1, dtype=torch.int32).expand(shape[0], levels - 1, *shape[1:])
+    expected = re.escape(f"levels x B x H x W = {levels * pred.numel()} memberships, more than")
+    with pytest.raises(ValueError, match=expected):
+        westar_ops.sa_hdn_loss(pred, pred, inst if levels > 1 else None)
+    with pytest.raises(ValueError, match=expected):
+        torch.ops.westar_ops.sa_hdn_forward(pred, pred, inst, None, True, 1e-6, 1, 2)
 
 
 def test_sa_hdn_kernel_rejects_bad_shapes(pq):

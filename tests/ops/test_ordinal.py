@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import westar_ops
-from tests.ops.helpers import FLOAT_DTYPES, assert_close
+from tests.matrix import DTYPES, assert_close
 from westar_ops import reference
 
 
@@ -43,7 +43,7 @@ def check(pred, pairs, labels, **kw):
 
 @pytest.mark.parametrize("margin", [0.0, 0.3, 2.0])
 @pytest.mark.parametrize("kind", ["margin", "logistic"])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_against_reference(rng, dtype, kind, margin):
     b, p, h, w = 3, 40, 7, 13
     pred = torch.randn(b, h, w, generator=rng).to(dtype)
@@ -164,7 +164,7 @@ def test_shared_pixels(rng):
 
 
 @pytest.mark.parametrize("case", ["all_ignored", "no_pairs", "empty_batch"])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_no_used_pairs(rng, case, dtype):
     b, p, h, w = 2, 6, 4, 4
     pred = torch.randn(b, h, w, generator=rng).to(dtype)

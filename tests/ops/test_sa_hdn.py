@@ -1,4 +1,4 @@
-"""sa_hdn_loss: loss and gradient against the plain-PyTorch reference (spec/ops.md)."""
+"""sa_hdn_loss: loss and gradient against the plain-PyTorch reference (docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,8 @@ import pytest
 import torch
 
 import westar_ops
-from tests.ops.helpers import (
-    FLOAT_DTYPES,
-    ID_DTYPES,
-    assert_close,
-    distinct_values,
-    random_instances,
-    remap_ids,
-    target_values,
-)
+from tests.matrix import DTYPES, assert_close
+from tests.ops.helpers import ID_DTYPES, distinct_values, random_instances, remap_ids, target_values
 from westar_ops import reference
 
 # Every test runs with the AVX-512 CPU loops (where available) and the portable ones.
@@ -128,7 +121,7 @@ def test_ids_permuted_same_loss(rng):
 
 
 @pytest.mark.parametrize("stats_grad", MODES)
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_dtypes_and_modes(rng, dtype, stats_grad):
     b, h, w = 2, 7, 13
     pred = distinct_values((b, h, w), dtype, rng)
@@ -335,7 +328,7 @@ def test_image_without_valid_pixel(rng):
     assert_close(loss, westar_ops.sa_hdn_loss(pred[:1], target[:1], inst[:1]), "loss")
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "case", ["no_levels", "ids_zero", "all_invalid", "target_nan", "min_pixels", "empty_batch"]
 )

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import westar_ops  # noqa: F401  (loads the library that defines torch.ops.westar_ops)
+from tests.matrix import DTYPES
 from tests.ops.helpers import (
-    FLOAT_DTYPES,
     distinct_values,
     expected_forward,
     random_instances,
@@ -80,7 +80,7 @@ def test_saved_levels(rng, levels, include_global):
     check_saved(pred, target, inst, valid, include_global)
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_saved_dtypes(rng, dtype):
     b, h, w = 2, 9, 10
     pred = distinct_values((b, h, w), dtype, rng)

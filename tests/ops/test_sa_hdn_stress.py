@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import westar_ops
-from tests.ops.helpers import assert_close, distinct_values, random_instances, target_values
+from tests.matrix import assert_close
+from tests.ops.helpers import distinct_values, random_instances, target_values
 from westar_ops import reference
 
 # Every test runs with the AVX-512 CPU loops (where available) and the portable ones.

@@ -4,6 +4,7 @@ backward, against eager (the Triton ops are opaque custom ops in the graph)."""
 import torch
 
 import westar_ops
+from tests.matrix import assert_compiled_matches_eager
 
 
 def _inputs(rng, device):
@@ -13,7 +14,10 @@ def _inputs(rng, device):
     inst = torch.randint(0, 3, (b, 1, h, w), generator=rng, dtype=torch.int32)
     valid = torch.rand(b, h, w, generator=rng) > 0.2
     pairs = torch.stack(
-        [torch.randint(0, h, (b, 6, 2), generator=rng), torch.randint(0, w, (b, 6, 2), generator=rng)],
+        [
+            torch.randint(0, h, (b, 6, 2), generator=rng),
+            torch.randint(0, w, (b, 6, 2), generator=rng),
+        ],
         dim=-1,
     )
     labels = torch.tensor([1, -1, 0, -100])[torch.randint(0, 4, (b, 6), generator=rng)]
@@ -31,12 +35,4 @@ def _loss(pred, target, inst, valid, pairs, labels):
 def test_compile_aot_eager_fullgraph(rng, device):
     torch._dynamo.reset()
     inputs = _inputs(rng, device)
-    compiled = torch.compile(_loss, backend="aot_eager", fullgraph=True)
-    out = []
-    for fn in (_loss, compiled):
-        p = inputs[0].clone().requires_grad_(True)
-        loss = fn(p, *inputs[1:])
-        (grad,) = torch.autograd.grad(loss, p)
-        out.append((loss.detach(), grad))
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-6, atol=1e-7)
+    assert_compiled_matches_eager(_loss, "aot_eager", *inputs, rtol=1e-6, atol=1e-7)

@@ -8,12 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["acc_dtype", "device_guard", "sign", "skey", "from_skey"]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, else float32 (docs/internals.md, Precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["device_guard", "sign", "skey", "from_skey"]
 
 
 def device_guard(t: torch.Tensor):

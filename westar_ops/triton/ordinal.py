@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from westar_ops.triton._common import acc_dtype, device_guard
+from westar_ops._registry import acc_dtype
+from westar_ops.triton._common import device_guard
 
 __all__ = ["ordinal_ranking_forward", "ordinal_ranking_backward"]
 

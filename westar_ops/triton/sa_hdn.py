@@ -3,20 +3,24 @@
 Contract: docs/internals.md (same outputs as the C++ ops). Design and cost account:
 docs/triton_kernels.md. In short, with C levels, N = B*H*W pixels, M <= C*N memberships:
 
-Forward
-  1. ``_keys_kernel`` (1 launch, reads target, valid, ids): one int64 key per
+Forward, in the steps of the CUDA kernels' sections (csrc/cuda/sa_hdn_cuda.cu), each a
+host function here:
+  1. ``_keys`` (``_keys_kernel``, 1 launch, reads target, valid, ids): one int64 key per
      (level, pixel): (level*B + image) << 31 | id, or a sentinel for pixels in no context.
-  2. Grouping with torch ops on the device: stable ``torch.sort`` of the keys (pixels of a
-     context become one contiguous run, in ascending pixel order; runs in canonical order
-     level, image, id), run boundaries, counts (``searchsorted``), min_pixels filter,
-     context numbering (``cumsum``). Cost does not depend on the id values.
-     **The one host sync** of the op: K and the sizes of the launch grids, fetched together.
-  3. Small contexts (n <= a size class, 64 or 1024 by default): one program per context,
-     everything in registers: gather pred/target through the sort permutation, exact
-     lower median by a bitwise radix select (one reduction per key bit), mean absolute
-     deviation, S1, S2, S3, loss numerator, median index, seg. One launch per size class.
-  4. Large contexts: tiles of TILE members, multi-pass radix select with per-context
-     histograms of 8-bit digits (int32 atomics, so the counts are exact and repeatable):
+  2. ``_group``, with torch ops on the device: stable ``torch.sort`` of the keys (pixels
+     of a context become one contiguous run, in ascending pixel order; runs in canonical
+     order level, image, id), run boundaries, counts (``searchsorted``), min_pixels
+     filter, context numbering (``cumsum``). Cost does not depend on the id values.
+  3. ``_group`` ends with **the one host sync** of the op: K and the sizes of the launch
+     grids, fetched together (bad ids raise here).
+  4. ``_small_contexts`` (n <= a size class, 64 or 1024 by default): one program per
+     context, everything in registers: gather pred/target through the sort permutation,
+     exact lower median by a bitwise radix select (one reduction per key bit), mean
+     absolute deviation, S1, S2, S3, loss numerator, median index, seg. One launch per
+     size class.
+  5. ``_large_contexts``: tiles of TILE members, multi-pass radix select with
+     per-context histograms of 8-bit digits (int32 atomics, so the counts are exact and
+     repeatable):
        pass 0: gather pred/target into contiguous segment arrays + histogram of digit 0;
        pass r: filter by the digits chosen so far + histogram of digit r (r = 1..3);
        the last pass also sums, per tile, the distances of the elements outside the
@@ -24,7 +28,7 @@ Forward
        between passes a scan kernel per (context, pred|target) picks the digit;
        sums pass: S1, S2, loss numerator, first median position per tile;
      per-tile partial sums are combined per context in tile order: deterministic.
-  5. ``_loss_kernel``: sum of the per-context loss numerators in context order / N.
+  6. ``_loss_kernel``: sum of the per-context loss numerators in context order / N.
 Backward
   ``_count_kernel`` (N = sum of stats[:, 7]) and one elementwise pass over the pixels
   (``_backward_kernel``), looping over the C levels; no atomics: deterministic.
@@ -32,11 +36,14 @@ Backward
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from westar_ops.triton._common import acc_dtype, device_guard, from_skey, sign, skey
+from westar_ops._registry import NUM_STATS, acc_dtype
+from westar_ops.triton._common import device_guard, from_skey, sign, skey
 
 __all__ = ["sa_hdn_forward", "sa_hdn_backward"]
 
@@ -50,7 +57,6 @@ BLOCK_PIXELS = 1024  # elementwise kernels (keys, backward)
 BLOCK_REDUCE = 256  # fixed-order reductions over tiles / contexts
 
 _SENTINEL = torch.iinfo(torch.int64).max
-NUM_STATS = 8
 
 
 def _num_warps(block: int) -> int:
@@ -252,8 +258,11 @@ def _hist_one(
         prefix = tl.load(prefix_ptr + bi * 2 + w)
         match = m & (((key ^ prefix) >> (BITS - 8 * R)) == 0)
     d = _digit(key, R, BITS)
-    h = tl.histogram(d, 256, mask=match)
+    # Unmatched elements are counted in bin 0 and taken out again: tl.histogram's mask
+    # argument needs Triton >= 3.4, and torch 2.6 / 2.7 ship Triton 3.2 / 3.3.
     bins = tl.arange(0, 256)
+    h = tl.histogram(tl.where(match, d, 0), 256)
+    h = h - tl.where(bins == 0, tl.sum(tl.where(match, 0, 1), 0), 0)
     tl.atomic_add(hist_ptr + ((R * NB + bi) * 2 + w) * 256 + bins, h, mask=bins < 256)
     if LAST:
         # Elements outside the final window [prefix, prefix | 255]: distance to the edges.
@@ -578,6 +587,21 @@ def _backward_kernel(
 
 # ------------------------------------------------------------------------ host code
 
+# The kernels keep context numbers (seg) in int32 and multiply int32 sizes (H * W,
+# level * N): levels x B x H x W must stay at or below this, as in the C++ ops
+# (kMaxMemberships, csrc/include/westar/op_checks.h).
+MAX_MEMBERSHIPS = 2**31 - 2
+
+
+def check_memberships(levels: int, pred: torch.Tensor) -> None:
+    """The C++ ops' error for more memberships than the kernels can number."""
+    memberships = levels * pred.numel()
+    if memberships > MAX_MEMBERSHIPS:
+        raise ValueError(
+            f"sa_hdn: levels x B x H x W = {memberships} memberships, more than the ops "
+            "support (2^31 - 2)"
+        )
+
 
 def _raise_bad_ids(bad_neg: int, bad_huge: int, L: int, H: int, W: int) -> None:
     """The errors of the C++ kernels for ids found by _keys_kernel (flat positions into
@@ -593,10 +617,7 @@ def _raise_bad_ids(bad_neg: int, bad_huge: int, L: int, H: int, W: int) -> None:
             + where(bad_neg)
         )
     if bad_huge != _SENTINEL:
-        raise ValueError(
-            "sa_hdn (Triton): instance ids must be < 2^31; found a larger id at "
-            + where(bad_huge)
-        )
+        raise ValueError("instances must hold ids < 2^31; found a larger id at " + where(bad_huge))
 
 
 def _first_true(mask_cumsum: torch.Tensor, count: int) -> torch.Tensor:
@@ -604,6 +625,265 @@ def _first_true(mask_cumsum: torch.Tensor, count: int) -> torch.Tensor:
     (searchsorted, so no host sync: `count` is already known)."""
     want = torch.arange(1, count + 1, device=mask_cumsum.device, dtype=mask_cumsum.dtype)
     return torch.searchsorted(mask_cumsum, want)
+
+
+@dataclass
+class _Problem:
+    """One forward call: the inputs and their sizes (C = G + L levels, N pixels)."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    instances: torch.Tensor | None
+    valid: torch.Tensor | None
+    B: int
+    H: int
+    W: int
+    N: int
+    L: int
+    G: int
+    C: int
+    eps: float
+    bits: int  # 64 for float64 inputs, else 32
+    sdt: torch.dtype  # stats / accumulation dtype
+    seg: torch.Tensor  # (C, B, H, W) int32 output, -1 where no context
+
+    @property
+    def n_tot(self) -> int:
+        return self.C * self.N
+
+
+@dataclass
+class _Groups:
+    """Step 2's result: sorted memberships grouped into runs (one run per context
+    candidate), and the kept contexts in canonical order."""
+
+    order: torch.Tensor  # sorted position -> flat membership index (level * N + pixel)
+    starts: torch.Tensor  # run r covers sorted positions [starts[r], starts[r + 1])
+    counts: torch.Tensor  # members of run r
+    k_of_run: torch.Tensor  # context number of a kept run
+    keep_cs: torch.Tensor  # inclusive cumsum of "run r is a kept context"
+    big_cs: torch.Tensor  # ... of "run r is a large context"
+    class_cs: list  # ... of "run r is in small size class i"
+    ntiles_run: torch.Tensor  # tiles of a large run, else 0
+    K: int  # contexts
+    NB: int  # large contexts
+    T: int  # tiles of the large contexts
+    n_class: list  # contexts per small size class
+    seg_off: torch.Tensor | None = None  # (K,) first sorted position of context k
+    seg_len: torch.Tensor | None = None  # (K,) its number of members
+
+
+def _keys(pr: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: one key per membership, and the first bad id positions (bad[0] negative,
+    bad[1] >= 2^31), both on the device."""
+    keys = torch.empty(pr.n_tot, dtype=torch.int64, device=pr.pred.device)
+    bad = torch.full((2,), _SENTINEL, dtype=torch.int64, device=pr.pred.device)
+    valid, instances = pr.valid, pr.instances
+    vview = valid.view(torch.uint8) if valid is not None else pr.pred
+    vstr = valid.stride() if valid is not None else (0, 0, 0)
+    inst = instances if instances is not None else pr.pred
+    istr = instances.stride() if instances is not None else (0, 0, 0, 0)
+    _keys_kernel[(triton.cdiv(pr.N, BLOCK_PIXELS),)](
+        pr.target,
+        vview,
+        inst,
+        keys,
+        bad,
+        pr.B,
+        pr.H,
+        pr.W,
+        pr.C,
+        *pr.target.stride(),
+        *vstr,
+        *istr,
+        HAS_VALID=valid is not None,
+        GLOBAL=pr.G,
+        BLOCK=BLOCK_PIXELS,
+        num_warps=4,
+    )
+    return keys, bad
+
+
+def _group(pr: _Problem, keys: torch.Tensor, bad: torch.Tensor, min_pixels: int) -> _Groups:
+    """Steps 2 and 3: stable sort of the keys, runs, min_pixels filter, numbering (torch
+    ops on the device), then the one host sync of the forward (K sizes the outputs, the
+    rest the launch grids); raises for bad ids."""
+    n_tot, dev = pr.n_tot, pr.pred.device
+    small_sizes = tuple(sorted(SMALL_SIZES))
+    sorted_keys, order = torch.sort(keys, stable=True)
+    del keys
+    is_start = torch.ones(n_tot, dtype=torch.bool, device=dev)
+    is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run = torch.cumsum(is_start, 0) - 1  # run number of every sorted position
+    starts = torch.searchsorted(run, torch.arange(n_tot + 1, device=dev))
+    counts = starts[1:] - starts[:-1]  # 0 for run numbers past the last run
+    run_key = sorted_keys[starts[:-1].clamp(max=n_tot - 1)]
+    keep = (counts >= max(int(min_pixels), 1)) & (run_key != _SENTINEL)
+    keep_cs = torch.cumsum(keep, 0)
+    big_run = keep & (counts > small_sizes[-1])
+    big_cs = torch.cumsum(big_run, 0)
+    ntiles_run = torch.where(big_run, (counts + TILE - 1) // TILE, 0)
+    class_cs = []
+    lower = 0
+    for size in small_sizes:
+        cls = keep & (counts > lower) & (counts <= size)
+        class_cs.append(torch.cumsum(cls, 0))
+        lower = size
+    totals = torch.stack(
+        [bad[0], bad[1], keep_cs[-1], big_cs[-1], ntiles_run.sum()] + [c[-1] for c in class_cs]
+    )
+    bad_neg, bad_huge, K, NB, T, *n_class = (int(v) for v in totals.tolist())
+    _raise_bad_ids(bad_neg, bad_huge, pr.L, pr.H, pr.W)
+    return _Groups(
+        order=order.contiguous(),
+        starts=starts,
+        counts=counts,
+        k_of_run=keep_cs - 1,
+        keep_cs=keep_cs,
+        big_cs=big_cs,
+        class_cs=class_cs,
+        ntiles_run=ntiles_run,
+        K=K,
+        NB=NB,
+        T=T,
+        n_class=n_class,
+    )
+
+
+def _small_contexts(pr: _Problem, g: _Groups, out: dict) -> None:
+    """Step 4: contexts of at most max(SMALL_SIZES) members, one launch per size class,
+    one program (all in registers) per context."""
+    for size, cs, count in zip(sorted(SMALL_SIZES), g.class_cs, g.n_class):
+        if count == 0:
+            continue
+        ks = g.k_of_run[_first_true(cs, count)].contiguous()
+        block = triton.next_power_of_2(size)
+        _small_kernel[(count,)](
+            pr.pred,
+            pr.target,
+            g.order,
+            ks,
+            g.seg_off,
+            g.seg_len,
+            out["stats"],
+            out["median_index"],
+            out["loss_part"],
+            pr.seg,
+            pr.H,
+            pr.W,
+            pr.N,
+            *pr.pred.stride(),
+            *pr.target.stride(),
+            pr.eps,
+            BITS=pr.bits,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
+
+
+def _large_contexts(pr: _Problem, g: _Groups, out: dict) -> None:
+    """Step 5: the other contexts in tiles of TILE members, by a multi-pass radix select
+    on 8-bit digits (pass 0 also gathers), then the sums pass and a per-context finish
+    that combines the tiles in tile order."""
+    dev, NB, T, bits = pr.pred.device, g.NB, g.T, pr.bits
+    big_runs = _first_true(g.big_cs, NB)
+    big_k = g.k_of_run[big_runs].contiguous()
+    big_len = g.counts[big_runs].contiguous()
+    big_off = g.starts[big_runs]
+    ntile = g.ntiles_run[big_runs].contiguous()
+    tile_cs = torch.cumsum(ntile, 0)
+    tile0 = (tile_cs - ntile).contiguous()
+    tiles = torch.arange(T, device=dev)
+    tile_seg = torch.searchsorted(tile_cs, tiles, right=True)
+    tile_start = (big_off[tile_seg] + (tiles - tile0[tile_seg]) * TILE).contiguous()
+    tile_end = (big_off + big_len)[tile_seg].contiguous()
+    tile_seg = tile_seg.contiguous()
+    sp = torch.empty(pr.n_tot, dtype=pr.sdt, device=dev)
+    sq = torch.empty(pr.n_tot, dtype=pr.sdt, device=dev)
+    digits = bits // 8
+    kdt = torch.int64 if bits == 64 else torch.int32
+    hist = torch.zeros((digits, NB, 2, 256), dtype=torch.int32, device=dev)
+    prefix = torch.zeros((NB, 2), dtype=kdt, device=dev)
+    rank = ((big_len - 1) // 2).repeat_interleave(2).contiguous()
+    nless = torch.zeros((NB, 2), dtype=torch.int64, device=dev)
+    ngreat = torch.zeros((NB, 2), dtype=torch.int64, device=dev)
+    part_mad = torch.empty((T, 2, 2), dtype=pr.sdt, device=dev)
+    stats, median_index, loss_part = out["stats"], out["median_index"], out["loss_part"]
+    tw = _num_warps(TILE)
+    tiling = (tile_seg, tile_start, tile_end, big_k)
+    for r in range(digits):
+        last = r == digits - 1
+        _big_pass_kernel[(T,)](
+            pr.pred,
+            pr.target,
+            g.order,
+            sp,
+            sq,
+            pr.seg,
+            *tiling,
+            hist,
+            prefix,
+            part_mad,
+            NB,
+            pr.H,
+            pr.W,
+            pr.N,
+            *pr.pred.stride(),
+            *pr.target.stride(),
+            R=r,
+            BITS=bits,
+            LAST=last,
+            TILE_SIZE=TILE,
+            num_warps=tw,
+        )
+        _scan_kernel[(NB * 2,)](
+            hist,
+            prefix,
+            rank,
+            nless,
+            ngreat,
+            part_mad,
+            tile0,
+            ntile,
+            big_k,
+            big_len,
+            stats,
+            NB,
+            pr.eps,
+            R=r,
+            BITS=bits,
+            LAST=last,
+            BLOCK_T=BLOCK_REDUCE,
+            num_warps=1,
+        )
+    part_sum = torch.empty((T, 3), dtype=pr.sdt, device=dev)
+    part_med = torch.empty((T,), dtype=torch.int64, device=dev)
+    _big_sums_kernel[(T,)](
+        sp,
+        sq,
+        *tiling,
+        stats,
+        part_sum,
+        part_med,
+        BITS=bits,
+        TILE_SIZE=TILE,
+        num_warps=tw,
+    )
+    _big_finish_kernel[(NB,)](
+        part_sum,
+        part_med,
+        tile0,
+        ntile,
+        big_k,
+        g.order,
+        stats,
+        median_index,
+        loss_part,
+        pr.N,
+        BITS=bits,
+        BLOCK_T=BLOCK_REDUCE,
+        num_warps=1,
+    )
 
 
 def sa_hdn_forward(
@@ -621,6 +901,8 @@ def sa_hdn_forward(
             f"sa_hdn: pred and target must have shape (B, H, W), got {tuple(pred.shape)} "
             f"and {tuple(target.shape)}"
         )
+    levels = int(bool(include_global)) + (instances.shape[1] if instances is not None else 0)
+    check_memberships(levels, pred)
     if target.dtype != pred.dtype:
         target = target.to(pred.dtype)
     with device_guard(pred):
@@ -628,229 +910,54 @@ def sa_hdn_forward(
 
 
 def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
+    """Steps 1-6 of the module docstring."""
     dev = pred.device
     B, H, W = pred.shape
-    N = B * H * W
     L = instances.shape[1] if instances is not None else 0
     G = int(bool(include_global))
-    C = G + L
     sdt = acc_dtype(pred.dtype)
-    bits = 64 if sdt == torch.float64 else 32
-    small_sizes = tuple(sorted(SMALL_SIZES))
-    tile = TILE
-    max_small = small_sizes[-1]
-    n_tot = C * N
-
-    seg = torch.full((C, B, H, W), -1, dtype=torch.int32, device=dev)
+    pr = _Problem(
+        pred=pred,
+        target=target,
+        instances=instances,
+        valid=valid,
+        B=B,
+        H=H,
+        W=W,
+        N=B * H * W,
+        L=L,
+        G=G,
+        C=G + L,
+        eps=eps,
+        bits=64 if sdt == torch.float64 else 32,
+        sdt=sdt,
+        seg=torch.full((G + L, B, H, W), -1, dtype=torch.int32, device=dev),
+    )
     loss = torch.zeros((), dtype=pred.dtype, device=dev)
-    if n_tot == 0:
-        return (
-            loss,
-            seg,
-            torch.empty((0, NUM_STATS), dtype=sdt, device=dev),
-            torch.empty((0,), dtype=torch.int64, device=dev),
-        )
+    if pr.n_tot == 0:
+        empty_stats = torch.empty((0, NUM_STATS), dtype=sdt, device=dev)
+        return loss, pr.seg, empty_stats, torch.empty((0,), dtype=torch.int64, device=dev)
 
-    # 1. Keys.
-    keys = torch.empty(n_tot, dtype=torch.int64, device=dev)
-    bad = torch.full((2,), _SENTINEL, dtype=torch.int64, device=dev)
-    vview = valid.view(torch.uint8) if valid is not None else pred
-    vstr = valid.stride() if valid is not None else (0, 0, 0)
-    inst = instances if instances is not None else pred
-    istr = instances.stride() if instances is not None else (0, 0, 0, 0)
-    _keys_kernel[(triton.cdiv(N, BLOCK_PIXELS),)](
-        target,
-        vview,
-        inst,
-        keys,
-        bad,
-        B,
-        H,
-        W,
-        C,
-        *target.stride(),
-        *vstr,
-        *istr,
-        HAS_VALID=valid is not None,
-        GLOBAL=G,
-        BLOCK=BLOCK_PIXELS,
-        num_warps=4,
+    keys, bad = _keys(pr)
+    g = _group(pr, keys, bad, min_pixels)
+    out = {
+        "stats": torch.empty((g.K, NUM_STATS), dtype=sdt, device=dev),
+        "median_index": torch.empty((g.K,), dtype=torch.int64, device=dev),
+        "loss_part": torch.empty((g.K,), dtype=sdt, device=dev),
+    }
+    if g.K == 0:
+        return loss, pr.seg, out["stats"], out["median_index"]
+    kept_runs = _first_true(g.keep_cs, g.K)
+    g.seg_off = g.starts[kept_runs].contiguous()
+    g.seg_len = g.counts[kept_runs].contiguous()
+    _small_contexts(pr, g, out)
+    if g.NB > 0:
+        _large_contexts(pr, g, out)
+    # 6. Loss.
+    _loss_kernel[(1,)](
+        out["loss_part"], g.seg_len, loss, g.K, BITS=pr.bits, BLOCK=BLOCK_REDUCE, num_warps=4
     )
-
-    # 2. Grouping (torch ops on the device; no sync until the .tolist() below).
-    sorted_keys, order = torch.sort(keys, stable=True)
-    del keys
-    is_start = torch.ones(n_tot, dtype=torch.bool, device=dev)
-    is_start[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    run = torch.cumsum(is_start, 0) - 1  # run number of every sorted position
-    starts = torch.searchsorted(run, torch.arange(n_tot + 1, device=dev))
-    counts = starts[1:] - starts[:-1]  # 0 for run numbers past the last run
-    run_key = sorted_keys[starts[:-1].clamp(max=n_tot - 1)]
-    keep = (counts >= max(int(min_pixels), 1)) & (run_key != _SENTINEL)
-    keep_cs = torch.cumsum(keep, 0)
-    big_run = keep & (counts > max_small)
-    big_cs = torch.cumsum(big_run, 0)
-    ntiles_run = torch.where(big_run, (counts + tile - 1) // tile, 0)
-    class_cs = []
-    lower = 0
-    for size in small_sizes:
-        cls = keep & (counts > lower) & (counts <= size)
-        class_cs.append(torch.cumsum(cls, 0))
-        lower = size
-    totals = torch.stack(
-        [bad[0], bad[1], keep_cs[-1], big_cs[-1], ntiles_run.sum()] + [c[-1] for c in class_cs]
-    )
-    # The one host sync of the forward: K sizes the outputs, the rest the launch grids.
-    bad_neg, bad_huge, K, NB, T, *n_class = (int(v) for v in totals.tolist())
-    _raise_bad_ids(bad_neg, bad_huge, L, H, W)
-
-    stats = torch.empty((K, NUM_STATS), dtype=sdt, device=dev)
-    median_index = torch.empty((K,), dtype=torch.int64, device=dev)
-    if K == 0:
-        return loss, seg, stats, median_index
-    kept_runs = _first_true(keep_cs, K)
-    seg_off = starts[kept_runs].contiguous()
-    seg_len = counts[kept_runs].contiguous()
-    k_of_run = keep_cs - 1
-    loss_part = torch.empty((K,), dtype=sdt, device=dev)
-    order = order.contiguous()
-
-    # 3. Small contexts, one launch per size class.
-    for size, cs, count in zip(small_sizes, class_cs, n_class):
-        if count == 0:
-            continue
-        ks = k_of_run[_first_true(cs, count)].contiguous()
-        block = triton.next_power_of_2(size)
-        _small_kernel[(count,)](
-            pred,
-            target,
-            order,
-            ks,
-            seg_off,
-            seg_len,
-            stats,
-            median_index,
-            loss_part,
-            seg,
-            H,
-            W,
-            N,
-            *pred.stride(),
-            *target.stride(),
-            eps,
-            BITS=bits,
-            BLOCK=block,
-            num_warps=_num_warps(block),
-        )
-
-    # 4. Large contexts: tiled radix select.
-    if NB > 0:
-        big_runs = _first_true(big_cs, NB)
-        big_k = k_of_run[big_runs].contiguous()
-        big_len = counts[big_runs].contiguous()
-        big_off = starts[big_runs]
-        ntile = ntiles_run[big_runs].contiguous()
-        tile_cs = torch.cumsum(ntile, 0)
-        tile0 = (tile_cs - ntile).contiguous()
-        tiles = torch.arange(T, device=dev)
-        tile_seg = torch.searchsorted(tile_cs, tiles, right=True)
-        tile_start = (big_off[tile_seg] + (tiles - tile0[tile_seg]) * tile).contiguous()
-        tile_end = (big_off + big_len)[tile_seg].contiguous()
-        tile_seg = tile_seg.contiguous()
-        sp = torch.empty(n_tot, dtype=sdt, device=dev)
-        sq = torch.empty(n_tot, dtype=sdt, device=dev)
-        digits = bits // 8
-        kdt = torch.int64 if bits == 64 else torch.int32
-        hist = torch.zeros((digits, NB, 2, 256), dtype=torch.int32, device=dev)
-        prefix = torch.zeros((NB, 2), dtype=kdt, device=dev)
-        rank = ((big_len - 1) // 2).repeat_interleave(2).contiguous()
-        nless = torch.zeros((NB, 2), dtype=torch.int64, device=dev)
-        ngreat = torch.zeros((NB, 2), dtype=torch.int64, device=dev)
-        part_mad = torch.empty((T, 2, 2), dtype=sdt, device=dev)
-        tw = _num_warps(tile)
-        for r in range(digits):
-            last = r == digits - 1
-            _big_pass_kernel[(T,)](
-                pred,
-                target,
-                order,
-                sp,
-                sq,
-                seg,
-                tile_seg,
-                tile_start,
-                tile_end,
-                big_k,
-                hist,
-                prefix,
-                part_mad,
-                NB,
-                H,
-                W,
-                N,
-                *pred.stride(),
-                *target.stride(),
-                R=r,
-                BITS=bits,
-                LAST=last,
-                TILE_SIZE=tile,
-                num_warps=tw,
-            )
-            _scan_kernel[(NB * 2,)](
-                hist,
-                prefix,
-                rank,
-                nless,
-                ngreat,
-                part_mad,
-                tile0,
-                ntile,
-                big_k,
-                big_len,
-                stats,
-                NB,
-                eps,
-                R=r,
-                BITS=bits,
-                LAST=last,
-                BLOCK_T=BLOCK_REDUCE,
-                num_warps=1,
-            )
-        part_sum = torch.empty((T, 3), dtype=sdt, device=dev)
-        part_med = torch.empty((T,), dtype=torch.int64, device=dev)
-        _big_sums_kernel[(T,)](
-            sp,
-            sq,
-            tile_seg,
-            tile_start,
-            tile_end,
-            big_k,
-            stats,
-            part_sum,
-            part_med,
-            BITS=bits,
-            TILE_SIZE=tile,
-            num_warps=tw,
-        )
-        _big_finish_kernel[(NB,)](
-            part_sum,
-            part_med,
-            tile0,
-            ntile,
-            big_k,
-            order,
-            stats,
-            median_index,
-            loss_part,
-            N,
-            BITS=bits,
-            BLOCK_T=BLOCK_REDUCE,
-            num_warps=1,
-        )
-
-    # 5. Loss.
-    _loss_kernel[(1,)](loss_part, seg_len, loss, K, BITS=bits, BLOCK=BLOCK_REDUCE, num_warps=4)
-    return loss, seg, stats, median_index
+    return loss, pr.seg, out["stats"], out["median_index"]
 
 
 def sa_hdn_backward(

@@ -119,7 +119,7 @@ struct SelectSums {
   uint32_t key_min, key_max;  // of the candidates (UINT32_MAX, 0 when there are none)
 };
 
-// The selection pass of sa_hdn_cpu.cpp's select_pass<float>: counts and sums of the
+// The selection pass of sa_hdn_select.h's select_pass<float>: counts and sums of the
 // elements below lo / above hi, and the ordered keys of the others (NaN included) packed
 // into cand.
 WESTAR_AVX512 inline SelectSums select_pass_avx512(const float* x, int64_t len, float lo, float hi,
@@ -156,7 +156,7 @@ WESTAR_AVX512 inline SelectSums select_pass_avx512(const float* x, int64_t len, 
   return r;
 }
 
-// Filter pass of the radix selection (sa_hdn_cpu.cpp's radix_select<uint32_t>): packs
+// Filter pass of the radix selection (sa_hdn_select.h's radix_select<uint32_t>): packs
 // the keys of src[0, m) whose digit ((key - lo) >> shift) is sel into dst; returns how
 // many. dst may be src (the write index never passes the read index).
 WESTAR_AVX512 inline int64_t radix_filter_avx512(const uint32_t* src, int64_t m, uint32_t lo, int shift,
@@ -179,7 +179,7 @@ struct CandidateSums {
 };
 
 // Over n ordered keys of floats: sum |x - t|, and how many keys are below / above tk
-// (the key of t), as in sa_hdn_cpu.cpp's select_finish<float>.
+// (the key of t), as in sa_hdn_select.h's select_finish<float>.
 WESTAR_AVX512 inline CandidateSums candidate_sums_avx512(const uint32_t* cand, int64_t n, uint32_t tk, float t) {
   const __m512i tk_v = _mm512_set1_epi32(static_cast<int32_t>(tk));
   const __m512 t_v = _mm512_set1_ps(t);
@@ -208,7 +208,7 @@ struct SumSums {
   int64_t median_pos;
 };
 
-// The sum pass of sa_hdn_cpu.cpp's sum_pass<float>: S1, S2, the loss numerator, and the
+// The sum pass of sa_hdn_select.h's sum_pass<float>: S1, S2, the loss numerator, and the
 // first position whose pred has the bits of the median tp (or -1).
 WESTAR_AVX512 inline SumSums sum_pass_avx512(const float* p, const float* q, int64_t len, float tp, float dp,
                                              float tq, float dq) {
