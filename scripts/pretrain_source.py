@@ -12,8 +12,8 @@ matching term). Nothing is downloaded.
 
 Progress is printed every --log-every steps; a checkpoint is written to --work-dir every
 --ckpt-every steps and training resumes from it when the script is started again. The
-learning rate follows a cosine schedule over whichever runs out first, --steps or
---max-minutes, so a busy machine gives a shorter but finished schedule.
+learning rate follows a cosine schedule over --steps (so the result does not depend on
+the machine's speed); --max-minutes is only a safety stop that saves what it has.
 
 Evaluation: held-out clean scenes (seeds from 10_000_000), and the same scenes corrupted by
 westar.corrupt at each --eval-severity, AbsRel and delta1 after least-squares scale and shift in
@@ -44,13 +44,18 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 EVAL_SEED0 = 10_000_000
 
 
-def build_model(size: int, width: int = 128):
+def build_model(size: int, width: int = 128, patch: int = 7):
+    """Depth Anything V2 architecture, random init; ``patch`` px per token side.
+
+    The patch size is set in both the backbone config and the model config: the DPT head
+    resizes its output to ``tokens * config.patch_size``, so the two must agree.
+    """
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
     heads = width // 32
     backbone = Dinov2Config(
         image_size=size,
-        patch_size=14,
+        patch_size=patch,
         hidden_size=width,
         num_hidden_layers=6,
         num_attention_heads=heads,
@@ -61,7 +66,7 @@ def build_model(size: int, width: int = 128):
     cfg = DepthAnythingConfig(
         backbone_config=backbone,
         reassemble_hidden_size=width,
-        patch_size=14,
+        patch_size=patch,
         neck_hidden_sizes=[width // 4, width // 2, width, width],
         fusion_hidden_size=width * 3 // 8,
         head_hidden_size=width // 8 + 8,
@@ -156,11 +161,15 @@ def evaluate(model, images, depths):
     return float(m[:, 0].mean()), float(m[:, 1].mean())
 
 
-def eval_table(model, n: int, size: int, severities=(3, 4), seed: int = 0):
+def _eval_set(n: int, size: int):
+    """Held-out clean scenes (seeds from EVAL_SEED0): (images (n,H,W,3) uint8, depths)."""
     prm = SceneParams(height=size, width=size)
     scenes = [render_scene(EVAL_SEED0 + i, prm) for i in range(n)]
-    images = np.stack([s.image for s in scenes])
-    depths = np.stack([s.depth for s in scenes])
+    return np.stack([s.image for s in scenes]), np.stack([s.depth for s in scenes])
+
+
+def eval_table(model, n: int, size: int, severities=(3, 4), seed: int = 0):
+    images, depths = _eval_set(n, size)
     rows = [("clean", 0, *evaluate(model, images, depths))]
     try:
         from westar.corrupt import CORRUPTIONS, corrupt_image
@@ -241,7 +250,7 @@ def train(args):
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt_path = work / "ckpt.pt"
-    model = build_model(args.size, args.width)
+    model = build_model(args.size, args.width, args.patch)
     # Train on the raw output: the relative head's final ReLU would let pixels (or whole
     # images) die at zero with no gradient; range_loss keeps the output positive so the
     # ReLU, restored for saving, changes nothing.
@@ -251,7 +260,7 @@ def train(args):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     step, elapsed = 0, 0.0
     if ckpt_path.exists() and not args.restart:
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, elapsed = ck["step"], ck["elapsed"]
@@ -264,8 +273,11 @@ def train(args):
     ema = None
     while True:
         elapsed = time.perf_counter() - t_start
-        frac = max(step / args.steps, elapsed / budget)
+        frac = step / args.steps
         if frac >= 1.0:
+            break
+        if elapsed >= budget:
+            print(f"--max-minutes {args.max_minutes} reached at step {step}: stopping early")
             break
         warm = min(1.0, (step + 1) / args.warmup)
         lr = args.lr * warm * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -294,6 +306,14 @@ def train(args):
                 f"{(time.perf_counter() - t_start) / 60:.1f} min  frac {frac:.2f}",
                 flush=True,
             )
+        if args.eval_every and step % args.eval_every == 0:
+            t_ev = time.perf_counter()
+            model.head.activation2 = torch.nn.ReLU()
+            absrel, delta1 = evaluate(model, *_eval_set(args.eval_n_train, args.size))
+            model.head.activation2 = torch.nn.Identity()
+            model.train()
+            t_start += time.perf_counter() - t_ev  # evaluation time is not training time
+            print(f"eval step {step}: AbsRel {absrel:.4f}  delta1 {delta1:.4f}", flush=True)
         if step % args.ckpt_every == 0:
             el = time.perf_counter() - t_start
             torch.save(
@@ -310,14 +330,14 @@ def train(args):
     return model, step, elapsed
 
 
-def write_preprocessor_config(out: Path, size: int) -> None:
+def write_preprocessor_config(out: Path, size: int, patch: int) -> None:
     """preprocessor_config.json as Depth Anything V2 checkpoints have (DPT processor)."""
     cfg = dict(
         image_processor_type="DPTImageProcessor",
         do_resize=True,
         size=dict(height=size, width=size),
         keep_aspect_ratio=True,
-        ensure_multiple_of=14,
+        ensure_multiple_of=patch,
         resample=3,
         do_rescale=True,
         rescale_factor=1 / 255,
@@ -332,7 +352,7 @@ def write_preprocessor_config(out: Path, size: int) -> None:
 def save(model, out: Path, info: dict):
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    write_preprocessor_config(out, info["size"])
+    write_preprocessor_config(out, info["size"], info["patch"])
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"saved to {out}", flush=True)
 
@@ -343,8 +363,9 @@ def main(argv=None):
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "pretrain_source"))
     ap.add_argument("--size", type=int, default=126)
     ap.add_argument("--width", type=int, default=128, help="ViT hidden size (96 = tiny)")
+    ap.add_argument("--patch", type=int, default=7, help="ViT patch size in pixels")
     ap.add_argument("--steps", type=int, default=6000)
-    ap.add_argument("--max-minutes", type=float, default=15.0)
+    ap.add_argument("--max-minutes", type=float, default=90.0, help="safety stop")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--warmup", type=int, default=200)
@@ -358,6 +379,8 @@ def main(argv=None):
     ap.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--eval-every", type=int, default=1000, help="0: no evaluation while training")
+    ap.add_argument("--eval-n-train", type=int, default=48, help="scenes per evaluation while training")
     ap.add_argument("--eval-severity", type=int, nargs="+", default=[3, 4])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
@@ -370,7 +393,7 @@ def main(argv=None):
         model = DepthAnythingForDepthEstimation.from_pretrained(out, local_files_only=True)
         model.float()
         if not (out / "preprocessor_config.json").exists():
-            write_preprocessor_config(out, args.size)
+            write_preprocessor_config(out, args.size, model.config.patch_size)
     else:
         t0 = time.perf_counter()
         model, steps, elapsed = train(args)
@@ -379,6 +402,7 @@ def main(argv=None):
             batch=args.batch,
             size=args.size,
             width=args.width,
+            patch=args.patch,
             train_minutes=round(elapsed / 60, 2),
             wall_minutes=round((time.perf_counter() - t0) / 60, 2),
             cpu_count=os.cpu_count(),
