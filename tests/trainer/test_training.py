@@ -178,7 +178,8 @@ def test_resume_matches_straight_run(tiny_model, dataset_root, tmp_path):
     assert all(torch.equal(straight.teacher.shadow[n], resumed.teacher.shadow[n]) for n in a)
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
-    # a checkpoint's adapter/ and teacher/ load with PeftModel.from_pretrained
+    # a checkpoint: the student as a peft adapter, the teacher as flat tensors, no pickled
+    # RNG state and no duplicate copies of either adapter
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForDepthEstimation
@@ -186,13 +187,16 @@ def test_resume_matches_straight_run(tiny_model, dataset_root, tmp_path):
     ckpt = find_latest_checkpoint(tmp_path / "b")
     assert ckpt.name == "step_00000004"
     assert not list(ckpt.parent.glob(".tmp-*"))
-    for sub, flat in (("adapter", "student"), ("teacher", "teacher")):
-        base = AutoModelForDepthEstimation.from_pretrained(str(tiny_model))
-        loaded = PeftModel.from_pretrained(base, str(ckpt / sub))
-        got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-        want = load_file(str(ckpt / f"{flat}.safetensors"))
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "adapter", "optimizer.bin", "rng_rank0.safetensors", "scheduler.bin", "state.json",
+        "teacher.safetensors",
+    ]  # fmt: skip
+    base = AutoModelForDepthEstimation.from_pretrained(str(tiny_model))
+    loaded = PeftModel.from_pretrained(base, str(ckpt / "adapter"))
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert got.keys() == b.keys() and all(torch.equal(got[n], b[n]) for n in b)
+    teacher = load_file(str(ckpt / "teacher.safetensors"))
+    assert all(torch.equal(teacher[n], resumed.teacher.shadow[n]) for n in b)
     assert any(
         not torch.equal(resumed.teacher.shadow[n], b[n]) for n in b if "lora_B" in n
     )  # student and teacher checkpoints differ
@@ -351,7 +355,7 @@ def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
     ckpt = out / "checkpoints" / "step_00000003"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
-    assert (ckpt / "rng_rank1.pt").is_file()
+    assert (ckpt / "rng_rank1.safetensors").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # 3 steps x 2 ranks x 1 image = one epoch: the bad image's step is skipped on both ranks
     rows = (out / "metrics.csv").read_text().splitlines()[1:]
