@@ -2,14 +2,13 @@
 source depth model pretrained on them (see westar.corrupt for the corruption suite)."""
 
 from .dataset import list_stems, read_sample, write_dataset, write_sample
-from .scenes import Scene, SceneParams, render_batch, render_scene
+from .scenes import Scene, SceneParams, render_scene
 from .source import load_source_model, source_model_path
 
 __all__ = [
     "Scene",
     "SceneParams",
     "render_scene",
-    "render_batch",
     "write_dataset",
     "write_sample",
     "read_sample",
