@@ -65,7 +65,7 @@ __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
 CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "seconds")
 ADAPTER_DIR = "adapter"  # the student adapter inside a checkpoint (peft format)
 # config fields holding paths: compared as absolute paths when resuming
-PATH_FIELDS = ("model", "data", "output_dir", "images_dir", "instances_dir", "pairs_file")
+PATH_FIELDS = ("model", "data", "images_dir", "instances_dir", "pairs_file")
 
 
 def _resolve_mixed_precision(cfg: TrainConfig) -> str:
@@ -389,7 +389,9 @@ class Trainer:
         self.step = step
 
     def _warn_if_config_differs(self, path: Path, saved: dict) -> None:
+        # where the run lives and how it reports do not change its results
         ignore = {"resume", "progress", "steps", "save_every", "log_every", "keep_checkpoints"}
+        ignore |= {"output_dir", "tensorboard", "num_workers"}
         current = self.cfg.to_dict()
         differs = sorted(
             k

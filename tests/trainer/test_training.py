@@ -309,29 +309,23 @@ def test_dpt_trains_through_the_same_code(tmp_path, dataset_root):
 def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
     """Accelerate under torchrun --nproc_per_node 2 (gloo on CPU) runs a few steps.
 
-    One image is a truncated JPEG that passes the header check and fails to decode when
-    loaded: with --skip-bad, the rank that draws it has no batch for that step, and both
-    ranks must skip it together (otherwise the other one waits in DDP's all-reduce).
+    One image fails to load during training (tests/trainer/ddp_bad_sample.py; a file bad
+    from the start is caught by the upfront check): with --skip-bad, the rank that draws it
+    has no batch for that step, and both ranks must skip it together (otherwise the other
+    one waits in DDP's all-reduce).
     """
     import json
-    import shutil
     import socket
 
-    from PIL import Image
-
-    root = tmp_path / "data"
-    shutil.copytree(dataset_root, root)
-    bad = root / "images" / "img_005.jpg"
-    Image.open(root / "images" / "img_005.png").save(bad, quality=90)
-    (root / "images" / "img_005.png").unlink()
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    root = dataset_root
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(port), "-m", "westar", "train", "--model", str(tiny_model),
+        "--master_port", str(port), str(ROOT / "tests" / "trainer" / "ddp_bad_sample.py"),
+        "img_005", "train", "--model", str(tiny_model),
         "--data", str(root), "--output-dir", str(out), "--image-size", "56",
         "--steps", "3", "--batch-size", "1", "--save-every", "3", "--no-progress",
         "--no-tensorboard", "--skip-bad",
