@@ -92,7 +92,13 @@ def positive_int(text: str) -> int:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (defaults suppressed: only given flags override)."""
+    """One flag per TrainConfig field (defaults suppressed: only given flags override).
+
+    Not transformers.HfArgumentParser: it hands a tuple field's annotation to argparse as
+    the type of one string (`--grid 4 2`, `--image-size H W`, `--blur-sigma 0.1 2`,
+    `--lora-targets` fail or split characters), and it fills every default, while
+    --config and --ablation need to know which flags were given.
+    """
     from westar.config import ABLATIONS, HDN_MODES, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
