@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.trainer.helpers import make_tiny_dpt
+from tests.trainer.helpers import train_config as make_cfg
 from westar.config import TrainConfig
 from westar.data import collate
 from westar.losses import lora_regularizer
@@ -21,23 +22,6 @@ from westar.model import find_attention_projections, lora_layers
 from westar.train import Trainer, find_latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_cfg(tiny_model, dataset_root, out, **kw):
-    base = dict(
-        model=str(tiny_model),
-        data=str(dataset_root),
-        output_dir=str(out),
-        image_size=(56, 56),
-        steps=4,
-        batch_size=4,
-        lr=1e-3,
-        save_every=2,
-        progress=False,
-        tensorboard=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def fixed_batch(trainer, n=4):
