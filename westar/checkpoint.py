@@ -242,10 +242,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 class RunLock:
-    """`<folder>/.westar.lock`: created exclusively, holds "pid host"; removed on release.
+    """`<folder>/.westar.lock` holding "pid host" while a run trains into `folder`.
 
-    A lock file whose process is gone (same host, pid not running) is stale and taken
-    over; a live one raises RunLockedError naming the holder.
+    Where the OS has `fcntl` (Linux, macOS) the file is also locked with `flock`, which
+    the kernel releases when the process ends, however it ends: a file left by a killed
+    run is taken over, and two runs starting at once cannot both win. Elsewhere the
+    pid in the file decides: a lock whose process is gone (same host, pid not running)
+    is stale and taken over. A live holder raises RunLockedError naming its pid.
     """
 
     NAME = ".westar.lock"
@@ -253,6 +256,7 @@ class RunLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / self.NAME
         self.held = False
+        self._fd: int | None = None
 
     def _holder(self) -> tuple[int, str] | None:
         try:
@@ -261,44 +265,69 @@ class RunLock:
         except (OSError, ValueError):
             return None
 
+    def _refuse(self, holder: tuple[int, str] | None) -> RunLockedError:
+        who = f"pid {holder[0]}" if holder else "another process"
+        if holder and holder[1] != socket.gethostname():
+            who += f" on {holder[1]}"
+        return RunLockedError(
+            f"{self.path.parent}: another westar train ({who}) is using this --output-dir; "
+            f"wait for it or choose another folder (if none runs, delete {self.path})"
+        )
+
     def acquire(self) -> RunLock:
-        me = f"{os.getpid()} {socket.gethostname()}\n"
+        me = f"{os.getpid()} {socket.gethostname()}\n".encode()
+        try:
+            import fcntl
+        except ImportError:  # no flock: the pid decides
+            return self._acquire_by_pid(me)
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held by a live process
+                os.close(fd)
+                raise self._refuse(self._holder()) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder removed the file meanwhile: lock the new one
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, me)
+            self._fd, self.held = fd, True
+            return self
+        raise self._refuse(self._holder())
+
+    def _acquire_by_pid(self, me: bytes) -> RunLock:
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and holder[1] != socket.gethostname():
-                    raise RunLockedError(
-                        f"{self.path.parent}: locked by process {holder[0]} on {holder[1]} "
-                        f"(another westar train uses this --output-dir); if no such run is "
-                        f"alive, delete {self.path}"
-                    ) from None
-                if holder is not None and _pid_alive(holder[0]):
-                    raise RunLockedError(
-                        f"{self.path.parent}: another westar train (pid {holder[0]}) is using "
-                        "this --output-dir; wait for it or choose another folder"
-                    ) from None
-                try:  # stale (process gone) or unreadable: take it over
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+                if holder is not None and (
+                    holder[1] != socket.gethostname() or _pid_alive(holder[0])
+                ):
+                    raise self._refuse(holder) from None
+                self.path.unlink(missing_ok=True)  # stale (process gone) or unreadable
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
+            os.write(fd, me)
+            os.close(fd)
             self.held = True
             return self
-        raise RunLockedError(f"{self.path}: could not take the run lock")
+        raise self._refuse(self._holder())
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
-            holder = self._holder()
-            if holder is not None and holder[0] == os.getpid():
-                try:
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
+        if not self.held:
+            return
+        self.held = False
+        holder = self._holder()
+        if holder is not None and holder[0] == os.getpid():
+            self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)  # after the unlink: nobody can lock the old file in between
+            self._fd = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -115,9 +115,16 @@ def test_rng_state_is_stored_without_pickle(finished_run):
 def test_second_run_into_same_folder_is_refused(tiny_model, dataset_root, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:  # a live process holds the folder's lock, as a running `westar train` would
-        (out / ".westar.lock").write_text(f"{other.pid} {os.uname().nodename}\n")
+    hold = (
+        "import sys, time; from westar.checkpoint import RunLock; "
+        "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(60)"
+    )  # takes the folder's lock as a running `westar train` does, and keeps it
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    other = subprocess.Popen(
+        [sys.executable, "-c", hold, str(out)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert other.stdout.readline().strip() == "locked"
         assert main(train_cli(tiny_model, dataset_root, out)) == 2
     finally:
         other.kill()
@@ -125,6 +132,9 @@ def test_second_run_into_same_folder_is_refused(tiny_model, dataset_root, tmp_pa
     err = error_line(capsys.readouterr().err)
     assert f"another westar train (pid {other.pid})" in err and str(out) in err
     assert not (out / "metrics.csv").exists() and not (out / "checkpoints").exists()
+    # once that process is gone (killed: it could not clean up), the folder is free again
+    assert main(train_cli(tiny_model, dataset_root, out)) == 0
+    assert not (out / ".westar.lock").exists()
 
 
 def test_stale_lock_is_taken_over_and_released(tiny_model, dataset_root, tmp_path):
@@ -135,6 +145,25 @@ def test_stale_lock_is_taken_over_and_released(tiny_model, dataset_root, tmp_pat
     (out / ".westar.lock").write_text(f"{dead.pid} {os.uname().nodename}\n")
     assert main(train_cli(tiny_model, dataset_root, out)) == 0
     assert (out / "adapter").is_dir() and not (out / ".westar.lock").exists()
+
+
+def test_pid_lock_without_flock(tmp_path):
+    """Where fcntl is missing the pid in the file decides (live: refused, dead: taken)."""
+    from westar.checkpoint import RunLock, RunLockedError
+
+    me = f"{os.getpid()} {os.uname().nodename}\n".encode()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / RunLock.NAME).write_text(f"{live.pid} {os.uname().nodename}\n")
+        with pytest.raises(RunLockedError, match=f"pid {live.pid}"):
+            RunLock(tmp_path)._acquire_by_pid(me)
+    finally:
+        live.kill()
+        live.wait()
+    lock = RunLock(tmp_path)._acquire_by_pid(me)  # its process is gone: stale
+    assert (tmp_path / RunLock.NAME).read_bytes() == me
+    lock.release()
+    assert not (tmp_path / RunLock.NAME).exists()
 
 
 # --------------------------------------------------------------------------- resume
