@@ -531,10 +531,21 @@ class _MetricsLogger:
 
     def __init__(self, output_dir: Path, start_step: int, tensorboard: bool):
         self.path = output_dir / "metrics.csv"
-        rows = []
+        rows, broken = [], 0
         if self.path.is_file():
             with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+                for row in csv.DictReader(f):
+                    try:
+                        step = int(row["step"])
+                    except (KeyError, TypeError, ValueError):
+                        broken += 1
+                        continue
+                    if step <= start_step and None not in row and None not in row.values():
+                        rows.append(row)
+                    elif step <= start_step:
+                        broken += 1
+        if broken:
+            warnings.warn(f"{self.path}: dropped {broken} unreadable rows", stacklevel=3)
         self.file = self.path.open("w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         self.writer.writeheader()

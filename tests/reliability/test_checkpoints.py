@@ -226,6 +226,20 @@ def test_relative_output_dir_resumes_without_config_warning(
         Trainer(train_config(tiny_model, rel_data, "run", lr=0.5, steps=6, resume="auto")).fit()
 
 
+def test_broken_metrics_rows_do_not_survive_resume(
+    tiny_model, dataset_root, finished_run, tmp_path
+):
+    out = copy_run(finished_run, tmp_path)
+    metrics = out / "metrics.csv"
+    lines = metrics.read_text().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]  # a row cut short, as by a crash or a 2nd writer
+    metrics.write_text("\n".join(lines[:3] + ["2,0.001,0.5,0.5,0.1,0.1,9.0,extra", "x,y"]) + "\n")
+    with pytest.warns(UserWarning, match=r"metrics\.csv: dropped 3 unreadable rows"):
+        Trainer(train_config(tiny_model, dataset_root, out, steps=6, resume="auto")).fit()
+    rows = [r.split(",") for r in metrics.read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["1", "5", "6"] and all(len(r) == 7 for r in rows)
+
+
 def test_output_dir_that_is_a_file(tiny_model, dataset_root, tmp_path, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("mine")
