@@ -13,7 +13,6 @@ library does not do for us:
   file `CheckpointError` (resume then falls back to the previous checkpoint).
 - `rng_tensors` / `set_rng_from_tensors`: the torch, CUDA, numpy and Python RNG states as
   plain integer tensors, stored with safetensors (no pickle).
-- `replace_dir`, `fsync_tree`, `fsync_dir`: the temporary-folder-then-rename steps.
 - `RunLock`: one training run per output folder at a time.
 """
 
@@ -22,7 +21,6 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import shutil
 import socket
 from pathlib import Path
 
@@ -40,9 +38,6 @@ __all__ = [
     "verify_checkpoint",
     "rng_tensors",
     "set_rng_from_tensors",
-    "replace_dir",
-    "fsync_tree",
-    "fsync_dir",
 ]
 
 CHECKPOINT_PREFIX = "step_"
@@ -180,50 +175,6 @@ def set_rng_from_tensors(state: dict[str, torch.Tensor]) -> None:
     version, has_next = (int(v) for v in state["python.version_has_gauss"])
     gauss_next = float(state["python.gauss"][0]) if has_next else None
     random.setstate((version, tuple(int(v) for v in state["python.state"]), gauss_next))
-
-
-# --------------------------------------------------------------------------- renames
-
-
-def fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` to `final`, replacing an old `final` (same parent)."""
-    fsync_tree(tmp)
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".old-{final.name}")
-        if old.exists():
-            shutil.rmtree(old)
-        final.replace(old)
-        tmp.replace(final)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        tmp.replace(final)
-    fsync_dir(final.parent)
 
 
 # --------------------------------------------------------------------------- lock

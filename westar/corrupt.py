@@ -269,9 +269,8 @@ def corrupt_folder(
     partial output (or is skipped with a warning with `skip_bad`), and links inside an
     old `dst` are never written through.
     """
-    from westar.checkpoint import replace_dir
     from westar.data import DataError, find_depth_file, list_images, read_depth, read_image
-    from westar.merge import check_output_folder
+    from westar.outputs import check_output_folder, replace_dir
 
     src, dst = Path(src), Path(dst)
     severity = _check(severity)

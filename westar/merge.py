@@ -6,32 +6,10 @@ import os
 import shutil
 from pathlib import Path
 
-from westar.checkpoint import replace_dir
 from westar.model import load_depth_model
+from westar.outputs import check_output_folder, replace_dir
 
-__all__ = ["merge_adapter", "check_output_folder"]
-
-
-def check_output_folder(output: Path, overwrite: bool, protected: dict[str, Path]) -> None:
-    """Refuse an output folder that would destroy data, before any work.
-
-    `protected`: {what: folder} that must neither be `output` nor lie inside it, nor
-    contain it (e.g. the base model). A non-empty existing `output` needs `overwrite`; an
-    existing file or a symbolic link is always refused.
-    """
-    if output.is_symlink():
-        raise FileExistsError(f"{output}: output is a symbolic link; give a real folder")
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"{output}: output exists and is not a folder")
-    target = output.resolve()
-    for what, folder in protected.items():
-        folder = folder.resolve()
-        if target == folder or folder in target.parents or target in folder.parents:
-            raise ValueError(f"{output}: output would overwrite the {what} ({folder})")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{output}: output folder exists and is not empty; pass --overwrite to replace it"
-        )
+__all__ = ["merge_adapter"]
 
 
 def merge_adapter(

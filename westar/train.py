@@ -49,7 +49,6 @@ from westar.checkpoint import (
     UnsafeCheckpointError,
     find_checkpoints,
     find_latest_checkpoint,
-    replace_dir,
     rng_tensors,
     set_rng_from_tensors,
     verify_checkpoint,
@@ -59,6 +58,7 @@ from westar.data import AdaptationDataset, DataError, collate
 from westar.ema import EMATeacher
 from westar.losses import westar_loss
 from westar.model import add_lora, load_depth_model, predict, set_train_mode
+from westar.outputs import replace_dir
 
 __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
 
