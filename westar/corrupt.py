@@ -278,7 +278,10 @@ def corrupt_folder(
         raise ValueError(f"unknown corruption {corruption!r}; one of {sorted(CORRUPTIONS)}")
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source folder not found")
-    check_output_folder(dst, overwrite, {"source folder": src})
+    protected = {"source folder": src}
+    if depth_dir is not None:
+        protected["depth folder"] = Path(depth_dir)
+    check_output_folder(dst, overwrite, protected)
     dataset = (src / "images").is_dir()
     img_src = src / "images" if dataset else src
     if depth_dir is None and dataset and (src / "depth").is_dir():
