@@ -17,7 +17,6 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TrainConfig": "westar.config",
     "ABLATIONS": "westar.config",
-    "apply_ablation": "westar.config",
     "AdaptationDataset": "westar.data",
     "DataError": "westar.data",
     "collate": "westar.data",

@@ -19,9 +19,9 @@ or, without touching this file, in a module of the package listed in PLUGIN_COMM
     def cli_run(args): ...               # do the work; return an exit code or None
 
 A plugin module that does not exist (yet) is simply not offered. Errors about the user's
-input (DataError, missing files, bad values, a missing optional package) are printed as
-one line and exit with 2;
-set WESTAR_DEBUG=1 to see the traceback.
+input (DataError, missing, unreadable or unwritable files, truncated weights, bad values, a
+missing optional package) are printed as one line naming the file or argument and exit
+with 2; set WESTAR_DEBUG=1 to see the traceback.
 """
 
 from __future__ import annotations
@@ -83,8 +83,22 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (defaults suppressed: only given flags override)."""
+    """One flag per TrainConfig field (defaults suppressed: only given flags override).
+
+    Not transformers.HfArgumentParser: it hands a tuple field's annotation to argparse as
+    the type of one string (`--grid 4 2`, `--image-size H W`, `--blur-sigma 0.1 2`,
+    `--lora-targets` fail or split characters), and it fills every default, while
+    --config and --ablation need to know which flags were given.
+    """
     from westar.config import ABLATIONS, HDN_MODES, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
@@ -98,7 +112,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "mixed_precision": ("auto", "no", "fp16", "bf16"),
     }
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("extra", "resume"):
+        if f.name == "resume":
             continue
         hint = hints[f.name]
         default = getattr(defaults, f.name)
@@ -142,7 +156,15 @@ def config_from_args(args: argparse.Namespace):
     values: dict = {}
     if getattr(args, "config", None):
         with open(args.config) as f:
-            values.update(json.load(f))
+            try:
+                loaded = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"{args.config}: --config is not valid JSON ({err})") from err
+        if not isinstance(loaded, dict):
+            raise ValueError(
+                f"{args.config}: --config must hold a JSON object of TrainConfig fields"
+            )
+        values.update(loaded)
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(TrainConfig)
@@ -155,7 +177,11 @@ def config_from_args(args: argparse.Namespace):
     values.update(given)
     if values.get("image_size") is not None and len(values["image_size"]) == 1:
         values["image_size"] = (values["image_size"][0],) * 2
-    return TrainConfig.from_dict(values)
+    try:
+        return TrainConfig.from_dict(values)
+    except TypeError as err:  # e.g. a JSON null or string where a number belongs
+        source = f"{args.config}: " if getattr(args, "config", None) else ""
+        raise ValueError(f"{source}bad TrainConfig value ({err})") from err
 
 
 @command("train", "adapt a depth model to a folder of images (WeSTAR)", _train_arguments)
@@ -209,7 +235,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-depth", type=float, default=1e-3)
     p.add_argument(
         "--size",
-        type=int,
+        type=positive_int,
         help="inference shorter side, rounded to the patch size (default: the model's own, "
         "518 for Depth Anything V2)",
     )
@@ -321,6 +347,8 @@ def _pairs(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
     )
     print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
+    if result["without_pairs"]:
+        print(f"{len(result['without_pairs'])} images without valid depth got no pairs")
     return 0
 
 
@@ -331,13 +359,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base model: hub id or local directory")
     p.add_argument("--adapter", required=True, help="peft adapter directory")
     p.add_argument("--out", required=True, help="output directory for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 
 
 @command("merge", "fold an adapter into the base model, save a plain HF model", _merge_arguments)
 def _merge(args: argparse.Namespace) -> int:
     from westar.merge import merge_adapter
 
-    out = merge_adapter(args.model, args.adapter, args.out)
+    out = merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
@@ -368,17 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(err: BaseException) -> str:
+    """One line for a user-facing error; an OSError names its path first."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+        if err.filename2:
+            text += f" ({err.filename2})"
+        return text
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     from westar.data import DataError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code = args._run(args)
-    except (DataError, FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
+    except (DataError, OSError, ValueError, ImportError, SafetensorError) as err:
+        # OSError covers FileNotFoundError, FileExistsError, PermissionError,
+        # IsADirectoryError, NotADirectoryError and disk-full errors.
         if os.environ.get("WESTAR_DEBUG"):
             raise
-        print(f"westar {args.command}: error: {err}", file=sys.stderr)
+        print(f"westar {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     return int(code or 0)
 

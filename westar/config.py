@@ -2,18 +2,19 @@
 
 `TrainConfig` is a plain dataclass; the CLI builds its flags from the fields (see
 `westar.cli`), so a new field is a new flag. Ablations are presets that override a few
-fields (`apply_ablation`), e.g. ``--ablation no_weak`` sets ``lambda_w = 0``.
+fields (`ABLATIONS`, applied by `westar.cli.config_from_args` before the explicit flags),
+e.g. ``--ablation no_weak`` sets ``lambda_w = 0``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "ABLATIONS", "apply_ablation", "HDN_MODES"]
+__all__ = ["TrainConfig", "ABLATIONS", "HDN_MODES"]
 
 HDN_MODES = ("instances", "grid", "global")
 
@@ -100,7 +101,6 @@ class TrainConfig:
     resume: str | None = None  # "auto" (latest in output_dir) or a checkpoint directory
 
     ablation: str = "full"
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in the run
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, int):
@@ -121,6 +121,8 @@ class TrainConfig:
             raise ValueError(
                 f"image_size must be (H, W) with positive sides, got {self.image_size}"
             )
+        if not self.grid or any(v < 1 for v in self.grid):
+            raise ValueError(f"grid levels must be >= 1 cells per side, got {self.grid}")
         if self.hdn not in HDN_MODES:
             raise ValueError(f"hdn must be one of {HDN_MODES}, got {self.hdn!r}")
         if self.output_space not in ("disparity", "depth"):
@@ -161,14 +163,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k != "extra"}  # removed field, old runs
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
         return cls(**values)
-
-
-def apply_ablation(cfg: TrainConfig, name: str) -> TrainConfig:
-    """Return a copy of `cfg` with the preset `name` applied (see ABLATIONS)."""
-    if name not in ABLATIONS:
-        raise ValueError(f"unknown ablation {name!r}; choose from {tuple(ABLATIONS)}")
-    return dataclasses.replace(cfg, ablation=name, **ABLATIONS[name])

@@ -21,12 +21,14 @@ import io
 import json
 import os
 import shutil
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 __all__ = [
     "CORRUPTIONS",
@@ -42,8 +44,6 @@ __all__ = [
     "jpeg",
     "rain",
 ]
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def _check(severity: int) -> int:
@@ -238,10 +238,6 @@ def corrupt_image(
 # ------------------------------------------------------------------------- folders
 
 
-def _list_images(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
 def corrupt_folder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -249,68 +245,108 @@ def corrupt_folder(
     severity: int,
     seed: int = 0,
     depth_dir: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    skip_bad: bool = False,
 ) -> dict:
     """Write a corrupted copy of an image folder or of a dataset folder.
 
     - Dataset folder (``src/images`` exists): ``dst/images/<stem>.png`` are the corrupted
       images; every other sub-folder of src (depth/, instances/, ...) is copied unchanged,
       so dst is a complete dataset. Depth for fog is read from ``depth_dir`` or else from
-      ``src/depth/<stem>.npy`` when present.
+      ``src/depth/<stem>.{npy,png,exr}`` when present.
     - Plain image folder: ``dst/<stem>.png`` for each image of src; depth from
-      ``depth_dir/<stem>.npy`` when given.
+      ``depth_dir/<stem>.*`` when given.
 
     `corruption` is a name from CORRUPTIONS or "mixed" (one corruption per image, drawn
     from the seed and the stem). Output images are PNG (the JPEG corruption's artifacts
     are baked in losslessly). The per-image randomness depends on (seed, stem), not on
     the order of files. Returns a summary dict, also written as dst/corruption.json.
+
+    Files are read with westar.data's readers (the dataset format's one definition). The
+    output is written to a temporary folder beside `dst` and renamed into place: an
+    existing non-empty `dst` is only replaced with `overwrite`, a bad image leaves no
+    partial output (or is skipped with a warning with `skip_bad`), and links inside an
+    old `dst` are never written through.
     """
+    from westar.data import DataError, find_depth_file, list_images, read_depth, read_image
+    from westar.outputs import check_output_folder, replace_dir
+
     src, dst = Path(src), Path(dst)
     severity = _check(severity)
     if corruption != "mixed" and corruption not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {corruption!r}; one of {sorted(CORRUPTIONS)}")
-    if src.resolve() == dst.resolve():
-        raise ValueError("dst must differ from src")
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: source folder not found")
+    protected = {"source folder": src}
+    if depth_dir is not None:
+        protected["depth folder"] = Path(depth_dir)
+    check_output_folder(dst, overwrite, protected)
     dataset = (src / "images").is_dir()
     img_src = src / "images" if dataset else src
-    img_dst = dst / "images" if dataset else dst
     if depth_dir is None and dataset and (src / "depth").is_dir():
         depth_dir = src / "depth"
     depth_dir = Path(depth_dir) if depth_dir is not None else None
-    files = _list_images(img_src)
-    if not files:
-        raise FileNotFoundError(f"no images in {img_src}")
-    img_dst.mkdir(parents=True, exist_ok=True)
+    files = list_images(img_src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    img_tmp = tmp / "images" if dataset else tmp
+    img_tmp.mkdir(parents=True)
     names = sorted(CORRUPTIONS)
     used: dict[str, str] = {}
-    for f in files:
-        stem = f.stem
-        image = np.asarray(Image.open(f).convert("RGB"))
-        depth = None
-        if depth_dir is not None and (depth_dir / f"{stem}.npy").exists():
-            depth = np.load(depth_dir / f"{stem}.npy").astype(np.float32)
-            if depth.shape != image.shape[:2]:
+    skipped: list[str] = []
+    fog_with_depth = 0
+    try:
+        for f in tqdm(files, desc=f"corrupt {corruption}", disable=None):
+            stem = f.stem
+            try:
+                image = read_image(f)
                 depth = None
-        name = corruption
-        if corruption == "mixed":
-            name = names[int(_rng(seed, "mixed/" + stem).integers(len(names)))]
-        out = CORRUPTIONS[name](image, severity, _rng(seed, name + "/" + stem), depth)
-        Image.fromarray(out, "RGB").save(img_dst / f"{stem}.png")
-        used[stem] = name
-    if dataset:
-        for sub in sorted(p for p in src.iterdir() if p.is_dir() and p.name != "images"):
-            target = dst / sub.name
-            if not target.exists():
-                shutil.copytree(sub, target)
-    summary = dict(
-        source=str(src),
-        corruption=corruption,
-        severity=severity,
-        seed=int(seed),
-        n_images=len(files),
-        depth_used=depth_dir is not None,
-        per_image=used if corruption == "mixed" else None,
-    )
-    (dst / "corruption.json").write_text(json.dumps(summary, indent=2) + "\n")
+                depth_file = find_depth_file(depth_dir, stem) if depth_dir is not None else None
+                if depth_file is not None:
+                    depth = read_depth(depth_file)
+                    if depth.shape != image.shape[:2]:
+                        raise DataError(
+                            depth_file,
+                            f"depth is {depth.shape[1]}x{depth.shape[0]} but {f.name} is "
+                            f"{image.shape[1]}x{image.shape[0]}",
+                        )
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                warnings.warn(f"skipping {f.name}: {err}", stacklevel=2)
+                skipped.append(stem)
+                continue
+            name = corruption
+            if corruption == "mixed":
+                name = names[int(_rng(seed, "mixed/" + stem).integers(len(names)))]
+            out = CORRUPTIONS[name](image, severity, _rng(seed, name + "/" + stem), depth)
+            Image.fromarray(out, "RGB").save(img_tmp / f"{stem}.png")
+            used[stem] = name
+            fog_with_depth += int(name == "fog" and depth is not None)
+        if not used:
+            raise DataError(img_src, "no image could be read (all skipped)")
+        if dataset:
+            for sub in sorted(p for p in src.iterdir() if p.is_dir() and p.name != "images"):
+                shutil.copytree(sub, tmp / sub.name)
+        summary = dict(
+            source=str(src),
+            corruption=corruption,
+            severity=severity,
+            seed=int(seed),
+            n_images=len(used),
+            skipped=skipped,
+            depth_used=fog_with_depth > 0,
+            fog_with_depth=fog_with_depth,
+            per_image=used if corruption == "mixed" else None,
+        )
+        (tmp / "corruption.json").write_text(json.dumps(summary, indent=2) + "\n")
+        replace_dir(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
@@ -320,7 +356,7 @@ def corrupt_folder(
 def add_corrupt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `westar corrupt` (register on a subparser)."""
     parser.add_argument("src", help="image folder, or dataset folder with images/")
-    parser.add_argument("dst", help="output folder (created)")
+    parser.add_argument("dst", help="output folder (created; see --overwrite)")
     parser.add_argument(
         "--corruption",
         "-c",
@@ -333,18 +369,34 @@ def add_corrupt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--depth-dir",
         default=None,
-        help="folder of <stem>.npy metric depth for fog (default: SRC/depth if present)",
+        help="folder of <stem>.{npy,png,exr} metric depth for fog (default: SRC/depth if present)",
     )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty DST"
+    )
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning")
     return parser
 
 
 def run_corrupt(args: argparse.Namespace) -> int:
     summary = corrupt_folder(
-        args.src, args.dst, args.corruption, args.severity, args.seed, args.depth_dir
+        args.src,
+        args.dst,
+        args.corruption,
+        args.severity,
+        args.seed,
+        args.depth_dir,
+        overwrite=getattr(args, "overwrite", False),
+        skip_bad=getattr(args, "skip_bad", False),
     )
+    note = ""
+    if summary["fog_with_depth"]:
+        note = f" (fog from depth maps for {summary['fog_with_depth']} images)"
+    if summary["skipped"]:
+        note += f"; skipped {len(summary['skipped'])} bad images"
     print(
         f"corrupt: {summary['n_images']} images, {args.corruption} severity {args.severity}"
-        f" -> {args.dst}" + (" (depth-aware fog)" if summary["depth_used"] else "")
+        f" -> {args.dst}{note}"
     )
     return 0
 

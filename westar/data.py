@@ -2,7 +2,7 @@
 
 Formats (full description in docs/formats.md):
 
-    <root>/images/<stem>.{png,jpg,jpeg,bmp,tif,tiff,webp}   RGB (any PIL mode is converted)
+    <root>/images/<stem>.{png,jpg,jpeg,bmp,tif,tiff,webp}   RGB (8-bit; 16-bit scaled by 1/257)
     <root>/instances/<stem>.png   16-bit (or 8-bit) label map, 0 = no instance
     <root>/instances/<stem>.npy   integer (H, W) or (L, H, W) label maps (L levels)
     <root>/pairs.json             ordinal annotations, one file per dataset
@@ -11,7 +11,8 @@ Formats (full description in docs/formats.md):
     <root>/depth/<stem>.exr       float depth (needs imageio with an EXR plugin)
 
 Every reader raises `DataError` naming the file; nothing is silently cropped, resized
-or clipped to make an inconsistent sample fit.
+or clipped to make an inconsistent sample fit. This module is the one definition of the
+format: `westar.corrupt` and `westar.synth` read and list files through it.
 """
 
 from __future__ import annotations
@@ -113,14 +114,35 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return h, w
 
 
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit (or int32) grayscale
+
+
+def _rgb8(im: Image.Image, path: Path) -> np.ndarray:
+    """uint8 (H, W, 3) of an opened image; 16-bit grayscale scaled by its range (/257)."""
+    if im.mode in HIGH_BIT_MODES:
+        # PIL's convert("RGB") clips these to 255 (an all-white image): scale instead
+        arr = np.asarray(im).astype(np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(
+                path, f"{im.mode} image with values outside 0..65535: save it as 8 or 16 bit"
+            )
+        gray = np.round(arr / 257.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise DataError(path, "floating-point image: save it as an 8- or 16-bit image")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB."""
+    """uint8 (H, W, 3) RGB; 16-bit grayscale is scaled by 255/65535, not clipped."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return _rgb8(im, path)
+    except DataError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(path, f"cannot read image ({err})") from err
 
@@ -153,22 +175,6 @@ def read_instances(path: str | Path) -> np.ndarray:
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
         raise DataError(path, "instance ids must lie in [0, 2**31 - 1] (0 = no instance)")
     return arr.astype(np.int32)
-
-
-def _instance_shape(path: Path) -> tuple[int, int]:
-    if not path.is_file():
-        raise DataError(path, "instance map not found")
-    if path.suffix.lower() == ".npy":
-        try:
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DataError(path, f"cannot read instance map ({err})") from err
-        if arr.ndim not in (2, 3):
-            raise DataError(
-                path, f"instance map must be (H, W) or (L, H, W), got shape {arr.shape}"
-            )
-        return tuple(arr.shape[-2:])
-    return image_size(path)
 
 
 def find_depth_file(folder: str | Path, stem: str) -> Path | None:
@@ -265,9 +271,11 @@ def load_pairs(path: str | Path) -> dict[str, dict[str, Any]]:
                 if (
                     not isinstance(pt, (list, tuple))
                     or len(pt) != 2
-                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pt)
+                    or not all(_is_pixel_index(v) for v in pt)
                 ):
-                    raise DataError(path, f"{pwhere}.{name} must be [x, y], got {pt!r}")
+                    raise DataError(
+                        path, f"{pwhere}.{name} must be [x, y] in integer pixels, got {pt!r}"
+                    )
                 x, y = pt
                 if not (0 <= x < width and 0 <= y < height):
                     raise DataError(
@@ -277,6 +285,15 @@ def load_pairs(path: str | Path) -> dict[str, dict[str, Any]]:
                     )
         out[str(stem)] = {"width": width, "height": height, "pairs": pairs}
     return out
+
+
+def _is_pixel_index(v: Any) -> bool:
+    """An integer (or a float with an integer value); not a bool (JSON true is not 1)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    return isinstance(v, float) and math.isfinite(v) and v.is_integer()
 
 
 def save_pairs(path: str | Path, images: dict[str, dict[str, Any]], **meta: Any) -> None:
@@ -320,9 +337,9 @@ class AdaptationDataset(torch.utils.data.Dataset):
 
     Items are dicts: ``image`` float32 (3, H, W) in [0, 1]; ``instances`` int32 (L, H, W)
     (L = 0 when none are used); ``pairs`` int64 (P, 2, 2) of (y, x); ``labels`` int64 (P,)
-    in the model's output space; ``stem``; ``index``. All files are checked when the
-    dataset is built: a bad sample raises a DataError naming the file, or is dropped with
-    a warning when ``skip_bad`` is set.
+    in the model's output space; ``stem``; ``index``. Every file is decoded once when the
+    dataset is built (in parallel threads, with a progress bar): a bad sample raises a
+    DataError naming the file, or is dropped with a warning when ``skip_bad`` is set.
     """
 
     def __init__(
@@ -349,22 +366,27 @@ class AdaptationDataset(torch.utils.data.Dataset):
             )
         self.samples: list[Sample] = []
         self.skipped: list[str] = []
-        for path in files:
+
+        def check(path: Path) -> Sample | DataError:
             try:
-                sample = self._check(path, instances_dir, pairs.get(path.stem), pairs_file)
+                return self._check(path, instances_dir, pairs.get(path.stem), pairs_file)
             except DataError as err:
+                return err
+
+        for path, result in zip(files, _map_with_progress(check, files, "checking dataset")):
+            if isinstance(result, DataError):
                 if not skip_bad:
-                    raise
-                warnings.warn(f"skipping sample {path.stem!r}: {err}", stacklevel=2)
-                self.skipped.append(str(err))
+                    raise result
+                warnings.warn(f"skipping sample {path.stem!r}: {result}", stacklevel=2)
+                self.skipped.append(str(result))
                 continue
-            self.samples.append(sample)
+            self.samples.append(result)
         if not self.samples:
             raise DataError(images_dir, "no usable samples")
 
     @staticmethod
     def _check(path, instances_dir, pair_entry, pairs_file) -> Sample:
-        size = image_size(path)
+        size = read_image(path).shape[:2]  # a full decode: truncated files fail here
         inst_path = None
         if instances_dir is not None:
             for ext in INSTANCE_EXTENSIONS:
@@ -378,7 +400,7 @@ class AdaptationDataset(torch.utils.data.Dataset):
                     f"instance map for image {path.name} not found (.png or .npy); "
                     "make them with `westar masks` or train with --hdn grid",
                 )
-            inst_size = _instance_shape(inst_path)
+            inst_size = read_instances(inst_path).shape[-2:]  # ids, dtype and mode checked
             if inst_size != size:
                 raise DataError(
                     inst_path,
@@ -438,6 +460,18 @@ class AdaptationDataset(torch.utils.data.Dataset):
                 raise
             warnings.warn(f"skipping sample {self.samples[index].stem!r}: {err}", stacklevel=2)
             return None
+
+
+def _map_with_progress(fn, items: list, desc: str) -> list:
+    """[fn(x) for x in items] in threads (image decoding releases the GIL), with a bar."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    workers = max(1, min(8, os.cpu_count() or 1, len(items)))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, disable=None))
 
 
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:

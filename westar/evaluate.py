@@ -14,6 +14,7 @@ whose output is depth (output_space="depth"), the fit is done on depth directly.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,9 @@ def evaluate(
     adapters = list(adapters or [])
     if not include_base and not adapters:
         raise ValueError("nothing to evaluate: include the base model or give an adapter")
+    if size is not None and size < 1:
+        raise ValueError(f"--size must be a positive number of pixels, got {size}")
+    _check_writable(output, pictures_dir)  # before the evaluation, not after it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for adapter in adapters:  # before any work: a typo should not cost a base-model pass
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -194,11 +198,16 @@ def evaluate(
         from peft import PeftModel
 
         peft_model = None
+        from safetensors import SafetensorError
+
         for i, (name, adapter) in enumerate(zip(names[int(include_base) :], adapters)):
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(net, adapter, adapter_name=f"a{i}")
-            else:
-                peft_model.load_adapter(adapter, adapter_name=f"a{i}")
+            try:
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(net, adapter, adapter_name=f"a{i}")
+                else:
+                    peft_model.load_adapter(adapter, adapter_name=f"a{i}")
+            except SafetensorError as err:
+                raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
             peft_model.set_adapter(f"a{i}")
             peft_model.to(device).eval()
             for stem, rgb, _ in samples:
@@ -227,6 +236,31 @@ def evaluate(
     if pictures_dir is not None:
         _write_pictures(Path(pictures_dir), samples, preds, names, results, max_depth, min_depth)
     return report
+
+
+def _check_writable(output: str | Path | None, pictures_dir: str | Path | None) -> None:
+    """Refuse an --output that is a folder and unwritable targets before any work."""
+    targets = []
+    if output is not None:
+        output = Path(output)
+        if output.is_dir():
+            raise IsADirectoryError(21, "--output is a folder; give a file name", str(output))
+        targets.append(output)
+    if pictures_dir is not None:
+        pictures_dir = Path(pictures_dir)
+        if pictures_dir.exists() and not pictures_dir.is_dir():
+            raise NotADirectoryError(20, "--pictures exists and is not a folder", str(pictures_dir))
+        targets.append(pictures_dir / "x")
+    for target in targets:
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError(13, "Permission denied", str(target))
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # the nearest existing folder must let us create the rest
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(folder))
 
 
 def _write_pictures(folder, samples, preds, names, results, max_depth, min_depth) -> None:

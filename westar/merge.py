@@ -2,38 +2,61 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from westar.model import load_depth_model
+from westar.outputs import check_output_folder, replace_dir
 
 __all__ = ["merge_adapter"]
 
 
-def merge_adapter(model: str, adapter: str | Path, output: str | Path) -> Path:
+def merge_adapter(
+    model: str, adapter: str | Path, output: str | Path, *, overwrite: bool = False
+) -> Path:
     """Base `model` (hub id or directory) + peft `adapter` -> a plain model in `output`.
 
     The result loads with `AutoModelForDepthEstimation.from_pretrained(output)` without
-    peft; the base model's preprocessor_config.json is copied along when it exists.
+    peft; the base model's preprocessor_config.json is copied along when it exists. It is
+    written to a temporary folder next to `output` and renamed into place, so `output`
+    is either the old folder or the complete new one. An existing non-empty `output` is
+    only replaced with `overwrite`; the base model's and the adapter's folders never.
     """
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    adapter = Path(adapter)
+    adapter, output = Path(adapter), Path(output)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    protected = {"adapter": adapter}
+    if Path(model).expanduser().exists():
+        protected["base model"] = Path(model).expanduser()
+    check_output_folder(output, overwrite, protected)
     depth_model = load_depth_model(model)
-    merged = PeftModel.from_pretrained(depth_model.model, str(adapter)).merge_and_unload()
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(output))
-    processor = Path(model) / "preprocessor_config.json"
-    if processor.is_file():
-        shutil.copy(processor, output / "preprocessor_config.json")
-    elif not Path(model).exists():
-        try:
-            from transformers import AutoImageProcessor
+    try:
+        merged = PeftModel.from_pretrained(depth_model.model, str(adapter)).merge_and_unload()
+    except SafetensorError as err:
+        raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        merged.save_pretrained(str(tmp))
+        processor = Path(model) / "preprocessor_config.json"
+        if processor.is_file():
+            shutil.copy(processor, tmp / "preprocessor_config.json")
+        elif not Path(model).exists():
+            try:
+                from transformers import AutoImageProcessor
 
-            AutoImageProcessor.from_pretrained(model).save_pretrained(str(output))
-        except Exception:  # no processor published: the model's ImageNet default applies
-            pass
+                AutoImageProcessor.from_pretrained(model).save_pretrained(str(tmp))
+            except Exception:  # no processor published: the model's ImageNet default applies
+                pass
+        replace_dir(tmp, output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -29,7 +29,6 @@ __all__ = [
     "find_attention_projections",
     "add_lora",
     "lora_layers",
-    "lora_parameter_names",
     "predict",
     "set_train_mode",
 ]
@@ -105,6 +104,37 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub endpoint accepts a TCP connection (False when offline).
+
+    Checked before loading a hub id so that a typo offline fails at once instead of after
+    the hub client's retries (about 50 s); nothing is downloaded here.
+    """
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:  # in a thread: name resolution ignores socket timeouts
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
 def load_depth_model(
     name_or_path: str, *, local_files_only: bool = False, dtype: torch.dtype | None = None
 ) -> DepthModel:
@@ -114,6 +144,7 @@ def load_depth_model(
     loaded (offline and not cached, or not a depth model) raise FileNotFoundError /
     ValueError naming it.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForDepthEstimation
 
     name_or_path = str(name_or_path)
@@ -124,16 +155,27 @@ def load_depth_model(
         name_or_path = str(path)
     elif _looks_like_path(name_or_path):
         raise FileNotFoundError(f"{name_or_path}: model directory not found")
-    local = local_files_only or path.exists()
+    local = local_files_only or path.exists() or not hub_reachable()
     kwargs = {"local_files_only": local}
+    if local:  # transformers 5 does not pass local_files_only on to its adapter lookup
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
         model = AutoModelForDepthEstimation.from_pretrained(name_or_path, **kwargs)
     except OSError as err:  # not on the hub / offline and not cached / unreadable weights
+        if path.exists():
+            what = ""
+        elif local:
+            what = " (not a local directory, and not in the hub cache; the hub is not reachable)"
+        else:
+            what = " (not a local directory; as a hub id"
+        detail = " ".join(str(err).split())
         raise FileNotFoundError(
-            f"{name_or_path}: cannot load the model (not a local directory; as a hub id: {err})"
+            f"{name_or_path}: cannot load the model{what}: {detail}{')' if what.endswith('id') else ''}"
         ) from err
+    except SafetensorError as err:  # truncated or corrupt weights file
+        raise ValueError(f"{name_or_path}: unreadable model weights ({err})") from err
     except ValueError as err:  # e.g. a config that is not a depth-estimation model
         raise ValueError(f"{name_or_path}: not a depth-estimation model ({err})") from err
     mean, std = _read_normalization(str(name_or_path), local)
@@ -231,10 +273,6 @@ def lora_layers(model: nn.Module):
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def lora_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if "lora_" in n]
 
 
 def set_train_mode(model: nn.Module) -> None:

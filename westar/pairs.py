@@ -89,10 +89,12 @@ def make_pairs_file(
     """Write a pairs JSON for every image of `images_dir` with a depth map in `depth_dir`.
 
     Each image's pairs depend only on (seed, stem), not on the other files present.
-    Returns {"images": n, "pairs": total}.
+    An image whose depth has fewer than 2 valid pixels gets no pairs, with a warning.
+    Returns {"images": n, "pairs": total, "without_pairs": [stems with no pairs]}.
     """
     images = {}
     total = 0
+    without_pairs = []
     for path in list_images(images_dir):
         try:
             h, w = image_size(path)
@@ -114,6 +116,14 @@ def make_pairs_file(
             continue
         rng = np.random.default_rng([seed, zlib.crc32(path.stem.encode())])
         pairs = sample_pairs(depth, rng, samples, equal_ratio, max_depth)
+        if not pairs and samples > 0:
+            cap = f" at most --max-depth {max_depth}" if max_depth is not None else ""
+            warnings.warn(
+                f"{depth_file}: fewer than 2 valid depth pixels (> 0, finite{cap}): "
+                f"no pairs for {path.name}",
+                stacklevel=2,
+            )
+            without_pairs.append(path.stem)
         images[path.stem] = {"width": w, "height": h, "pairs": pairs}
         total += len(pairs)
     save_pairs(
@@ -124,4 +134,4 @@ def make_pairs_file(
         equal_ratio=equal_ratio,
         seed=seed,
     )
-    return {"images": len(images), "pairs": total}
+    return {"images": len(images), "pairs": total, "without_pairs": without_pairs}

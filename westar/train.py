@@ -15,9 +15,10 @@ Output directory:
     <output_dir>/config.json            the TrainConfig of the run
     <output_dir>/metrics.csv            step, lr, loss, st, weak, reg, seconds
     <output_dir>/tensorboard/           when tensorboard is installed
-    <output_dir>/checkpoints/step_N/    adapter/ teacher/ (peft format), student.safetensors,
-                                        teacher.safetensors, optimizer.pt, scheduler.pt,
-                                        rng_rank{R}.pt, state.json
+    <output_dir>/checkpoints/step_N/    adapter/ (student, peft format), teacher.safetensors,
+                                        optimizer.bin, scheduler.bin (accelerate),
+                                        rng_rank{R}.safetensors, state.json
+    <output_dir>/.westar.lock           while a run trains into the folder
     <output_dir>/adapter/               final student adapter (PeftModel.from_pretrained)
     <output_dir>/teacher/               final EMA teacher adapter (same format)
 """
@@ -40,16 +41,31 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from westar.augment import step_generator, strong_augment, weak_augment
+from westar.checkpoint import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    CheckpointError,
+    RunLock,
+    UnsafeCheckpointError,
+    find_checkpoints,
+    find_latest_checkpoint,
+    rng_tensors,
+    set_rng_from_tensors,
+    verify_checkpoint,
+)
 from westar.config import TrainConfig
 from westar.data import AdaptationDataset, DataError, collate
 from westar.ema import EMATeacher
 from westar.losses import westar_loss
 from westar.model import add_lora, load_depth_model, predict, set_train_mode
+from westar.outputs import replace_dir
 
 __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
 
 CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "seconds")
-CHECKPOINT_PREFIX = "step_"
+ADAPTER_DIR = "adapter"  # the student adapter inside a checkpoint (peft format)
+# config fields holding paths: compared as absolute paths when resuming
+PATH_FIELDS = ("model", "data", "images_dir", "instances_dir", "pairs_file")
 
 
 def _resolve_mixed_precision(cfg: TrainConfig) -> str:
@@ -75,21 +91,6 @@ def _has_accelerator() -> bool:
         if backend is not None and getattr(backend, "is_available", lambda: False)():
             return True
     return False
-
-
-def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest complete checkpoint under <output_dir>/checkpoints (None if none)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX):
-            try:
-                found.append((int(p.name[len(CHECKPOINT_PREFIX) :]), p))
-            except ValueError:
-                continue
-    return max(found)[1] if found else None
 
 
 class StepBatchSampler:
@@ -144,6 +145,10 @@ class Trainer:
                 "process would train alone (on CPU, pass --cpu)"
             )
         self.output_dir = Path(cfg.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise FileExistsError(
+                f"{self.output_dir}: --output-dir is an existing file, not a folder"
+            )
         images_dir = cfg.resolved_images_dir()
         if not images_dir.is_dir():  # before anything else: the likeliest user error
             raise DataError(images_dir, "image folder not found (--data ROOT needs ROOT/images)")
@@ -171,6 +176,7 @@ class Trainer:
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.teacher.to(acc.device)
+        self._register_checkpointing()
         self.step = 0
 
     # ------------------------------------------------------------------ setup
@@ -273,39 +279,52 @@ class Trainer:
         return parts
 
     # ------------------------------------------------------------------ checkpoints
-    def _rng_state(self) -> dict:
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+    def _register_checkpointing(self) -> None:
+        """Route accelerate's save_state/load_state through the pieces we keep small.
 
-    def _set_rng_state(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        The model's entry (accelerate would write the whole base model) is replaced by the
+        student adapter in peft format (`adapter/`, peft's adapter state dict); the
+        scheduler joins accelerate's list so it is saved with the optimizer. The EMA
+        teacher and the RNG states are written here as safetensors, because accelerate's
+        `register_for_checkpointing` objects are reloaded with `torch.load(weights_only=
+        False)` and its RNG file is a pickle (see westar.checkpoint).
+        """
+        acc = self.accelerator
+        # prepare_scheduler only adds it to accelerate's checkpointed list; the trainer
+        # keeps stepping the plain scheduler once per optimizer step.
+        acc.prepare_scheduler(self.scheduler)
 
-    def _adapter_tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            n: p.detach().cpu().contiguous()
-            for n, p in self.unwrapped.named_parameters()
-            if "lora_" in n
-        }
+        def save_student(models, weights, output_dir):
+            for i, model in enumerate(models):
+                if acc.unwrap_model(model) is self.unwrapped:
+                    weights.pop(i)
+                    if acc.is_main_process:
+                        self.unwrapped.save_pretrained(str(Path(output_dir) / ADAPTER_DIR))
+                    break
 
-    def save_adapters(self, directory: Path) -> None:
-        """student adapter -> directory/adapter, teacher -> directory/teacher (peft)."""
-        model = self.unwrapped
-        model.save_pretrained(str(directory / "adapter"))
-        with self.teacher.swapped_in(model):
-            model.save_pretrained(str(directory / "teacher"))
+        def load_student(models, input_dir):
+            from peft import set_peft_model_state_dict
+
+            for i, model in enumerate(models):
+                if acc.unwrap_model(model) is self.unwrapped:
+                    models.pop(i)
+                    path = Path(input_dir) / ADAPTER_DIR / "adapter_model.safetensors"
+                    state = load_file(str(path))
+                    expected = {n for n, _ in self.unwrapped.named_parameters() if "lora_" in n}
+                    result = set_peft_model_state_dict(self.unwrapped, state)
+                    missing = sorted(n for n in result.missing_keys if n in expected)
+                    if missing or result.unexpected_keys:
+                        raise CheckpointError(
+                            f"{path}: adapter tensors do not match the model: "
+                            f"{(missing or result.unexpected_keys)[:3]}"
+                        )
+                    break
+
+        acc.register_save_state_pre_hook(save_student)
+        acc.register_load_state_pre_hook(load_student)
 
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoints/step_N atomically: a temp dir, then one rename."""
+        """checkpoints/step_N via accelerate's save_state into a temp folder, then one rename."""
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"{CHECKPOINT_PREFIX}{self.step:08d}"
@@ -315,95 +334,126 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        torch.save(self._rng_state(), tmp / f"rng_rank{self.rank}.pt")
+        acc.save_state(str(tmp), safe_serialization=True)
+        # accelerate's own RNG file is a pickle: replaced by a safetensors one per rank
+        (tmp / f"random_states_{self.rank}.pkl").unlink(missing_ok=True)
+        save_file(rng_tensors(), str(tmp / f"rng_rank{self.rank}.safetensors"))
         if acc.is_main_process:
-            self.save_adapters(tmp)
-            save_file(self._adapter_tensors(), str(tmp / "student.safetensors"))
             save_file(
                 {n: t.cpu() for n, t in self.teacher.state_dict().items()},
                 str(tmp / "teacher.safetensors"),
             )
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
             state = {"step": self.step, "world_size": self.world, "config": self.cfg.to_dict()}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _fsync_tree(tmp)
-            if final.exists():  # same step written again: keep exactly one copy
-                old = root / f".old-{final.name}"
-                final.replace(old)
-                shutil.rmtree(old)
-            tmp.replace(final)
-            _fsync_dir(root)
-            self._prune(root)
+            replace_dir(tmp, final)
+            self._prune()
         acc.wait_for_everyone()
         return final
 
-    def _prune(self, root: Path) -> None:
+    def _prune(self) -> None:
         keep = self.cfg.keep_checkpoints
-        if keep <= 0:
-            return
-        steps = sorted(
-            p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-        )
-        for p in steps[:-keep]:
-            shutil.rmtree(p, ignore_errors=True)
+        if keep > 0:
+            for p in find_checkpoints(self.output_dir)[keep:]:
+                shutil.rmtree(p, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> None:
+        """Restore everything from a checkpoint; CheckpointError (naming the file) if broken.
+
+        Every file is read and checked before anything is restored (a pickle holding
+        more than tensors raises UnsafeCheckpointError and is never unpickled).
+        """
         path = Path(path)
-        state_file = path / "state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{path}: not a westar checkpoint (no state.json)")
-        state = json.loads(state_file.read_text())
-        saved_cfg = state.get("config", {})
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"{path}: not a westar checkpoint (no {STATE_FILE})")
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            step = int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from err
+        rng_file = path / f"rng_rank{self.rank}.safetensors"
+        required = (
+            f"{ADAPTER_DIR}/adapter_model.safetensors",
+            "teacher.safetensors",
+            "optimizer.bin",
+            "scheduler.bin",
+        )
+        verify_checkpoint(path, required)
+        self._warn_if_config_differs(path, state.get("config", {}))
+        # weights_only=True is accelerate's default; passed to make the rule explicit
+        self.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+        self.teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
+        if rng_file.is_file():
+            set_rng_from_tensors(load_file(str(rng_file)))
+        self.step = step
+
+    def _warn_if_config_differs(self, path: Path, saved: dict) -> None:
+        # where the run lives and how it reports do not change its results
         ignore = {"resume", "progress", "steps", "save_every", "log_every", "keep_checkpoints"}
+        ignore |= {"output_dir", "tensorboard", "num_workers"}
+        current = self.cfg.to_dict()
         differs = sorted(
             k
-            for k, v in self.cfg.to_dict().items()
-            if k not in ignore and k in saved_cfg and _jsonable(v) != _jsonable(saved_cfg[k])
+            for k, v in current.items()
+            if k not in ignore and k in saved and _comparable(k, v) != _comparable(k, saved[k])
         )
         if differs:
             warnings.warn(
                 f"resuming {path} with a different configuration for {differs}; the run "
                 "will not match an uninterrupted one",
-                stacklevel=2,
+                stacklevel=3,
             )
-        student = load_file(str(path / "student.safetensors"))
-        params = dict(self.unwrapped.named_parameters())
-        missing = sorted(set(n for n in params if "lora_" in n) ^ set(student))
-        if missing:
-            raise ValueError(f"{path}: adapter tensors do not match the model: {missing[:3]}")
-        with torch.no_grad():
-            for n, t in student.items():
-                params[n].copy_(t)
-        self.teacher.load_state_dict(load_file(str(path / "teacher.safetensors")))
-        self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        )
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_file = path / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            self._set_rng_state(torch.load(rng_file, weights_only=False))
-        self.step = int(state["step"])
+
+    def resume(self) -> None:
+        """Apply cfg.resume: "auto" = the latest complete checkpoint that loads (falling
+        back to older ones with a warning), or an explicit checkpoint folder."""
+        cfg, main = self.cfg, self.accelerator.is_main_process
+        if cfg.resume != "auto":
+            self.load_checkpoint(cfg.resume)
+            if main:
+                print(f"westar: resumed from {cfg.resume} at step {self.step}")
+            return
+        candidates = find_checkpoints(self.output_dir)
+        for ckpt in candidates:
+            try:
+                self.load_checkpoint(ckpt)
+            except UnsafeCheckpointError:
+                raise
+            except CheckpointError as err:
+                warnings.warn(
+                    f"skipping broken checkpoint: {err}; trying the previous one", stacklevel=2
+                )
+                continue
+            if main:
+                print(f"westar: resumed from {ckpt} at step {self.step}")
+            return
+        if candidates:
+            raise CheckpointError(
+                f"{self.output_dir}: no checkpoint could be resumed from (all "
+                f"{len(candidates)} broken, see the warnings)"
+            )
+        if main:
+            print(f"westar: no checkpoint in {self.output_dir}, starting from step 0")
 
     # ------------------------------------------------------------------ loop
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to cfg.steps (or stop after step `stop_after`, for interrupted runs)."""
+        main = self.accelerator.is_main_process
+        lock = RunLock(self.output_dir)
+        if main:  # one run per output folder: taken before anything in it is read or written
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        try:
+            return self._fit(stop_after)
+        finally:
+            lock.release()
+
+    def _fit(self, stop_after: int | None) -> dict:
         cfg, acc = self.cfg, self.accelerator
         main = acc.is_main_process
         if cfg.resume:
-            ckpt = (
-                find_latest_checkpoint(self.output_dir)
-                if cfg.resume == "auto"
-                else Path(cfg.resume)
-            )
-            if ckpt is not None:
-                self.load_checkpoint(ckpt)
-                if main:
-                    print(f"westar: resumed from {ckpt} at step {self.step}")
-            elif main:
-                print(f"westar: no checkpoint in {self.output_dir}, starting from step 0")
+            self.resume()
         elif find_latest_checkpoint(self.output_dir) is not None:
             raise FileExistsError(
                 f"{self.output_dir} already holds checkpoints: pass --resume to continue "
@@ -411,7 +461,6 @@ class Trainer:
             )
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(cfg.to_json())
         logger = _MetricsLogger(self.output_dir, self.step, cfg.tensorboard) if main else None
         from tqdm.auto import tqdm
@@ -467,14 +516,12 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            self.save_adapters(tmp)
+            model = self.unwrapped
+            model.save_pretrained(str(tmp / "adapter"))
+            with self.teacher.swapped_in(model):
+                model.save_pretrained(str(tmp / "teacher"))
             for name in ("adapter", "teacher"):
-                dst = self.output_dir / name
-                if dst.exists():
-                    old = self.output_dir / f".old-{name}"
-                    dst.replace(old)
-                    shutil.rmtree(old)
-                (tmp / name).replace(dst)
+                replace_dir(tmp / name, self.output_dir / name)
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
 
@@ -484,10 +531,21 @@ class _MetricsLogger:
 
     def __init__(self, output_dir: Path, start_step: int, tensorboard: bool):
         self.path = output_dir / "metrics.csv"
-        rows = []
+        rows, broken = [], 0
         if self.path.is_file():
             with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+                for row in csv.DictReader(f):
+                    try:
+                        step = int(row["step"])
+                    except (KeyError, TypeError, ValueError):
+                        broken += 1
+                        continue
+                    if step <= start_step and None not in row and None not in row.values():
+                        rows.append(row)
+                    elif step <= start_step:
+                        broken += 1
+        if broken:
+            warnings.warn(f"{self.path}: dropped {broken} unreadable rows", stacklevel=3)
         self.file = self.path.open("w", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         self.writer.writeheader()
@@ -515,31 +573,12 @@ class _MetricsLogger:
             self.tb.close()
 
 
-def _jsonable(v):
-    return json.loads(json.dumps(v))
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _comparable(key: str, value):
+    """A config value as compared on resume: JSON form, paths made absolute."""
+    if key in PATH_FIELDS and isinstance(value, str) and value:
+        if key != "model" or Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+    return json.loads(json.dumps(value))
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:

@@ -84,3 +84,23 @@ def make_dataset(root: Path, n: int = 6, size=(56, 56), seed: int = 0, pairs: bo
 
         make_pairs_file(root / "images", root / "depth", root / "pairs.json")
     return root
+
+
+def train_config(model: Path, data: Path, out: Path, **overrides):
+    """A TrainConfig for a few fast CPU steps on the tiny model and dataset."""
+    from westar.config import TrainConfig
+
+    values = dict(
+        model=str(model),
+        data=str(data),
+        output_dir=str(out),
+        image_size=(56, 56),
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        save_every=2,
+        progress=False,
+        tensorboard=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.trainer.helpers import make_tiny_dpt
+from tests.trainer.helpers import train_config as make_cfg
 from westar.config import TrainConfig
 from westar.data import collate
 from westar.losses import lora_regularizer
@@ -21,23 +22,6 @@ from westar.model import find_attention_projections, lora_layers
 from westar.train import Trainer, find_latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_cfg(tiny_model, dataset_root, out, **kw):
-    base = dict(
-        model=str(tiny_model),
-        data=str(dataset_root),
-        output_dir=str(out),
-        image_size=(56, 56),
-        steps=4,
-        batch_size=4,
-        lr=1e-3,
-        save_every=2,
-        progress=False,
-        tensorboard=False,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 def fixed_batch(trainer, n=4):
@@ -178,7 +162,8 @@ def test_resume_matches_straight_run(tiny_model, dataset_root, tmp_path):
     assert all(torch.equal(straight.teacher.shadow[n], resumed.teacher.shadow[n]) for n in a)
     rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
-    # a checkpoint's adapter/ and teacher/ load with PeftModel.from_pretrained
+    # a checkpoint: the student as a peft adapter, the teacher as flat tensors, no pickled
+    # RNG state and no duplicate copies of either adapter
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForDepthEstimation
@@ -186,13 +171,16 @@ def test_resume_matches_straight_run(tiny_model, dataset_root, tmp_path):
     ckpt = find_latest_checkpoint(tmp_path / "b")
     assert ckpt.name == "step_00000004"
     assert not list(ckpt.parent.glob(".tmp-*"))
-    for sub, flat in (("adapter", "student"), ("teacher", "teacher")):
-        base = AutoModelForDepthEstimation.from_pretrained(str(tiny_model))
-        loaded = PeftModel.from_pretrained(base, str(ckpt / sub))
-        got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-        want = load_file(str(ckpt / f"{flat}.safetensors"))
-        assert got.keys() == want.keys()
-        assert all(torch.equal(got[n], want[n]) for n in want)
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "adapter", "optimizer.bin", "rng_rank0.safetensors", "scheduler.bin", "state.json",
+        "teacher.safetensors",
+    ]  # fmt: skip
+    base = AutoModelForDepthEstimation.from_pretrained(str(tiny_model))
+    loaded = PeftModel.from_pretrained(base, str(ckpt / "adapter"))
+    got = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
+    assert got.keys() == b.keys() and all(torch.equal(got[n], b[n]) for n in b)
+    teacher = load_file(str(ckpt / "teacher.safetensors"))
+    assert all(torch.equal(teacher[n], resumed.teacher.shadow[n]) for n in b)
     assert any(
         not torch.equal(resumed.teacher.shadow[n], b[n]) for n in b if "lora_B" in n
     )  # student and teacher checkpoints differ
@@ -305,29 +293,23 @@ def test_dpt_trains_through_the_same_code(tmp_path, dataset_root):
 def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
     """Accelerate under torchrun --nproc_per_node 2 (gloo on CPU) runs a few steps.
 
-    One image is a truncated JPEG that passes the header check and fails to decode when
-    loaded: with --skip-bad, the rank that draws it has no batch for that step, and both
-    ranks must skip it together (otherwise the other one waits in DDP's all-reduce).
+    One image fails to load during training (tests/trainer/ddp_bad_sample.py; a file bad
+    from the start is caught by the upfront check): with --skip-bad, the rank that draws it
+    has no batch for that step, and both ranks must skip it together (otherwise the other
+    one waits in DDP's all-reduce).
     """
     import json
-    import shutil
     import socket
 
-    from PIL import Image
-
-    root = tmp_path / "data"
-    shutil.copytree(dataset_root, root)
-    bad = root / "images" / "img_005.jpg"
-    Image.open(root / "images" / "img_005.png").save(bad, quality=90)
-    (root / "images" / "img_005.png").unlink()
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    root = dataset_root
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "ddp"
     args = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(port), "-m", "westar", "train", "--model", str(tiny_model),
+        "--master_port", str(port), str(ROOT / "tests" / "trainer" / "ddp_bad_sample.py"),
+        "img_005", "train", "--model", str(tiny_model),
         "--data", str(root), "--output-dir", str(out), "--image-size", "56",
         "--steps", "3", "--batch-size", "1", "--save-every", "3", "--no-progress",
         "--no-tensorboard", "--skip-bad",
@@ -351,7 +333,7 @@ def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
     ckpt = out / "checkpoints" / "step_00000003"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["world_size"] == 2 and state["step"] == 3
-    assert (ckpt / "rng_rank1.pt").is_file()
+    assert (ckpt / "rng_rank1.safetensors").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     # 3 steps x 2 ranks x 1 image = one epoch: the bad image's step is skipped on both ranks
     rows = (out / "metrics.csv").read_text().splitlines()[1:]

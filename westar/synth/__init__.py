@@ -4,7 +4,7 @@ small source depth model pretrained on them (see westar.corrupt for the corrupti
 
 from .dataset import list_stems, read_sample, write_dataset, write_sample
 from .families import FAMILIES, render
-from .scenes import Scene, SceneParams, render_batch, render_scene
+from .scenes import Scene, SceneParams, render_scene
 from .source import load_source_model, source_model_path
 from .streets import StreetParams, render_street
 
@@ -12,7 +12,6 @@ __all__ = [
     "Scene",
     "SceneParams",
     "render_scene",
-    "render_batch",
     "write_dataset",
     "write_sample",
     "read_sample",

@@ -6,8 +6,9 @@ Layout (one stem per sample; the trainer's documented formats, docs/formats.md):
     <root>/instances/<stem>.png   16-bit grayscale, 0 = no instance
     <root>/depth/<stem>.npy       float32 (H, W), meters; 0 or non-finite = invalid
 
-All writing goes through `write_sample`, all reading through `read_sample`, so a change of
-format touches one function each.
+All writing goes through `write_sample`; reading goes through `read_sample`, which uses
+the trainer's readers (`westar.data`, the format's one definition), so a folder written
+here reads back exactly as the trainer sees it.
 """
 
 from __future__ import annotations
@@ -52,23 +53,27 @@ def write_sample(
 
 
 def read_sample(root: str | os.PathLike, stem: str):
-    """Return (image uint8 (H,W,3), depth float32 or None, instances int32 or None)."""
+    """Return (image uint8 (H,W,3), depth float32 or None, instances int32 or None).
+
+    Depth: meters, invalid pixels 0 (as `westar.data.read_depth` gives them).
+    """
+    from westar.data import find_depth_file, read_depth, read_image, read_instances
+
     root = Path(root)
-    image = np.asarray(Image.open(root / IMAGES / f"{stem}.png").convert("RGB"))
-    depth = None
-    if (root / DEPTH / f"{stem}.npy").exists():
-        depth = np.load(root / DEPTH / f"{stem}.npy").astype(np.float32)
+    image = read_image(root / IMAGES / f"{stem}.png")
+    depth_file = find_depth_file(root / DEPTH, stem)
+    depth = read_depth(depth_file) if depth_file is not None else None
     instances = None
     if (root / INSTANCES / f"{stem}.png").exists():
-        instances = np.asarray(Image.open(root / INSTANCES / f"{stem}.png")).astype(np.int32)
+        instances = read_instances(root / INSTANCES / f"{stem}.png")[0]
     return image, depth, instances
 
 
 def list_stems(root: str | os.PathLike) -> list[str]:
-    """Sorted stems of the images in `root`/images."""
-    d = Path(root) / IMAGES
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-    return sorted(p.stem for p in d.iterdir() if p.suffix.lower() in exts)
+    """Sorted stems of the images in `root`/images (`westar.data.list_images`)."""
+    from westar.data import list_images
+
+    return [p.stem for p in list_images(Path(root) / IMAGES)]
 
 
 def write_dataset(

@@ -30,7 +30,6 @@ __all__ = [
     "Scene",
     "SceneParams",
     "render_scene",
-    "render_batch",
     "GROUND_ID",
     "BACK_WALL_ID",
     "LEFT_WALL_ID",
@@ -668,13 +667,3 @@ def render_scene(seed: int, params: SceneParams | None = None) -> Scene:
     instances = inst.reshape(H, W)
     meta = dict(seed=int(seed), camera=cam, room=room, objects=kinds)
     return Scene(image=image, depth=depth, instances=instances, meta=meta)
-
-
-def render_batch(seeds, params: SceneParams | None = None):
-    """Render several scenes; returns stacked (N,H,W,3) uint8, (N,H,W) f32, (N,H,W) i32."""
-    scenes = [render_scene(s, params) for s in seeds]
-    return (
-        np.stack([s.image for s in scenes]),
-        np.stack([s.depth for s in scenes]),
-        np.stack([s.instances for s in scenes]),
-    )
