@@ -51,7 +51,11 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # Subcommands defined by other modules of the package (see the module docstring).
-PLUGIN_COMMANDS: dict[str, str] = {"demo": "westar.demo", "corrupt": "westar.corrupt"}
+PLUGIN_COMMANDS: dict[str, str] = {
+    "demo": "westar.demo",
+    "corrupt": "westar.corrupt",
+    "predict": "westar.predict",
+}
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):

@@ -45,7 +45,7 @@ def context_maps(cfg: TrainConfig, batch: dict, shape: tuple[int, int, int], dev
                 "hdn='instances' needs instance maps; make them with `westar masks` "
                 "or train with --hdn grid"
             )
-        return inst.to(device)
+        return inst.to(device, non_blocking=True)
     return None
 
 
@@ -55,17 +55,20 @@ def westar_loss(
     batch: dict,
     model: nn.Module,
     cfg: TrainConfig,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and its parts (floats, unweighted) for logging.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its parts (unweighted) for logging.
 
     student, teacher: (B, H, W) model outputs; teacher is a constant (pseudo-label).
-    The losses are computed in float32 whatever the autocast dtype.
+    The losses are computed in float32 whatever the autocast dtype. The parts ("loss",
+    "st", "weak", "reg") are detached 0-dim float32 tensors on the loss's device: reading
+    them (float(), .item()) waits for the device, so the trainer reads them only on the
+    steps it logs. A disabled term is a zero tensor.
     """
     student = student.float()
     teacher = teacher.detach().float()
     device = student.device
     zero = student.new_zeros(())
-    parts = {}
+    parts = {"st": zero, "weak": zero, "reg": zero}
     total = zero
     if cfg.lambda_st > 0:
         valid = torch.isfinite(teacher)
@@ -79,27 +82,21 @@ def westar_loss(
             stats_grad=cfg.stats_grad,
         )
         total = total + cfg.lambda_st * st
-        parts["st"] = float(st.detach())
-    else:
-        parts["st"] = 0.0
+        parts["st"] = st.detach()
     if cfg.lambda_w > 0 and batch["labels"].numel() > 0:
         weak = westar_ops.ordinal_ranking_loss(
             student,
-            batch["pairs"].to(device),
-            batch["labels"].to(device),
+            batch["pairs"].to(device, non_blocking=True),
+            batch["labels"].to(device, non_blocking=True),
             margin=cfg.margin,
             kind=cfg.ordinal_kind,
             equal_weight=cfg.equal_weight,
         )
         total = total + cfg.lambda_w * weak
-        parts["weak"] = float(weak.detach())
-    else:
-        parts["weak"] = 0.0
+        parts["weak"] = weak.detach()
     if cfg.lambda_r > 0:
         reg = lora_regularizer(model)
         total = total + cfg.lambda_r * reg
-        parts["reg"] = float(reg.detach())
-    else:
-        parts["reg"] = 0.0
-    parts["loss"] = float(total.detach())
+        parts["reg"] = reg.detach()
+    parts["loss"] = total.detach()
     return total, parts
