@@ -29,8 +29,9 @@ def test_resize_keeps_aspect_and_covers_the_crop(src, out):
     scale = max(out[0] / src[0], out[1] / src[1])
     assert src[0] * scale - 1e-6 <= rh < src[0] * scale + 14 or rh == out[0]
     assert src[1] * scale - 1e-6 <= rw < src[1] * scale + 14 or rw == out[1]
-    # the binding side is as small as allowed: shrinking it by a patch would not cover
-    assert rh - 14 < out[0] or rw - 14 < out[1] or min(rh - 14, rw - 14) < max(out) * 0
+    # the binding side is exactly the crop side (rounded up to the patch)
+    binding = 0 if out[0] / src[0] >= out[1] / src[1] else 1
+    assert (rh, rw)[binding] == math.ceil(out[binding] / 14) * 14
     top, left = crop_offset((rh, rw), out, 5)
     assert 0 <= top <= rh - out[0] and 0 <= left <= rw - out[1]
     assert crop_offset((rh, rw), out, None) == ((rh - out[0]) // 2, (rw - out[1]) // 2)
