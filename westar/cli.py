@@ -261,7 +261,17 @@ def _masks_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p, depth=False)
     p.add_argument("--out", help="output folder (default <data>/instances)")
     p.add_argument("--method", choices=("auto", "sam2", "felzenszwalb", "slic"), default="auto")
-    p.add_argument("--sam2-checkpoint", help="local SAM2 checkpoint (.pt)")
+    p.add_argument(
+        "--model",
+        help="SAM2 through transformers: hub id (e.g. facebook/sam2.1-hiera-tiny) or local "
+        "directory; writes two levels (coarse, fine) as <stem>.npy",
+    )
+    p.add_argument("--points-per-side", type=int, default=16, help="SAM2: prompt grid side")
+    p.add_argument("--points-per-batch", type=int, default=64, help="SAM2: prompts per pass")
+    p.add_argument("--pred-iou-thresh", type=float, default=0.7, help="SAM2: keep IoU >= this")
+    p.add_argument("--stability-thresh", type=float, default=0.85, help="SAM2: keep stability")
+    p.add_argument("--device", help="SAM2: cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--sam2-checkpoint", help="local SAM2 checkpoint (.pt) for the sam2 package")
     p.add_argument(
         "--sam2-config", help="SAM2 model config name, e.g. configs/sam2.1/sam2.1_hiera_s.yaml"
     )
@@ -286,10 +296,18 @@ def _masks(args: argparse.Namespace) -> int:
         _folder(args, args.images, "images"),
         _folder(args, args.out, "instances"),
         method=method,
+        model=args.model,
         sam2_checkpoint=args.sam2_checkpoint,
         sam2_config=args.sam2_config,
         overwrite=args.overwrite,
         skip_bad=args.skip_bad,
+        device=args.device,
+        sam2_options={
+            "points_per_side": args.points_per_side,
+            "points_per_batch": args.points_per_batch,
+            "pred_iou_thresh": args.pred_iou_thresh,
+            "stability_thresh": args.stability_thresh,
+        },
         **fallback,
     )
     print(f"{result['method']}: wrote {result['written']} instance maps")
