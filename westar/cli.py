@@ -212,7 +212,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-depth", type=float, default=80.0, help="depth cap in meters")
     p.add_argument("--min-depth", type=float, default=1e-3)
     p.add_argument(
-        "--size",
+        "--image-size",
+        "--size",  # the earlier name, still accepted
+        dest="size",
         type=int,
         help="inference shorter side, rounded to the patch size (default: the model's own, "
         "518 for Depth Anything V2)",
@@ -343,6 +345,12 @@ def _pairs(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
     )
     print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
+    if result["skipped_without_depth"]:
+        names = result["without_depth"]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        print(
+            f"skipped {len(names)} images without a depth map ({', '.join(names[:3])}{more})"
+        )
     return 0
 
 
