@@ -94,7 +94,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute encoder layers in the backward (memory)
 
     # --- logging and checkpoints
-    log_every: int = 1
+    log_every: int = 10  # read the loss back (a device sync) every N steps and at the end
     save_every: int = 100
     keep_checkpoints: int = 2
     tensorboard: bool = True  # used when the tensorboard package is installed

@@ -196,7 +196,7 @@ def test_cli_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_model), "--data", str(root), "--output-dir", str(out),
             "--image-size", "56", "--steps", "2", "--batch-size", "2", "--no-progress",
-            "--lr", "1e-3"]  # fmt: skip
+            "--lr", "1e-3", "--log-every", "1"]  # fmt: skip
     assert main(args) == 0
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "teacher" / "adapter_model.safetensors").is_file()

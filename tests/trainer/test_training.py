@@ -33,6 +33,7 @@ def make_cfg(tiny_model, dataset_root, out, **kw):
         batch_size=4,
         lr=1e-3,
         save_every=2,
+        log_every=1,
         progress=False,
         tensorboard=False,
     )
@@ -330,7 +331,7 @@ def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
         "--master_port", str(port), "-m", "westar", "train", "--model", str(tiny_model),
         "--data", str(root), "--output-dir", str(out), "--image-size", "56",
         "--steps", "3", "--batch-size", "1", "--save-every", "3", "--no-progress",
-        "--no-tensorboard", "--skip-bad",
+        "--no-tensorboard", "--skip-bad", "--log-every", "1",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
