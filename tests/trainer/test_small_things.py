@@ -94,8 +94,30 @@ def test_package_docstring_lists_the_commands():
     import westar
 
     listed = westar.__doc__.split("westar {", 1)[1].split("}", 1)[0]
-    assert sorted(c.strip() for c in listed.replace("\n", " ").split(",")) == sorted(
-        all_commands()
-    )
+    assert sorted(c.strip() for c in listed.replace("\n", " ").split(",")) == sorted(all_commands())
     for name in westar.__all__:
         assert getattr(westar, name) is not None
+
+
+def test_readme_install_brings_the_build_requirements():
+    """The README's first command installs pyproject's build requirements before the
+    --no-build-isolation build (a fresh Python 3.12+ venv has no setuptools); CI runs
+    the command itself in such a venv (scripts/check_readme_install.sh)."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1]
+    line = next(ln for ln in quick.splitlines() if ln.startswith("pip install"))
+    first, build = line.split(" && ")[:2]
+    assert "--no-build-isolation" in build and "--no-build-isolation" not in first
+    installed = {re.split(r"[=<>\[]", w)[0].lower() for w in first.split()[2:]}
+    requires = tomllib.loads((root / "pyproject.toml").read_text())["build-system"]["requires"]
+    needed = {re.split(r"[=<>\[ ]", r)[0].lower() for r in requires} | {"torch"}
+    assert needed <= installed, needed - installed
+    script = (root / "scripts" / "check_readme_install.sh").read_text()
+    assert "README.md" in script and "uninstall" in script
+    assert "check_readme_install.sh" in (root / ".ci" / "run").read_text()
