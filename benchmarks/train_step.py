@@ -12,7 +12,8 @@ SA-HDN + 0.001 * ordinal + LoRA regularizer, backward, grad clip, AdamW, EMA upd
   every step (for logging).
 
 The two run interleaved (A B B A ...) in one process so that a loaded machine slows both
-alike. Reported per variant: median step time and steps/s; the losses' share of the
+alike. Reported per variant: median and minimum step time (on a machine shared with other
+jobs the minimum is the least disturbed) and steps/s; the losses' share of the
 step (forward + backward of the loss terms alone, timed on that step's own model
 outputs); peak memory = what the variant holds between steps (models, teacher, optimizer
 state; counted tensor by tensor) + what a step adds on top (CUDA: max_memory_allocated
@@ -356,14 +357,18 @@ def main(argv=None) -> int:
           f"{args.batch}, {int((batch['labels'] >= -1).sum())} pairs, {args.device}, "
           f"torch threads {torch.get_num_threads()}, {args.steps} interleaved steps each, "
           f"ops backend auto ({', '.join(westar_ops.available_backends(args.device))})")  # fmt: skip
-    print("| step | median s/step | steps/s | losses (fwd+bwd) s | losses' share | peak MB |")
-    print("|---|---|---|---|---|---|")
+    print("| step | median s/step | min s/step | steps/s (median) | losses fwd+bwd, median s "
+          "| losses' share (median / min) | peak MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         st, lt = statistics.median(step_t[name]), statistics.median(loss_t[name])
+        st_min, lt_min = min(step_t[name]), min(loss_t[name])
         mem = f"{peak[name] / 2**20:.0f}" if peak[name] else "n/a"
-        print(f"| {name} | {st:.4f} | {1 / st:.2f} | {lt:.4f} | {100 * lt / st:.1f} % | {mem} |")
+        print(f"| {name} | {st:.4f} | {st_min:.4f} | {1 / st:.2f} | {lt:.4f} | "
+              f"{100 * lt / st:.1f} % / {100 * lt_min / st_min:.1f} % | {mem} |")  # fmt: skip
     ratio = statistics.median(step_t["researcher"]) / statistics.median(step_t["westar"])
-    print(f"westar is {ratio:.2f}x the researcher's steps/s")
+    ratio_min = min(step_t["researcher"]) / min(step_t["westar"])
+    print(f"westar: {ratio:.2f}x the researcher's steps/s (medians), {ratio_min:.2f}x (minima)")
     return 0
 
 
