@@ -348,9 +348,7 @@ def _pairs(args: argparse.Namespace) -> int:
     if result["skipped_without_depth"]:
         names = result["without_depth"]
         more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        print(
-            f"skipped {len(names)} images without a depth map ({', '.join(names[:3])}{more})"
-        )
+        print(f"skipped {len(names)} images without a depth map ({', '.join(names[:3])}{more})")
     return 0
 
 
