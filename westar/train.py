@@ -49,6 +49,7 @@ from westar.model import (
     enable_gradient_checkpointing,
     eval_mode,
     load_depth_model,
+    lora_layers,
     predict,
     set_train_mode,
 )
@@ -199,6 +200,7 @@ class Trainer:
         self.teacher.to(acc.device)
         self.step = 0
         self.nonfinite_step: torch.Tensor | None = None
+        self._lora_layers: list | None = None
 
     # ------------------------------------------------------------------ setup
     def _build_dataset(self) -> AdaptationDataset:
@@ -294,7 +296,11 @@ class Trainer:
     def loss(self, batch: dict, step: int, augment: bool | None = None, micro: int = 0):
         """(total loss, parts): parts are detached 0-dim tensors (no device sync)."""
         student_out, teacher_out = self.predictions(batch, step, augment, micro)
-        return westar_loss(student_out, teacher_out, batch, self.unwrapped, self.cfg)
+        if self._lora_layers is None:  # the module walk, once (not per step)
+            self._lora_layers = lora_layers(self.unwrapped)
+        return westar_loss(
+            student_out, teacher_out, batch, self.unwrapped, self.cfg, layers=self._lora_layers
+        )
 
     def train_step(self, batch: dict | list[dict], step: int | None = None) -> dict:
         """One optimizer step over one batch (or a list of cfg.grad_accum micro-batches)

@@ -302,3 +302,29 @@ def test_teacher_runs_without_dropout(tiny_model, dataset_root, tmp_path):
     assert not torch.equal(s1, s2)  # the student's LoRA dropout is on
     dropout = [m for n, m in trainer.unwrapped.named_modules() if n.endswith("lora_dropout")]
     assert dropout and all(any(x.training for x in m.modules()) for m in dropout)
+
+
+def test_grouped_regularizer_equals_the_op_per_layer(tiny_model, dataset_root, tmp_path):
+    import westar_ops
+    from westar.losses import lora_regularizer
+    from westar.model import lora_layers
+
+    trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path, lora_alpha=12.0))
+    model = trainer.unwrapped
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    layers = lora_layers(model)
+    grouped = lora_regularizer(model, layers)
+    (g_grouped,) = torch.autograd.grad(grouped, [layers[3][1].lora_B["default"].weight])
+    per_layer = sum(
+        westar_ops.lora_delta_sq_norm(
+            m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"]
+        )
+        for _, m in layers
+    )
+    (g_op,) = torch.autograd.grad(per_layer, [layers[3][1].lora_B["default"].weight])
+    torch.testing.assert_close(grouped, per_layer, rtol=1e-5, atol=0)
+    torch.testing.assert_close(g_grouped, g_op, rtol=1e-5, atol=1e-8)
+    assert lora_regularizer(model).item() == grouped.item()  # the walk gives the same
