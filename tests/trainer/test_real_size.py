@@ -326,5 +326,5 @@ def test_grouped_regularizer_equals_the_op_per_layer(tiny_model, dataset_root, t
     )
     (g_op,) = torch.autograd.grad(per_layer, [layers[3][1].lora_B["default"].weight])
     torch.testing.assert_close(grouped, per_layer, rtol=1e-5, atol=0)
-    torch.testing.assert_close(g_grouped, g_op, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(g_grouped, g_op, rtol=1e-5, atol=1e-5 * float(g_op.abs().max()))
     assert lora_regularizer(model).item() == grouped.item()  # the walk gives the same
