@@ -3,7 +3,8 @@
 Weakly-supervised Self-Training Adaptation with Regularization (AAAI 2026): a LoRA
 student and an EMA teacher on a Hugging Face depth model (Depth Anything V2, DPT/MiDaS),
 trained with SA-HDN self-training, ordinal weak labels and LoRA weight regularization
-from the `westar_ops` kernels. Command line: `westar {train,eval,masks,pairs,merge}`.
+from the `westar_ops` kernels. Command line: `westar {train, eval, predict, masks, pairs,
+merge, corrupt, demo}` (`westar COMMAND --help`).
 
 Heavy dependencies (transformers, peft, accelerate) are imported on first use.
 """
@@ -41,6 +42,8 @@ _EXPORTS = {
     "make_pairs_file": "westar.pairs",
     "sample_pairs": "westar.pairs",
     "merge_adapter": "westar.merge",
+    "predict_folder": "westar.predict",
+    "resize_keep_aspect": "westar.data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -34,8 +34,16 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
+def _to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A CPU draw moved to x's device: through pinned memory and non_blocking on a GPU (a
+    pageable copy would make the host wait for the device's queue)."""
+    if x.device.type == "cuda":
+        v = v.pin_memory().to(x.device, non_blocking=True)
+    return v.to(device=x.device, dtype=x.dtype)
+
+
 def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    return _to(v, x).view(-1, 1, 1, 1)
 
 
 def _brightness_contrast(x, gen, strength):
@@ -129,6 +137,6 @@ def strong_augment(
         )
     noisy = torch.rand(b, generator=gen) < noise_prob
     stds = _uniform(gen, b, 0.0, noise_std)
-    noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.device, x.dtype)
+    noise = _to(torch.randn(x.shape, generator=gen, dtype=torch.float32), x)
     x = x + noise * _col(stds * noisy.float(), x)
     return x.clamp(0, 1).contiguous()

@@ -51,7 +51,11 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 # Subcommands defined by other modules of the package (see the module docstring).
-PLUGIN_COMMANDS: dict[str, str] = {"demo": "westar.demo", "corrupt": "westar.corrupt"}
+PLUGIN_COMMANDS: dict[str, str] = {
+    "demo": "westar.demo",
+    "corrupt": "westar.corrupt",
+    "predict": "westar.predict",
+}
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
@@ -234,7 +238,9 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-depth", type=float, default=80.0, help="depth cap in meters")
     p.add_argument("--min-depth", type=float, default=1e-3)
     p.add_argument(
-        "--size",
+        "--image-size",
+        "--size",  # the earlier name, still accepted
+        dest="size",
         type=positive_int,
         help="inference shorter side, rounded to the patch size (default: the model's own, "
         "518 for Depth Anything V2)",
@@ -283,7 +289,17 @@ def _masks_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p, depth=False)
     p.add_argument("--out", help="output folder (default <data>/instances)")
     p.add_argument("--method", choices=("auto", "sam2", "felzenszwalb", "slic"), default="auto")
-    p.add_argument("--sam2-checkpoint", help="local SAM2 checkpoint (.pt)")
+    p.add_argument(
+        "--model",
+        help="SAM2 through transformers: hub id (e.g. facebook/sam2.1-hiera-tiny) or local "
+        "directory; writes two levels (coarse, fine) as <stem>.npy",
+    )
+    p.add_argument("--points-per-side", type=int, default=16, help="SAM2: prompt grid side")
+    p.add_argument("--points-per-batch", type=int, default=64, help="SAM2: prompts per pass")
+    p.add_argument("--pred-iou-thresh", type=float, default=0.7, help="SAM2: keep IoU >= this")
+    p.add_argument("--stability-thresh", type=float, default=0.85, help="SAM2: keep stability")
+    p.add_argument("--device", help="SAM2: cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--sam2-checkpoint", help="local SAM2 checkpoint (.pt) for the sam2 package")
     p.add_argument(
         "--sam2-config", help="SAM2 model config name, e.g. configs/sam2.1/sam2.1_hiera_s.yaml"
     )
@@ -308,10 +324,18 @@ def _masks(args: argparse.Namespace) -> int:
         _folder(args, args.images, "images"),
         _folder(args, args.out, "instances"),
         method=method,
+        model=args.model,
         sam2_checkpoint=args.sam2_checkpoint,
         sam2_config=args.sam2_config,
         overwrite=args.overwrite,
         skip_bad=args.skip_bad,
+        device=args.device,
+        sam2_options={
+            "points_per_side": args.points_per_side,
+            "points_per_batch": args.points_per_batch,
+            "pred_iou_thresh": args.pred_iou_thresh,
+            "stability_thresh": args.stability_thresh,
+        },
         **fallback,
     )
     print(f"{result['method']}: wrote {result['written']} instance maps")
@@ -347,6 +371,10 @@ def _pairs(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
     )
     print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
+    if result["skipped_without_depth"]:
+        names = result["without_depth"]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        print(f"skipped {len(names)} images without a depth map ({', '.join(names[:3])}{more})")
     if result["without_pairs"]:
         print(f"{len(result['without_pairs'])} images without valid depth got no pairs")
     return 0

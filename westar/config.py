@@ -90,10 +90,12 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"  # "auto" (bf16/fp16 on GPU, no on CPU), "no", "fp16", "bf16"
     cpu: bool = False  # force CPU even when a GPU is visible
-    num_workers: int = 0
+    num_workers: int = -1  # DataLoader processes that decode and resize; -1: min(4, cores - 1)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute encoder layers in the backward (memory)
 
     # --- logging and checkpoints
-    log_every: int = 1
+    log_every: int = 10  # read the loss back (a device sync) every N steps and at the end
     save_every: int = 100
     keep_checkpoints: int = 2
     tensorboard: bool = True  # used when the tensorboard package is installed
@@ -136,8 +138,10 @@ class TrainConfig:
         for name in ("lambda_st", "lambda_w", "lambda_r", "lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1:
-            raise ValueError("steps, batch_size and lora_rank must be >= 1")
+        if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1 or self.grad_accum < 1:
+            raise ValueError("steps, batch_size, grad_accum and lora_rank must be >= 1")
+        if self.num_workers < -1:
+            raise ValueError(f"num_workers must be >= 0 or -1 (auto), got {self.num_workers}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(
                 f"mixed_precision must be auto|no|fp16|bf16, got {self.mixed_precision!r}"

@@ -45,6 +45,8 @@ __all__ = [
     "Sample",
     "AdaptationDataset",
     "collate",
+    "resize_keep_aspect",
+    "crop_offset",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -326,20 +328,64 @@ def _resize_labels(arr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _scale_point(x: float, y: float, src: tuple[int, int], dst: tuple[int, int]) -> tuple[int, int]:
-    """Pixel (x, y) of an image of size src=(H, W) -> (y, x) at size dst (pixel centres)."""
+    """Pixel (x, y) of an image of size src=(H, W) -> (y, x) at size dst: the destination
+    pixel whose area holds the source pixel's centre."""
     yy = min(int((y + 0.5) * dst[0] / src[0]), dst[0] - 1)
     xx = min(int((x + 0.5) * dst[1] / src[1]), dst[1] - 1)
     return yy, xx
 
 
+def resize_keep_aspect(
+    src: tuple[int, int], out: tuple[int, int], multiple: int
+) -> tuple[int, int]:
+    """(H, W) to resize an image of size `src` to before cropping `out` = (H, W) from it.
+
+    Depth Anything's training resize ("lower bound", keep aspect ratio): one scale for both
+    sides, the smallest that makes both sides >= `out`; each side is then rounded up to a
+    multiple of `multiple` (the patch size), so the result is never smaller than `out`.
+    """
+    h, w = src
+    scale = max(out[0] / h, out[1] / w)
+
+    def side(v: int, target: int) -> int:
+        n = math.ceil(round(v * scale, 6) / multiple) * multiple
+        return max(n, target)
+
+    return side(h, out[0]), side(w, out[1])
+
+
+def crop_offset(
+    resized: tuple[int, int], out: tuple[int, int], seed: int | None
+) -> tuple[int, int]:
+    """(top, left) of the `out` crop in an image of size `resized`: uniform random from
+    `seed` (reproducible), or centred when `seed` is None."""
+    room_y, room_x = resized[0] - out[0], resized[1] - out[1]
+    if seed is None:
+        return room_y // 2, room_x // 2
+    rng = np.random.default_rng(seed)
+    return int(rng.integers(room_y + 1)), int(rng.integers(room_x + 1))
+
+
 class AdaptationDataset(torch.utils.data.Dataset):
-    """Images (+ instance maps, + ordinal pairs) at a fixed training resolution.
+    """Images (+ instance maps, + ordinal pairs) as training crops of one shape.
+
+    Geometry, as Depth Anything trains: each image is resized keeping its aspect ratio so
+    that both sides are at least ``image_size`` = (H, W) and multiples of ``patch_size``
+    (`resize_keep_aspect`), then an (H, W) window is cut from it, at random (``crop=
+    "random"``, reproducible from a seed) or centred (``crop="center"``). The instance
+    maps go through the same resize (nearest) and window; a pair point moves to the
+    resized pixel that holds its centre, and a pair with a point outside the window is
+    dropped.
 
     Items are dicts: ``image`` float32 (3, H, W) in [0, 1]; ``instances`` int32 (L, H, W)
     (L = 0 when none are used); ``pairs`` int64 (P, 2, 2) of (y, x); ``labels`` int64 (P,)
-    in the model's output space; ``stem``; ``index``. Every file is decoded once when the
-    dataset is built (in parallel threads, with a progress bar): a bad sample raises a
-    DataError naming the file, or is dropped with a warning when ``skip_bad`` is set.
+    in the model's output space; ``stem``; ``index``; ``crop`` int64 (4,) = (top, left) of
+    the window and (H, W) the image was resized to. ``dataset[i]`` crops with a seed made
+    from (seed, i); ``dataset[(i, crop_seed)]`` with the given one (the trainer's sampler
+    passes one per step, so crops are a function of (seed, step, rank)). Every file is
+    decoded once when the dataset is built (in parallel threads, with a progress bar): a
+    bad sample raises a DataError naming the file, or is dropped with a warning when
+    ``skip_bad`` is set.
     """
 
     def __init__(
@@ -350,8 +396,17 @@ class AdaptationDataset(torch.utils.data.Dataset):
         pairs_file: str | Path | None = None,
         output_space: str = "disparity",
         skip_bad: bool = False,
+        *,
+        patch_size: int = 14,
+        crop: str = "random",
+        seed: int = 0,
     ):
+        if crop not in ("random", "center"):
+            raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
         self.image_size = tuple(image_size)
+        self.patch_size = int(patch_size)
+        self.crop = crop
+        self.seed = int(seed)
         self.output_space = output_space
         self.skip_bad = skip_bad
         files = list_images(images_dir)
@@ -418,43 +473,56 @@ class AdaptationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> dict[str, Any]:
+    def geometry(self, index: int, crop_seed: int | None = None) -> tuple[tuple, tuple]:
+        """((rh, rw), (top, left)): the resize and the window of sample `index`."""
+        resized = resize_keep_aspect(self.samples[index].size, self.image_size, self.patch_size)
+        if self.crop == "center":
+            seed = None
+        else:
+            seed = [self.seed, index] if crop_seed is None else [int(crop_seed)]
+        return resized, crop_offset(resized, self.image_size, seed)
+
+    def load(self, index: int, crop_seed: int | None = None) -> dict[str, Any]:
         s = self.samples[index]
         h, w = self.image_size
+        (rh, rw), (top, left) = self.geometry(index, crop_seed)
         rgb = read_image(s.image)
         if rgb.shape[:2] != s.size:
             raise DataError(s.image, "image size changed since the dataset was checked")
         im = Image.fromarray(rgb)
-        if (w, h) != im.size:
-            im = im.resize((w, h), Image.BICUBIC)
+        if (rw, rh) != im.size:
+            im = im.resize((rw, rh), Image.BICUBIC)
+        im = im.crop((left, top, left + w, top + h))
         image = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
         if s.instances is not None:
             arr = read_instances(s.instances)
             if arr.shape[-2:] != s.size:
                 raise DataError(s.instances, f"instance map shape {arr.shape} != image {s.size}")
-            instances = _resize_labels(arr, (h, w))
+            instances = _resize_labels(arr, (rh, rw))[:, top : top + h, left : left + w]
         else:
             instances = torch.zeros((0, h, w), dtype=torch.int32)
         coords, labels = [], []
         for pair in (s.pairs or {}).get("pairs", []):
-            (xa, ya), (xb, yb) = pair["a"], pair["b"]
-            coords.append(
-                [_scale_point(xa, ya, s.size, (h, w)), _scale_point(xb, yb, s.size, (h, w))]
-            )
-            labels.append(relation_to_label(pair["relation"], self.output_space))
+            points = [_scale_point(x, y, s.size, (rh, rw)) for x, y in (pair["a"], pair["b"])]
+            points = [(y - top, x - left) for y, x in points]
+            if all(0 <= y < h and 0 <= x < w for y, x in points):
+                coords.append(points)
+                labels.append(relation_to_label(pair["relation"], self.output_space))
         pairs = torch.tensor(coords, dtype=torch.int64).reshape(-1, 2, 2)
         return {
             "image": image.contiguous(),
-            "instances": instances,
+            "instances": instances.contiguous(),
             "pairs": pairs,
             "labels": torch.tensor(labels, dtype=torch.int64),
             "stem": s.stem,
             "index": index,
+            "crop": torch.tensor([top, left, rh, rw], dtype=torch.int64),
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        index, crop_seed = key if isinstance(key, tuple) else (key, None)
         try:
-            return self.load(index)
+            return self.load(index, crop_seed)
         except DataError as err:
             if not self.skip_bad:
                 raise
@@ -491,7 +559,7 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         n = it["pairs"].shape[0]
         pairs[i, :n] = it["pairs"]
         labels[i, :n] = it["labels"]
-    return {
+    out = {
         "image": torch.stack([it["image"] for it in items]),
         "instances": instances,
         "pairs": pairs,
@@ -499,3 +567,6 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         "stem": [it["stem"] for it in items],
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
     }
+    if all("crop" in it for it in items):
+        out["crop"] = torch.stack([it["crop"] for it in items])
+    return out

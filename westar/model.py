@@ -6,13 +6,16 @@
 - `find_attention_projections`: the encoder's attention projections, discovered from the
   loaded modules (transformers 5 Dinov2: q_proj/k_proj/v_proj; DPT ViT: query/key/value).
 - `add_lora`: peft LoRA on those projections, everything else frozen.
+- `enable_gradient_checkpointing`: transformers' switch on the encoder layers.
 - `predict`: the model's output (disparity for these models) as (B, H, W) at input size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +34,8 @@ __all__ = [
     "lora_layers",
     "predict",
     "set_train_mode",
+    "eval_mode",
+    "enable_gradient_checkpointing",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -80,18 +85,33 @@ def _read_normalization(name_or_path: str, local_only: bool) -> tuple[tuple, tup
     cfg_file = path / "preprocessor_config.json"
     if path.is_dir():
         if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text())
-            return tuple(cfg.get("image_mean", IMAGENET_MEAN)), tuple(
-                cfg.get("image_std", IMAGENET_STD)
-            )
-        return IMAGENET_MEAN, IMAGENET_STD
-    try:
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(
+                    f"{cfg_file}: cannot read the preprocessor config ({err})"
+                ) from err
+            mean = cfg.get("image_mean", IMAGENET_MEAN)
+            std = cfg.get("image_std", IMAGENET_STD)
+        else:
+            return IMAGENET_MEAN, IMAGENET_STD
+    else:
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(name_or_path, local_files_only=local_only)
-        return tuple(proc.image_mean), tuple(proc.image_std)
-    except Exception:  # no processor config published: the ViT default
-        return IMAGENET_MEAN, IMAGENET_STD
+        try:
+            proc = AutoImageProcessor.from_pretrained(name_or_path, local_files_only=local_only)
+        except OSError:  # no preprocessor_config.json published: the ViT default
+            return IMAGENET_MEAN, IMAGENET_STD
+        mean, std = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+        if mean is None or std is None:
+            return IMAGENET_MEAN, IMAGENET_STD
+    mean, std = tuple(mean), tuple(std)
+    if len(mean) != 3 or len(std) != 3 or not all(float(v) > 0 for v in std):
+        raise ValueError(
+            f"{name_or_path}: image_mean / image_std must be 3 numbers (std > 0), "
+            f"got {mean} / {std}"
+        )
+    return mean, std
 
 
 def _looks_like_path(name: str) -> bool:
@@ -277,11 +297,42 @@ def lora_layers(model: nn.Module):
 
 def set_train_mode(model: nn.Module) -> None:
     """Eval mode for the frozen model (no BatchNorm statistics drift, no dropout), train
-    mode only for LoRA dropout layers."""
+    mode only for LoRA dropout layers, and the training flag (alone, not their children's)
+    on layers with gradient checkpointing on, which transformers checkpoints only then."""
     model.eval()
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1].startswith("lora_dropout"):
             module.train()
+        elif getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module of `model` in eval mode inside the block (dropout off, e.g. for the
+    teacher's pseudo-labels whatever --lora-dropout is); the modes are restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient checkpointing on every layer that supports it (the ViT
+    encoder's layers for Depth Anything / DPT), non-reentrant so that it works with a
+    frozen input and LoRA weights inside. Raises ValueError if the model has none."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        raise ValueError(f"{type(model).__name__}: no layer took gradient checkpointing")
 
 
 def predict(model: nn.Module, depth_model: DepthModel, images: torch.Tensor) -> torch.Tensor:

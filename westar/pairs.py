@@ -88,21 +88,24 @@ def make_pairs_file(
 ) -> dict[str, int]:
     """Write a pairs JSON for every image of `images_dir` with a depth map in `depth_dir`.
 
-    Each image's pairs depend only on (seed, stem), not on the other files present.
-    An image whose depth has fewer than 2 valid pixels gets no pairs, with a warning.
-    Returns {"images": n, "pairs": total, "without_pairs": [stems with no pairs]}.
+    Images without a depth map get no pairs and are counted, not an error (a DataError if
+    none has one); an image whose depth has fewer than 2 valid pixels gets no pairs, with a
+    warning. Each image's pairs depend only on (seed, stem), not on the other files present.
+    Returns {"images", "pairs", "skipped_without_depth", "without_depth", "without_pairs"}.
     """
     images = {}
     total = 0
-    without_pairs = []
+    without_depth: list[str] = []
+    without_pairs: list[str] = []
+    if not Path(depth_dir).is_dir():
+        raise DataError(depth_dir, "depth folder not found")
     for path in list_images(images_dir):
+        depth_file = find_depth_file(depth_dir, path.stem)
+        if depth_file is None:  # an unannotated image: no pairs for it, not an error
+            without_depth.append(path.name)
+            continue
         try:
             h, w = image_size(path)
-            depth_file = find_depth_file(depth_dir, path.stem)
-            if depth_file is None:
-                raise DataError(
-                    Path(depth_dir) / f"{path.stem}.npy", "depth map for this image not found"
-                )
             depth = read_depth(depth_file, depth_scale)
             if depth.shape != (h, w):
                 raise DataError(
@@ -126,6 +129,11 @@ def make_pairs_file(
             without_pairs.append(path.stem)
         images[path.stem] = {"width": w, "height": h, "pairs": pairs}
         total += len(pairs)
+    if not images:
+        raise DataError(
+            depth_dir,
+            f"no depth map (.npy, .png, .exr) for any of the {len(without_depth)} images",
+        )
     save_pairs(
         output,
         images,
@@ -134,4 +142,10 @@ def make_pairs_file(
         equal_ratio=equal_ratio,
         seed=seed,
     )
-    return {"images": len(images), "pairs": total, "without_pairs": without_pairs}
+    return {
+        "images": len(images),
+        "pairs": total,
+        "skipped_without_depth": len(without_depth),
+        "without_depth": without_depth,
+        "without_pairs": without_pairs,
+    }

@@ -25,10 +25,10 @@ Output directory:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -57,7 +57,15 @@ from westar.config import TrainConfig
 from westar.data import AdaptationDataset, DataError, collate
 from westar.ema import EMATeacher
 from westar.losses import westar_loss
-from westar.model import add_lora, load_depth_model, predict, set_train_mode
+from westar.model import (
+    add_lora,
+    enable_gradient_checkpointing,
+    eval_mode,
+    load_depth_model,
+    lora_layers,
+    predict,
+    set_train_mode,
+)
 from westar.outputs import replace_dir
 
 __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
@@ -94,16 +102,21 @@ def _has_accelerator() -> bool:
 
 
 class StepBatchSampler:
-    """Batches of dataset indices as a function of (seed, step, rank) only.
+    """Batches of (dataset index, crop seed) as a function of (seed, step, rank) only.
 
-    The global batch of step t is positions [t*G, (t+1)*G) of an endless stream of epochs,
-    each a permutation seeded by (seed, epoch); G = batch_size * world_size and rank r
-    takes its slice. Starting at any step needs no saved iterator state.
+    The global batch of micro-step m is positions [m*G, (m+1)*G) of an endless stream of
+    epochs, each a permutation seeded by (seed, epoch); G = batch_size * world_size and
+    rank r takes its slice. With gradient accumulation, optimizer step t is micro-steps
+    t*accum ... t*accum + accum - 1. Starting at any step needs no saved iterator state.
+    The crop seed of each item is derived from (seed, micro-step, rank, slot).
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int, rank=0, world=1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start: int, end: int, rank=0, world=1, accum=1
+    ):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start, self.end, self.rank, self.world = start, end, rank, world
+        self.accum = max(1, int(accum))
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:
@@ -112,17 +125,29 @@ class StepBatchSampler:
             self._perms = {epoch: torch.randperm(self.n, generator=gen).tolist()}
         return self._perms[epoch]
 
-    def indices(self, step: int) -> list[int]:
+    def indices(self, micro_step: int) -> list[int]:
         g = self.batch_size * self.world
-        first = step * g + self.rank * self.batch_size
+        first = micro_step * g + self.rank * self.batch_size
         return [self._perm(p // self.n)[p % self.n] for p in range(first, first + self.batch_size)]
 
+    def crop_seeds(self, micro_step: int) -> list[int]:
+        seq = np.random.SeedSequence([self.seed, micro_step, self.rank, 0x63726F70])
+        return [int(v) for v in seq.generate_state(self.batch_size, np.uint32)]
+
     def __iter__(self):
-        for step in range(self.start, self.end):
-            yield self.indices(step)
+        for micro in range(self.start * self.accum, self.end * self.accum):
+            yield list(zip(self.indices(micro), self.crop_seeds(micro)))
 
     def __len__(self) -> int:
-        return max(0, self.end - self.start)
+        return max(0, self.end - self.start) * self.accum
+
+
+def resolve_num_workers(requested: int) -> int:
+    """-1 (auto): decode and resize in min(4, cores - 1) worker processes (0 on one core)."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(0, min(4, (cores or 1) - 1))
 
 
 class Trainer:
@@ -161,6 +186,8 @@ class Trainer:
             cfg = self.cfg = dataclasses.replace(cfg, image_size=(self.depth.input_size,) * 2)
         self.depth.check_size(cfg.image_size)
         self.dataset = self._build_dataset()
+        if cfg.gradient_checkpointing:  # recompute each encoder layer in the backward
+            enable_gradient_checkpointing(self.depth.model)
         model = add_lora(
             self.depth.model,
             rank=cfg.lora_rank,
@@ -178,6 +205,8 @@ class Trainer:
         self.teacher.to(acc.device)
         self._register_checkpointing()
         self.step = 0
+        self.nonfinite_step: torch.Tensor | None = None
+        self._lora_layers: list | None = None
 
     # ------------------------------------------------------------------ setup
     def _build_dataset(self) -> AdaptationDataset:
@@ -207,6 +236,9 @@ class Trainer:
             pairs_file=pairs_file,
             output_space=cfg.output_space,
             skip_bad=cfg.skip_bad,
+            patch_size=self.depth.patch_size,
+            crop="random",
+            seed=cfg.seed,
         )
 
     @property
@@ -214,26 +246,41 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def loader(self, start: int, end: int):
+        """Micro-batches of steps [start, end): cfg.grad_accum per step."""
+        cfg = self.cfg
         sampler = StepBatchSampler(
-            len(self.dataset), self.cfg.batch_size, self.cfg.seed, start, end, self.rank, self.world
-        )
+            len(self.dataset), cfg.batch_size, cfg.seed, start, end, self.rank, self.world,
+            accum=cfg.grad_accum,
+        )  # fmt: skip
+        workers = resolve_num_workers(cfg.num_workers)
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=sampler,
             collate_fn=collate,
-            num_workers=self.cfg.num_workers,
+            num_workers=workers,
+            pin_memory=self.accelerator.device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
         )
 
     # ------------------------------------------------------------------ one step
-    def predictions(self, batch: dict, step: int, augment: bool | None = None):
-        """(student output, teacher output) for a batch, with the step's augmentations."""
+    def predictions(self, batch: dict, step: int, augment: bool | None = None, micro: int = 0):
+        """(student output, teacher output) for a batch, with the step's augmentations.
+
+        The teacher runs with every dropout off (its pseudo-label is a fixed target), the
+        student in training mode for LoRA dropout only (`set_train_mode`).
+        """
         cfg, acc = self.cfg, self.accelerator
         augment = cfg.augment if augment is None else augment
-        gen = step_generator(cfg.seed, step, self.rank)
-        images = batch["image"].to(acc.device)
+        gen = step_generator(cfg.seed, step, self.rank, stream=micro)
+        images = batch["image"].to(acc.device, non_blocking=True)
         unwrapped = self.unwrapped
         weak = weak_augment(images, gen, cfg.weak_jitter) if augment else images
-        with torch.no_grad(), self.teacher.swapped_in(unwrapped), acc.autocast():
+        with (
+            torch.no_grad(),
+            self.teacher.swapped_in(unwrapped),
+            eval_mode(unwrapped),
+            acc.autocast(),
+        ):
             teacher_out = predict(unwrapped, self.depth, weak)
         strong = images
         if augment:
@@ -252,31 +299,68 @@ class Trainer:
             student_out = predict(self.model, self.depth, strong)
         return student_out, teacher_out
 
-    def loss(self, batch: dict, step: int, augment: bool | None = None):
-        student_out, teacher_out = self.predictions(batch, step, augment)
-        return westar_loss(student_out, teacher_out, batch, self.unwrapped, self.cfg)
+    def loss(self, batch: dict, step: int, augment: bool | None = None, micro: int = 0):
+        """(total loss, parts): parts are detached 0-dim tensors (no device sync)."""
+        student_out, teacher_out = self.predictions(batch, step, augment, micro)
+        if self._lora_layers is None:  # the module walk, once (not per step)
+            self._lora_layers = lora_layers(self.unwrapped)
+        return westar_loss(
+            student_out, teacher_out, batch, self.unwrapped, self.cfg, layers=self._lora_layers
+        )
 
-    def train_step(self, batch: dict, step: int | None = None) -> dict[str, float]:
-        """One optimizer step and one teacher update; returns the loss parts."""
+    def train_step(self, batch: dict | list[dict], step: int | None = None) -> dict:
+        """One optimizer step over one batch (or a list of cfg.grad_accum micro-batches)
+        and one teacher update.
+
+        Returns the loss parts as detached 0-dim tensors on the device (averaged over the
+        micro-batches) and "lr" as a float. Nothing here waits for the device: a
+        non-finite loss is recorded in `self.nonfinite_step` (a device tensor) and
+        reported by `check_finite`, which the loop calls when it logs or saves.
+        """
         cfg, acc = self.cfg, self.accelerator
         step = self.step if step is None else step
+        micro_batches = batch if isinstance(batch, list) else [batch]
         set_train_mode(self.model)
-        loss, parts = self.loss(batch, step)
-        if not math.isfinite(parts["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss at step {step} ({parts}); images {batch['stem']}"
-            )
-        acc.backward(loss)
-        if cfg.max_grad_norm > 0 and acc.sync_gradients:
+        n = len(micro_batches)
+        parts: dict[str, torch.Tensor] = {}
+        for m, mb in enumerate(micro_batches):
+            last = m == n - 1
+            ctx = contextlib.nullcontext() if last or self.world == 1 else acc.no_sync(self.model)
+            with ctx:
+                loss, mparts = self.loss(mb, step, micro=m)
+                acc.backward(loss / n if n > 1 else loss)
+            for k, v in mparts.items():
+                parts[k] = v / n if k not in parts else parts[k] + v / n
+        self._record_finite(parts["loss"], step)
+        if cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(
                 [p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm
             )
-        parts["lr"] = self.optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.teacher.update(self.unwrapped)
-        return parts
+        return dict(parts, lr=lr)
+
+    def _record_finite(self, loss: torch.Tensor, step: int) -> None:
+        """nonfinite_step <- step if loss is not finite and no earlier step was (no sync)."""
+        bad = ~torch.isfinite(loss)
+        if self.nonfinite_step is None:
+            self.nonfinite_step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+        first = bad & (self.nonfinite_step < 0)
+        self.nonfinite_step = torch.where(first, step, self.nonfinite_step)
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if any step so far had a non-finite loss (one sync)."""
+        if self.nonfinite_step is None:
+            return
+        bad = int(self.nonfinite_step)
+        if bad >= 0:
+            raise FloatingPointError(
+                f"non-finite loss at step {bad} (found at step {self.step}); the last "
+                f"checkpoint before it is intact: resume from it with a lower --lr"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def _register_checkpointing(self) -> None:
@@ -468,38 +552,34 @@ class Trainer:
         bar = tqdm(
             total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="westar"
         )
-        running: dict[str, float] = {}
-        last = {}
+        last: dict = {}
         t0 = time.perf_counter()
+        log_every = max(cfg.log_every, 1)
+        pending: list[dict] = []  # micro-batches of the current step
         try:
-            for batch in self.loader(self.step, end):
-                if self.world > 1:  # ranks must agree, or one would wait in DDP's all-reduce
-                    have = torch.tensor([0.0 if batch is None else 1.0], device=acc.device)
+            for micro_batch in self.loader(self.step, end):
+                pending.append(micro_batch)
+                if len(pending) < cfg.grad_accum:
+                    continue
+                batches, pending = [b for b in pending if b is not None], []
+                if self.world > 1 and cfg.skip_bad:  # ranks must agree, or one would wait
+                    have = torch.tensor([1.0 if batches else 0.0], device=acc.device)
                     if float(acc.reduce(have, reduction="sum")) < self.world:
-                        batch = None
-                if batch is None:  # every sample of this batch (on some rank) was skipped
+                        batches = []
+                if not batches:  # every sample of this step (on some rank) was skipped
                     self.scheduler.step()  # the schedule stays a function of the step
                     self.step += 1
                     bar.update(1)
                 else:
-                    parts = self.train_step(batch, self.step)
+                    parts = self.train_step(batches, self.step)
                     self.step += 1
-                    if self.world > 1:
-                        keys = ("loss", "st", "weak", "reg")
-                        vals = torch.tensor([parts[k] for k in keys], device=acc.device)
-                        vals = acc.reduce(vals, reduction="mean")
-                        parts.update({k: float(v) for k, v in zip(keys, vals)})
-                    for k in ("loss", "st", "weak", "reg"):
-                        running[k] = (
-                            parts[k] if k not in running else 0.9 * running[k] + 0.1 * parts[k]
-                        )
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()}, refresh=False)
                     bar.update(1)
-                    last = dict(parts, step=self.step, seconds=time.perf_counter() - t0)
-                    if main and (self.step % max(cfg.log_every, 1) == 0 or self.step == cfg.steps):
-                        logger.log(last)
+                    if self.step % log_every == 0 or self.step == end:
+                        last = self._log(parts, bar, logger, time.perf_counter() - t0)
                 if self.step % max(cfg.save_every, 1) == 0 or self.step == cfg.steps:
+                    self.check_finite()  # never checkpoint weights a NaN step has touched
                     self.save_checkpoint()
+            self.check_finite()
         finally:
             bar.close()
             if logger is not None:
@@ -507,6 +587,20 @@ class Trainer:
         if self.step >= cfg.steps:
             self.save_final()
         return last
+
+    def _log(self, parts: dict, bar, logger, seconds: float) -> dict:
+        """Read the step's loss parts (the one device sync of a logged step) and log them."""
+        keys = ("loss", "st", "weak", "reg")
+        vals = torch.stack([parts[k].float() for k in keys])
+        if self.world > 1:
+            vals = self.accelerator.reduce(vals, reduction="mean")
+        row = dict(zip(keys, vals.tolist()))
+        self.check_finite()
+        row.update(lr=parts["lr"], step=self.step, seconds=seconds)
+        bar.set_postfix({k: f"{row[k]:.4g}" for k in keys}, refresh=False)
+        if logger is not None:
+            logger.log(row)
+        return row
 
     def save_final(self) -> None:
         """The final student and teacher adapters in <output_dir>/{adapter,teacher}."""

@@ -74,6 +74,10 @@ def test_dataset_items_and_collate(dataset_root):
     item = ds[0]
     assert item["image"].shape == (3, 28, 42) and item["instances"].shape == (1, 28, 42)
     assert item["pairs"][..., 0].max() < 28 and item["pairs"][..., 1].max() < 42
+    ds = AdaptationDataset(  # 56 x 56 -> 28 x 28 needs no crop: every pair stays
+        dataset_root / "images", (28, 28), dataset_root / "instances", dataset_root / "pairs.json"
+    )
+    item = ds[0]
     pairs = load_pairs(dataset_root / "pairs.json")["img_000"]["pairs"]
     assert item["labels"].tolist() == [relation_to_label(p["relation"]) for p in pairs]
     item2 = dict(ds[1], pairs=ds[1]["pairs"][:3], labels=ds[1]["labels"][:3])
@@ -192,7 +196,7 @@ def test_cli_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", str(tiny_model), "--data", str(root), "--output-dir", str(out),
             "--image-size", "56", "--steps", "2", "--batch-size", "2", "--no-progress",
-            "--lr", "1e-3"]  # fmt: skip
+            "--lr", "1e-3", "--log-every", "1"]  # fmt: skip
     assert main(args) == 0
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "teacher" / "adapter_model.safetensors").is_file()

@@ -312,7 +312,7 @@ def test_torchrun_two_processes(tiny_model, dataset_root, tmp_path):
         "img_005", "train", "--model", str(tiny_model),
         "--data", str(root), "--output-dir", str(out), "--image-size", "56",
         "--steps", "3", "--batch-size", "1", "--save-every", "3", "--no-progress",
-        "--no-tensorboard", "--skip-bad",
+        "--no-tensorboard", "--skip-bad", "--log-every", "1",
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(

@@ -1,0 +1,244 @@
+"""`westar predict`: depth maps for a folder of images (or one image) at their own resolution.
+
+Each image is resized keeping its aspect ratio (shorter side to `image_size`, both sides
+rounded to the patch size, as `westar eval` does), images of the same inference size are
+batched, and the output is resized back (bilinear) to the original H x W. Per image:
+
+    <out>/<stem>.npy         float32 (H, W): the model's raw output (relative disparity for
+                             Depth Anything V2; depth for a depth model)
+    <out>/<stem>_16bit.png   uint16 (H, W): that output min-max scaled to 0..65535 per image
+    <out>/<stem>_color.png   RGB: colour-mapped (2nd-98th percentile, bright = large)
+
+The model is a hub id or local directory, with `--adapter` (peft, merged into the weights
+before inference) or a model already merged by `westar merge`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from westar.data import IMAGE_EXTENSIONS, DataError, list_images, read_image
+from westar.data import image_size as read_image_size
+
+__all__ = ["FORMATS", "list_inputs", "load_for_inference", "predict_arrays", "predict_folder"]
+
+FORMATS = {"npy": "{stem}.npy", "png16": "{stem}_16bit.png", "color": "{stem}_color.png"}
+
+CLI_HELP = "depth maps for a folder of images (or one image) at their original resolution"
+
+
+def list_inputs(source: str | Path) -> list[Path]:
+    """One image file, or the images of a folder (sorted); a DataError names the path."""
+    source = Path(source)
+    if source.is_file():
+        if source.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise DataError(source, f"not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        return [source]
+    if not source.exists():
+        raise DataError(source, "input image or folder not found")
+    return list_images(source)
+
+
+def load_for_inference(model: str, adapter: str | None = None, device: str | None = None):
+    """(network in eval mode on `device`, DepthModel): the base model, or base + adapter
+    merged into its weights (peft's merge_and_unload)."""
+    from westar.model import load_depth_model
+
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    depth_model = load_depth_model(model)
+    net = depth_model.model
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return net.to(dev).eval(), depth_model
+
+
+@torch.no_grad()
+def predict_arrays(
+    net, depth_model, images: list[np.ndarray], size: int, device=None
+) -> list[np.ndarray]:
+    """float32 (H, W) outputs for uint8 (H, W, 3) images of one inference size (a batch)."""
+    from westar.evaluate import inference_size
+    from westar.model import predict
+
+    device = device or next(net.parameters()).device
+    sizes = {inference_size(*im.shape[:2], size, depth_model.patch_size) for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"one batch needs one inference size, got {sorted(sizes)}")
+    ih, iw = sizes.pop()
+    x = torch.stack(
+        [
+            F.interpolate(
+                torch.from_numpy(im).float().div(255).permute(2, 0, 1)[None],
+                size=(ih, iw), mode="bicubic", align_corners=False,
+            )[0].clamp(0, 1)
+            for im in images
+        ]
+    )  # fmt: skip
+    out = predict(net, depth_model, x.to(device)).float()
+    results = []
+    for i, im in enumerate(images):
+        o = F.interpolate(out[i][None, None], size=im.shape[:2], mode="bilinear")
+        results.append(o[0, 0].cpu().numpy().astype(np.float32))
+    return results
+
+
+def _to_16bit(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint16)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    scaled = (np.where(finite, values, lo) - lo) / max(hi - lo, 1e-12)
+    return np.round(scaled * 65535).astype(np.uint16)
+
+
+def _colour(values: np.ndarray) -> np.ndarray:
+    from westar.evaluate import colorize
+
+    finite = np.isfinite(values)
+    lo, hi = np.percentile(values[finite], [2, 98]) if finite.any() else (0.0, 1.0)
+    return colorize(np.where(finite, values, lo), float(lo), float(hi), finite)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    write(tmp)
+    tmp.replace(path)
+
+
+def save_outputs(values: np.ndarray, out_dir: Path, stem: str, formats: list[str]) -> None:
+    """Write the chosen FORMATS of one (H, W) output, each through a temporary file."""
+    if "npy" in formats:
+        _write_atomic(out_dir / FORMATS["npy"].format(stem=stem), lambda p: np.save(p, values))
+    if "png16" in formats:
+        im = Image.fromarray(_to_16bit(values))
+        _write_atomic(out_dir / FORMATS["png16"].format(stem=stem), im.save)
+    if "color" in formats:
+        im = Image.fromarray(_colour(values))
+        _write_atomic(out_dir / FORMATS["color"].format(stem=stem), im.save)
+
+
+def predict_folder(
+    source: str | Path,
+    out_dir: str | Path,
+    model: str,
+    *,
+    adapter: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 4,
+    formats: list[str] | tuple[str, ...] = tuple(FORMATS),
+    device: str | None = None,
+    overwrite: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Predict every image of `source` into `out_dir`; returns {"written", "skipped", "size"}.
+
+    Checks the inputs, the adapter and that no output exists (unless `overwrite`) before
+    loading the model. `image_size`: inference shorter side (default: the model's own).
+    """
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from westar.evaluate import inference_size
+
+    formats = list(formats)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise ValueError(f"--formats must be among {sorted(FORMATS)}, got {formats}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+    paths = list_inputs(source)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(out_dir, "output exists and is not a folder")
+    if not overwrite:
+        for p in paths:
+            for f in formats:
+                target = out_dir / FORMATS[f].format(stem=p.stem)
+                if target.exists():
+                    raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
+    sizes, skipped = {}, []
+    for p in paths:
+        try:
+            sizes[p] = read_image_size(p)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping {p.name}: {err}", stacklevel=2)
+            skipped.append(p.name)
+    net, depth_model = load_for_inference(model, adapter, device)
+    side = image_size or depth_model.input_size
+    groups: dict[tuple[int, int], list[Path]] = {}
+    for p, (h, w) in sizes.items():
+        groups.setdefault(inference_size(h, w, side, depth_model.patch_size), []).append(p)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    with tqdm(total=len(sizes), desc="predict", unit="img", disable=not progress) as bar:
+        for group in groups.values():
+            for i in range(0, len(group), batch_size):
+                chunk = group[i : i + batch_size]
+                images = [read_image(p) for p in chunk]
+                for p, values in zip(chunk, predict_arrays(net, depth_model, images, side)):
+                    save_outputs(values, out_dir, p.stem, formats)
+                    written += 1
+                bar.update(len(chunk))
+    return {"written": written, "skipped": skipped, "size": side}
+
+
+# --------------------------------------------------------------------------- CLI plugin
+
+
+def cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="an image file or a folder of images")
+    p.add_argument("--model", required=True, help="base (or merged) model: hub id or directory")
+    p.add_argument("--adapter", help="peft adapter directory (e.g. runs/x/adapter)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="inference shorter side, rounded to the patch size (default: the model's own, "
+        "518 for Depth Anything V2)",
+    )
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--formats",
+        nargs="+",
+        choices=tuple(FORMATS),
+        default=list(FORMATS),
+        help="what to write (default: all three)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    result = predict_folder(
+        args.input,
+        args.out,
+        args.model,
+        adapter=args.adapter,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        formats=args.formats,
+        device=args.device,
+        overwrite=args.overwrite,
+        skip_bad=args.skip_bad,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {result['written']} depth maps to {args.out} (inference side {result['size']})")
+    return 0
