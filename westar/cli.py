@@ -52,6 +52,7 @@ COMMANDS: dict[str, Command] = {}
 
 # Subcommands defined by other modules of the package (see the module docstring).
 PLUGIN_COMMANDS: dict[str, str] = {"demo": "westar.demo", "corrupt": "westar.corrupt"}
+PLUGIN_COMMANDS["annotate"] = "westar.annotate"
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
