@@ -64,7 +64,7 @@ def propose_samples(
     score: optional (height, width) float map, larger = more informative; NaN/inf are
     treated as 0. The anchor of each sample is the point nearest the image centre of its
     triple's mean, so that p and q lie on either side of it when possible. Deterministic
-    given rng's state. Tiny images may repeat points (never within one pair).
+    given rng's state. Images of fewer than 3 pixels repeat points.
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
@@ -109,10 +109,14 @@ def propose_samples(
 
 
 def _nudge(pt, width: int, height: int, avoid: set | None = None) -> np.ndarray:
-    """A neighbouring pixel of pt not in `avoid` (tiny images only)."""
+    """The nearest pixel to pt (growing square rings) not in `avoid` (tiny images only)."""
     avoid = avoid or {tuple(pt)}
-    for dx, dy in ((1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, -1), (2, 0), (0, 2)):
-        x, y = int(pt[0]) + dx, int(pt[1]) + dy
-        if 0 <= x < width and 0 <= y < height and (x, y) not in avoid:
-            return np.array([x, y])
+    x0, y0 = int(pt[0]), int(pt[1])
+    for r in range(1, max(width, height)):
+        for dy in range(-r, r + 1):
+            for dx in range(-r, r + 1):
+                x, y = x0 + dx, y0 + dy
+                if max(abs(dx), abs(dy)) == r and 0 <= x < width and 0 <= y < height:
+                    if (x, y) not in avoid:
+                        return np.array([x, y])
     return np.array(pt)
