@@ -96,7 +96,7 @@ def check_file(path, stem: str, samples: list[dict], expected: dict[tuple[int, i
 
 @pytest.fixture
 def folder(tmp_path):
-    return make_image_folder(tmp_path / "ds", n=3, size=(96, 128))
+    return make_image_folder(tmp_path / "ds", n=3, size=(192, 256))
 
 
 def test_label_two_images_by_keyboard(driver, folder, tmp_path):

@@ -311,7 +311,9 @@ function renderSummary() {
   $("pairs-bar").max = Math.max(1, s.pairs_total);
   $("pairs-bar").value = s.pairs_done;
   $("pairs-text").textContent = `${s.pairs_done}/${s.pairs_total}`;
-  $("saved").textContent = s.saves ? `saved to ${s.out} (${s.saves} writes)` : `file: ${s.out}`;
+  const file = s.out.split(/[\\/]/).pop();
+  $("saved").textContent = s.saves ? `saved to ${file} (${s.saves} writes)` : `file: ${file}`;
+  $("saved").title = s.out;
   $("saved").dataset.saves = s.saves;
   const jumpBox = $("jump");
   jumpBox.replaceChildren();
