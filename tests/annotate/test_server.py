@@ -375,3 +375,67 @@ def test_pairs_made_with_the_tool_train(tmp_path, tiny_model):
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 3 and all(float(r["weak"]) > 0 for r in rows)
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.9])
+def test_sigkill_during_writes_leaves_a_valid_file(tmp_path, delay):
+    """Answers posted back to back (each write ~0.1 MB) while the server is SIGKILLed at
+    some moment: the file is valid, holds every acknowledged answer and at most the one
+    in flight besides."""
+    from tests.annotate.helpers import ServerProcess
+
+    images = make_images(tmp_path / "images", n=6, size=(40, 50))
+    out = tmp_path / "pairs.json"
+    rng = np.random.default_rng(0)
+    existing = {
+        f"im{i}": {"width": 50, "height": 40, "pairs": [
+            {"a": [int(rng.integers(50)), int(rng.integers(40))], "b": [1, 1], "relation": "equal"}
+            for _ in range(300)]}
+        for i in range(6)
+    }  # fmt: skip
+    out.write_text(json.dumps({"version": 1, "coordinates": "xy", "images": existing}))
+    server = ServerProcess(images, out)
+    port = int(server.url.rsplit(":", 1)[1].strip("/"))
+    acked: list[tuple[int, int, int]] = []
+    stop = threading.Event()
+
+    def post_answers():
+        for i in range(6):
+            for sample in range(5):
+                for slot in range(3):
+                    if stop.is_set():
+                        return
+                    try:
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                        body = {"image": i, "sample": sample, "slot": slot, "relation": "closer"}
+                        conn.request("POST", "/api/answer", json.dumps(body),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+                        if conn.getresponse().status == 200:
+                            acked.append((i, sample, slot))
+                    except OSError:
+                        return
+
+    worker = threading.Thread(target=post_answers)
+    worker.start()
+    stop.wait(delay)
+    server.kill()
+    stop.set()
+    worker.join()
+    assert acked, "no answer got through before the kill"
+    pairs = load_pairs(out)  # valid, by the trainer's reader
+    doc = json.loads(out.read_text())
+    saved = {
+        (int(stem[2:]), s, k)
+        for stem, e in doc["images"].items()
+        if "annotate" in e
+        for s, sample in enumerate(e["annotate"]["samples"])
+        for k, r in enumerate(sample["answers"])
+        if r is not None
+    }
+    assert set(acked) <= saved and len(saved) <= len(acked) + 1
+    for stem, entry in existing.items():
+        assert pairs[stem]["pairs"][:300] == entry["pairs"]
+    # a kill mid-write may leave the temporary file: the next run removes it
+    (tmp_path / ".pairs.json.stale.tmp").write_text("{")
+    AnnotationSession(images, out)
+    assert not list(tmp_path.glob(".pairs.json.*.tmp"))

@@ -207,10 +207,14 @@ class AnnotationSession:
     def _read_out(self) -> tuple[dict[str, Any], dict[str, Any]]:
         if self.out.is_dir():
             raise DataError(self.out, "--out is a folder; give a file name such as pairs.json")
+        parent = self.out.parent
+        if not parent.is_dir():
+            raise DataError(parent, "folder of --out not found")
+        prefix = f".{self.out.name}."
+        for stale in parent.iterdir():  # temporary files left by a run killed mid-write
+            if stale.name.startswith(prefix) and stale.name.endswith(".tmp") and stale.is_file():
+                stale.unlink(missing_ok=True)
         if not self.out.exists():
-            parent = self.out.parent
-            if not parent.is_dir():
-                raise DataError(parent, "folder of --out not found")
             return {}, {}
         load_pairs(self.out)  # DataError naming the file and the bad entry
         doc = json.loads(self.out.read_text())
