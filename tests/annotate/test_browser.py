@@ -158,7 +158,6 @@ def test_drag_undo_and_fix_a_contradiction(driver, folder, tmp_path):
         old = st["image"]["samples"][0]
         scale = driver.execute_script("return window.annotateState.scale")
         # drag P of sample 0 by (+20, +12) screen pixels
-        page.d.find_element(By.CSS_SELECTOR, "[data-sample='0'] ~ .pt.a, #pt-p")
         ActionChains(driver).click_and_hold(driver.find_element(By.ID, "pt-p")).move_by_offset(
             10, 6
         ).move_by_offset(10, 6).release().perform()
