@@ -55,6 +55,7 @@ PLUGIN_COMMANDS: dict[str, str] = {
     "demo": "westar.demo",
     "corrupt": "westar.corrupt",
     "predict": "westar.predict",
+    "annotate": "westar.annotate",
 }
 
 
