@@ -370,7 +370,8 @@ def test_pairs_made_with_the_tool_train(tmp_path, tiny_model):
     assert sum(len(e["pairs"]) for e in load_pairs(out).values()) == 60
     run = tmp_path / "run"
     args = ["train", "--model", str(tiny_model), "--data", str(root), "--output-dir", str(run),
-            "--image-size", "56", "--steps", "3", "--batch-size", "2", "--no-progress"]  # fmt: skip
+            "--image-size", "56", "--steps", "3", "--batch-size", "2", "--no-progress",
+            "--log-every", "1"]  # fmt: skip
     assert main(args) == 0
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert len(rows) == 3 and all(float(r["weak"]) > 0 for r in rows)
