@@ -195,12 +195,19 @@ def _pid_alive(pid: int) -> bool:
 class RunLock:
     """`<folder>/.westar.lock` holding "pid host" while a run trains into `folder`.
 
-    Where the OS has `fcntl` (Linux, macOS) the file is also locked with `flock`, which
-    the kernel releases when the process ends, however it ends: a file left by a killed
-    run is taken over, and two runs starting at once cannot both win. Elsewhere the
-    pid in the file decides: a lock whose process is gone (same host, pid not running)
-    is stale and taken over. A live holder raises RunLockedError naming its pid.
+    Where the OS has `fcntl` (Linux, macOS) the file is also locked with a POSIX record
+    lock (`lockf`), which the kernel releases when the process ends, however it ends: a
+    file left by a killed run is taken over, and two runs starting at once cannot both
+    win. Not `flock`: a flock is shared with forked children (DataLoader workers), which
+    outlive a killed trainer by seconds and kept its folder locked. A POSIX lock belongs
+    to the process alone, and is dropped when the process closes *any* descriptor of the
+    file, so nothing here opens the lock file again while holding it. Two locks on one
+    folder in one process are refused by a set of held paths. Elsewhere the pid in the
+    file decides: a lock whose process is gone (same host, pid not running) is stale and
+    taken over. A live holder raises RunLockedError naming its pid.
     """
+
+    _held_here: set[str] = set()  # folders this process holds (POSIX locks do not conflict)
 
     NAME = ".westar.lock"
 
@@ -231,10 +238,13 @@ class RunLock:
             import fcntl
         except ImportError:  # no flock: the pid decides
             return self._acquire_by_pid(me)
+        key = str(self.path.resolve())
+        if key in RunLock._held_here:
+            raise self._refuse((os.getpid(), socket.gethostname()))
         for _ in range(3):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # held by a live process
                 os.close(fd)
                 raise self._refuse(self._holder()) from None
@@ -248,6 +258,7 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.write(fd, me)
             self._fd, self.held = fd, True
+            RunLock._held_here.add(key)
             return self
         raise self._refuse(self._holder())
 
@@ -273,12 +284,17 @@ class RunLock:
         if not self.held:
             return
         self.held = False
+        if (
+            self._fd is not None
+        ):  # our POSIX lock: the file is ours, and reading it would drop the lock
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # after the unlink: nobody can lock the old file in between
+            self._fd = None
+            RunLock._held_here.discard(str(self.path.resolve()))
+            return
         holder = self._holder()
         if holder is not None and holder[0] == os.getpid():
             self.path.unlink(missing_ok=True)
-        if self._fd is not None:
-            os.close(self._fd)  # after the unlink: nobody can lock the old file in between
-            self._fd = None
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -14,11 +14,11 @@ BAD_STEM = sys.argv[1]
 _load = AdaptationDataset.load
 
 
-def load(self, index):
+def load(self, index, crop_seed=None):
     sample = self.samples[index]
     if sample.stem == BAD_STEM:
         raise DataError(sample.image, "cannot read image (simulated error during training)")
-    return _load(self, index)
+    return _load(self, index, crop_seed)
 
 
 AdaptationDataset.load = load

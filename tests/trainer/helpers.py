@@ -99,6 +99,7 @@ def train_config(model: Path, data: Path, out: Path, **overrides):
         batch_size=4,
         lr=1e-3,
         save_every=2,
+        log_every=1,
         progress=False,
         tensorboard=False,
     )
