@@ -236,7 +236,7 @@ class RunLock:
         me = f"{os.getpid()} {socket.gethostname()}\n".encode()
         try:
             import fcntl
-        except ImportError:  # no flock: the pid decides
+        except ImportError:  # no fcntl: the pid decides
             return self._acquire_by_pid(me)
         key = str(self.path.resolve())
         if key in RunLock._held_here:
