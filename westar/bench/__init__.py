@@ -5,7 +5,7 @@ three seeds with train/val/test splits, and the source model's scores on them.
     westar bench --quick              # CI's tiny version (< 1 minute)
     westar bench --calibrate          # severity table of every corruption (calibration.md)
 
-Definition (westar/bench/definition.py, also written into manifest.json): 126 x 126
+Definition (westar/bench/frozen.py, also written into manifest.json): 126 x 126
 images; seeds 0, 1, 2; domains "clean" (indoor rooms, the source's own domain: the
 reference), one per corruption of westar.corrupt at SEVERITIES[corruption] (made from the
 very same rooms scenes as "clean" of the seed), and "streets" (an unseen scene family).
@@ -20,7 +20,7 @@ Python: `build(root, ...)`, `evaluate_source(root, model_dir, ...)`, `split_dir(
 from .build import build, split_dir
 from .calibrate import calibrate, pick_severities
 from .cli import CLI_HELP, cli_arguments, cli_run
-from .definition import (
+from .frozen import (
     CORRUPTION_DOMAINS,
     DOMAINS,
     MAX_DEPTH,

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
-from . import definition as D
+from . import frozen as D
 
 __all__ = ["split_dir", "build", "plan", "SPLIT_JSON", "MANIFEST"]
 

@@ -4,7 +4,7 @@ Evaluates the source model on the calibration split (CALIBRATION_IMAGES rooms sc
 their own seed block, never a train/val/test scene) clean and at every corruption x
 severity 1..5, and picks per corruption the smallest severity that meets the benchmark's
 criterion (AbsRel >= 1.5x clean, or delta1 down >= 10 points), "none" if none does. It
-never writes SEVERITIES: a human pastes the printed line into westar/bench/definition.py.
+never writes SEVERITIES: a human pastes the printed line into westar/bench/frozen.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import definition as D
+from . import frozen as D
 from .build import write_json
 from .score import Predictor, _write_text, hurts, score
 
@@ -149,7 +149,7 @@ def format_calibration(report: dict[str, Any]) -> str:
     lines += [f"- {corr}: {sev}" for corr, sev in report["chosen"].items()]
     lines += [
         "",
-        "To adopt them, paste this line into `westar/bench/definition.py` (a human decision; "
+        "To adopt them, paste this line into `westar/bench/frozen.py` (a human decision; "
         "this command never changes the benchmark), then rebuild with `--overwrite`:",
         "",
         "```python",

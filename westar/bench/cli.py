@@ -8,7 +8,7 @@ import shlex
 import time
 from pathlib import Path
 
-from . import definition as D
+from . import frozen as D
 
 __all__ = ["CLI_HELP", "cli_arguments", "cli_run"]
 
