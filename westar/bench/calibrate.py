@@ -75,7 +75,7 @@ def calibrate(
     from westar.corrupt import corrupt_image
 
     t0 = time.perf_counter()
-    predictor = Predictor(model_dir, device)
+    predictor = Predictor(model_dir, device, progress)
     imgs, depths = calibration_scenes(images)
     cap = D.MAX_DEPTH["clean"]
 

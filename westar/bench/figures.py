@@ -117,7 +117,7 @@ def bar_chart(path: str | os.PathLike, report: dict[str, Any]) -> None:
     draw.rectangle((margin + 430, 6, margin + 440, 16), fill=_SHIFT)
     draw.text((margin + 444, 6), "shifted domain", fill=_BLACK)
     top_abs = max(r["abs_rel"]["mean"] + r["abs_rel"]["std"] for r in res.values())
-    top_abs = float(np.ceil(top_abs * 1.1 * 20) / 20) or 0.05
+    top_abs = float(np.ceil(top_abs * 1.1 * 5) / 5) or 0.2  # ticks at multiples of 0.05
     for i, (key, title, top, fmt) in enumerate(
         (("abs_rel", "AbsRel (lower is better)", top_abs, ".2f"),
          ("delta1", "delta1 (higher is better)", 1.0, ".2f"))

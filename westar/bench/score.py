@@ -38,8 +38,14 @@ def load_split(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 class Predictor:
     """The source model, loaded once: `predictor(images uint8 (N,H,W,3))` -> (N,H,W)."""
 
-    def __init__(self, model_dir: str | os.PathLike | None = None, device: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike | None = None,
+        device: str | None = None,
+        progress: bool = True,
+    ):
         import torch
+        from transformers.utils import logging as hf_logging
 
         from westar.model import load_depth_model
 
@@ -52,7 +58,14 @@ class Predictor:
             raise FileNotFoundError(f"{model_dir}: --model is not a model folder (no config.json)")
         self.path = model_dir
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dm = load_depth_model(str(model_dir), local_files_only=True)
+        bar = hf_logging.is_progress_bar_enabled()
+        if not progress:  # transformers' "Loading weights" bar
+            hf_logging.disable_progress_bar()
+        try:
+            self.dm = load_depth_model(str(model_dir), local_files_only=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.dm.check_size((D.SIZE, D.SIZE), "benchmark image size")
         self.net = self.dm.model.to(self.device).eval()
 
@@ -116,7 +129,7 @@ def evaluate_source(
     seeds = list(D.QUICK_SEEDS if quick else D.SEEDS) if seeds is None else list(seeds)
     domains = list(D.QUICK_DOMAINS if quick else D.DOMAINS) if domains is None else list(domains)
     domains = ["clean"] + [d for d in domains if d != "clean"]
-    predictor = Predictor(model_dir, device)
+    predictor = Predictor(model_dir, device, progress)
     per: dict[str, dict[int, dict]] = {d: {} for d in domains}
     shown: dict[str, tuple] = {}  # domain -> (images, depths, preds, per-image) of seeds[0]
     n_fig = 4
