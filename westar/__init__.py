@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TrainConfig": "westar.config",
     "ABLATIONS": "westar.config",
+    "LADDER": "westar.config",
     "AdaptationDataset": "westar.data",
     "DataError": "westar.data",
     "collate": "westar.data",
