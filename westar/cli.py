@@ -56,6 +56,7 @@ PLUGIN_COMMANDS: dict[str, str] = {
     "corrupt": "westar.corrupt",
     "predict": "westar.predict",
     "annotate": "westar.annotate",
+    "sweep": "westar.sweep",
 }
 
 
