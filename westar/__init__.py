@@ -4,7 +4,7 @@ Weakly-supervised Self-Training Adaptation with Regularization (AAAI 2026): a Lo
 student and an EMA teacher on a Hugging Face depth model (Depth Anything V2, DPT/MiDaS),
 trained with SA-HDN self-training, ordinal weak labels and LoRA weight regularization
 from the `westar_ops` kernels. Command line: `westar {train, eval, predict, masks, pairs,
-merge, corrupt, demo, annotate}` (`westar COMMAND --help`).
+merge, corrupt, demo, annotate, bench, sweep}` (`westar COMMAND --help`).
 
 Heavy dependencies (transformers, peft, accelerate) are imported on first use.
 """
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "TrainConfig": "westar.config",
     "ABLATIONS": "westar.config",
+    "LADDER": "westar.config",
     "AdaptationDataset": "westar.data",
     "DataError": "westar.data",
     "collate": "westar.data",

@@ -57,6 +57,7 @@ PLUGIN_COMMANDS: dict[str, str] = {
     "predict": "westar.predict",
     "annotate": "westar.annotate",
     "bench": "westar.bench",
+    "sweep": "westar.sweep",
 }
 
 
@@ -105,12 +106,13 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     `--lora-targets` fail or split characters), and it fills every default, while
     --config and --ablation need to know which flags were given.
     """
-    from westar.config import ABLATIONS, HDN_MODES, TrainConfig
+    from westar.config import ABLATIONS, HDN_MODES, PSEUDO_LABELS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     choices = {
         "hdn": HDN_MODES,
+        "pseudo_label": PSEUDO_LABELS,
         "ablation": tuple(ABLATIONS),
         "output_space": ("disparity", "depth"),
         "stats_grad": ("full", "scale", "none"),

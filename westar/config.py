@@ -3,7 +3,8 @@
 `TrainConfig` is a plain dataclass; the CLI builds its flags from the fields (see
 `westar.cli`), so a new field is a new flag. Ablations are presets that override a few
 fields (`ABLATIONS`, applied by `westar.cli.config_from_args` before the explicit flags),
-e.g. ``--ablation no_weak`` sets ``lambda_w = 0``.
+e.g. ``--ablation no_weak`` sets ``lambda_w = 0``; the paper's ablation ladder (`LADDER`)
+is one table shared by the trainer, the demo and the sweep.
 """
 
 from __future__ import annotations
@@ -14,21 +15,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "ABLATIONS", "HDN_MODES"]
+__all__ = ["TrainConfig", "LADDER", "ABLATIONS", "HDN_MODES", "PSEUDO_LABELS"]
 
 HDN_MODES = ("instances", "grid", "global")
+PSEUDO_LABELS = ("teacher", "depth")
 
-# name -> fields it overrides. "full" is the paper's method with the defaults.
+# The paper's ablation ladder, one rung per row, each adding one piece to the previous:
+# name -> (label, fields it overrides). The one definition of these names: `westar train
+# --ablation NAME`, `westar demo --ablation` and the benchmark sweep (westar.sweep) all
+# read it. The zeros are part of a rung (a recipe's lambda_w does not turn weak labels on
+# for plain self-training); "westar" overrides nothing: the paper's method is the default.
+LADDER: dict[str, tuple[str, dict[str, Any]]] = {
+    "self_training": (  # plain self-training: global median/MAD context only
+        "plain self-training",
+        {"hdn": "global", "lambda_w": 0.0, "lambda_r": 0.0},
+    ),
+    "grid_hdn": (  # classic HDN: fixed grid contexts (+ the global one)
+        "grid HDN",
+        {"hdn": "grid", "lambda_w": 0.0, "lambda_r": 0.0},
+    ),
+    "sa_hdn": (  # SA-HDN: instance contexts (+ the global one)
+        "SA-HDN",
+        {"hdn": "instances", "lambda_w": 0.0, "lambda_r": 0.0},
+    ),
+    "sa_hdn_weak": ("+ weak labels", {"hdn": "instances", "lambda_r": 0.0}),
+    "westar": ("+ regularization (WeSTAR)", {}),
+}
+
+# `--ablation` presets: name -> fields it overrides. The ladder's rungs, plus the
+# leave-one-out variants of the full method under names of their own ("full" is
+# "westar"; "no_reg" is the same recipe as "sa_hdn_weak").
 ABLATIONS: dict[str, dict[str, Any]] = {
+    **{name: dict(fields) for name, (_, fields) in LADDER.items()},
     "full": {},
     "no_weak": {"lambda_w": 0.0},  # self-training + regularization, no ordinal labels
     "no_reg": {"lambda_r": 0.0},  # self-training + weak labels, no LoRA regularizer
-    "grid_hdn": {"hdn": "grid"},  # classic HDN: fixed grid contexts instead of instances
-    "self_training": {  # plain self-training: global median/MAD loss only
-        "lambda_w": 0.0,
-        "lambda_r": 0.0,
-        "hdn": "global",
-    },
+    "no_sa": {"hdn": "grid"},  # WeSTAR with grid contexts instead of instance contexts
 }
 
 
@@ -68,6 +90,13 @@ class TrainConfig:
     ordinal_kind: str = "margin"  # "margin" | "logistic"
     margin: float = 0.0
     equal_weight: float = 1.0
+    # What the self-training term fits the student to: "teacher" (the EMA teacher's
+    # prediction on the weak view: WeSTAR) or "depth" (the ground truth of <data>/depth,
+    # as disparity 1/depth for output_space="disparity", invalid pixels unused, no teacher
+    # pass): a supervised fine-tune with the same loss and LoRA budget, the oracle of the
+    # benchmark sweep (docs/sweep.md). Not a WeSTAR setting.
+    pseudo_label: str = "teacher"
+    depth_dir: str | None = None  # override <data>/depth (pseudo_label="depth")
 
     # --- augmentation (strong = student, weak = teacher)
     augment: bool = True
@@ -131,6 +160,10 @@ class TrainConfig:
             raise ValueError(
                 f"output_space must be 'disparity' or 'depth', got {self.output_space!r}"
             )
+        if self.pseudo_label not in PSEUDO_LABELS:
+            raise ValueError(
+                f"pseudo_label must be one of {PSEUDO_LABELS}, got {self.pseudo_label!r}"
+            )
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {self.ema_decay}")
         if self.ablation not in ABLATIONS:
@@ -153,6 +186,9 @@ class TrainConfig:
 
     def resolved_instances_dir(self) -> Path:
         return Path(self.instances_dir) if self.instances_dir else Path(self.data) / "instances"
+
+    def resolved_depth_dir(self) -> Path:
+        return Path(self.depth_dir) if self.depth_dir else Path(self.data) / "depth"
 
     def resolved_pairs_file(self) -> Path:
         return Path(self.pairs_file) if self.pairs_file else Path(self.data) / "pairs.json"

@@ -318,6 +318,7 @@ class Sample:
     instances: Path | None
     pairs: dict[str, Any] | None
     size: tuple[int, int]  # (H, W) of the original image
+    depth: Path | None = None  # ground truth, read only when the dataset is given depth_dir
 
 
 def _resize_labels(arr: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -380,10 +381,11 @@ class AdaptationDataset(torch.utils.data.Dataset):
     Items are dicts: ``image`` float32 (3, H, W) in [0, 1]; ``instances`` int32 (L, H, W)
     (L = 0 when none are used); ``pairs`` int64 (P, 2, 2) of (y, x); ``labels`` int64 (P,)
     in the model's output space; ``stem``; ``index``; ``crop`` int64 (4,) = (top, left) of
-    the window and (H, W) the image was resized to. ``dataset[i]`` crops with a seed made
-    from (seed, i); ``dataset[(i, crop_seed)]`` with the given one (the trainer's sampler
-    passes one per step, so crops are a function of (seed, step, rank)). Every file is
-    decoded once when the dataset is built (in parallel threads, with a progress bar): a
+    the window and (H, W) the image was resized to; with ``depth_dir``, ``depth`` float32
+    (H, W) meters (0 = invalid; nearest resize, same window). ``dataset[i]`` crops with a
+    seed made from (seed, i); ``dataset[(i, crop_seed)]`` with the given one (the trainer's
+    sampler passes one per step, so crops are a function of (seed, step, rank)). Every file
+    is decoded once when the dataset is built (in parallel threads, with a progress bar): a
     bad sample raises a DataError naming the file, or is dropped with a warning when
     ``skip_bad`` is set.
     """
@@ -397,6 +399,7 @@ class AdaptationDataset(torch.utils.data.Dataset):
         output_space: str = "disparity",
         skip_bad: bool = False,
         *,
+        depth_dir: str | Path | None = None,
         patch_size: int = 14,
         crop: str = "random",
         seed: int = 0,
@@ -424,7 +427,10 @@ class AdaptationDataset(torch.utils.data.Dataset):
 
         def check(path: Path) -> Sample | DataError:
             try:
-                return self._check(path, instances_dir, pairs.get(path.stem), pairs_file)
+                sample = self._check(path, instances_dir, pairs.get(path.stem), pairs_file)
+                if depth_dir is not None:
+                    sample.depth = self._check_depth(path, sample.size, depth_dir)
+                return sample
             except DataError as err:
                 return err
 
@@ -470,6 +476,20 @@ class AdaptationDataset(torch.utils.data.Dataset):
             )
         return Sample(path.stem, path, inst_path, pair_entry, size)
 
+    @staticmethod
+    def _check_depth(path: Path, size: tuple[int, int], depth_dir: str | Path) -> Path:
+        depth_file = find_depth_file(depth_dir, path.stem)
+        if depth_file is None:
+            raise DataError(Path(depth_dir) / f"{path.stem}.npy", "ground-truth depth not found")
+        depth_size = read_depth(depth_file).shape
+        if depth_size != size:
+            raise DataError(
+                depth_file,
+                f"depth is {depth_size[1]}x{depth_size[0]} (WxH) but image {path.name} is "
+                f"{size[1]}x{size[0]}",
+            )
+        return depth_file
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -509,6 +529,12 @@ class AdaptationDataset(torch.utils.data.Dataset):
                 coords.append(points)
                 labels.append(relation_to_label(pair["relation"], self.output_space))
         pairs = torch.tensor(coords, dtype=torch.int64).reshape(-1, 2, 2)
+        extra = {}
+        if s.depth is not None:  # nearest resize (no depth mixed across edges), same window
+            depth = torch.from_numpy(read_depth(s.depth))[None, None]
+            if (rh, rw) != tuple(depth.shape[-2:]):
+                depth = F.interpolate(depth, size=(rh, rw), mode="nearest-exact")
+            extra["depth"] = depth[0, 0, top : top + h, left : left + w].contiguous()
         return {
             "image": image.contiguous(),
             "instances": instances.contiguous(),
@@ -517,6 +543,7 @@ class AdaptationDataset(torch.utils.data.Dataset):
             "stem": s.stem,
             "index": index,
             "crop": torch.tensor([top, left, rh, rw], dtype=torch.int64),
+            **extra,
         }
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
@@ -567,6 +594,7 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any] | None:
         "stem": [it["stem"] for it in items],
         "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
     }
-    if all("crop" in it for it in items):
-        out["crop"] = torch.stack([it["crop"] for it in items])
+    for key in ("crop", "depth"):
+        if all(key in it for it in items):
+            out[key] = torch.stack([it[key] for it in items])
     return out

@@ -19,11 +19,13 @@
 5. A table is printed; ``metrics.json`` and ``demo.png`` (input | ground truth | source |
    adapted, disparity colour-mapped after alignment) are written to --output.
 
-With ``--ablation`` the ladder of the paper's ablation is trained on the same data:
+With ``--ablation`` the ladder of the paper's ablation (`westar.config.LADDER`, the names
+`westar train --ablation` and the benchmark sweep use) is trained on the same data:
 plain self-training (global median/MAD) -> grid HDN -> SA-HDN (instances) -> + weak labels
--> + regularization (= full WeSTAR).
+-> + regularization (= WeSTAR). Evaluation, scoring and the picture are westar.evaluate's
+(`load_samples`, `predict_samples`, `score_predictions`, `comparison_grid`).
 
-Recipe (DEFAULTS; RESULTS.md says how it was chosen): LoRA rank 8 / alpha 16, EMA 0.996,
+Recipe (DEFAULTS, a `DemoConfig`; RESULTS.md says how it was chosen): LoRA rank 8 / alpha 16, EMA 0.996,
 lambda_st 1.0, AdamW + cosine as in the paper; 400 steps of batch 4 at 126 x 126 with
 lr 1e-2, lambda_w 1.0 and lambda_r 0.01 instead of the paper's 0.001 and 1.0, because
 the demo domain and run are tiny (comment at DEFAULTS). `--lambda-w/--lambda-r` restore
@@ -33,30 +35,34 @@ the paper's weights.
     westar demo --corruption all --ablation      # every corruption, the ablation ladder
     westar demo --quick                          # CI's shortened version (< 1 min)
 
-Python: ``run_demo(output="runs/demo", corruption="fog")`` returns the metrics dict.
+Python: ``run_demo(DemoConfig(output="runs/demo", corruptions=("fog",)))`` returns the
+metrics dict; ``dataclasses.replace(QUICK, ...)`` starts from CI's shortened settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from westar.config import LADDER
 
 __all__ = [
     "CLI_HELP",
     "cli_arguments",
     "cli_run",
+    "DemoConfig",
     "run_demo",
+    "format_table",
     "make_target_domain",
     "scene_seeds",
-    "LADDER",
     "DEFAULTS",
     "QUICK",
 ]
@@ -86,35 +92,92 @@ MAX_DEPTH = 50.0  # evaluation cap in meters; the rooms are at most ~25 m deep
 # LoRA rank 8 / alpha 16, EMA 0.996, lambda_st 1.0, AdamW + cosine are the paper's.
 DEMO_LR = 1e-2
 
-DEFAULTS: dict[str, Any] = dict(
-    corruption="fog",
-    severity=4,
-    seed=1,  # not 0: see above
-    train_images=64,
-    eval_images=64,
-    steps=400,
-    image_size=126,
-    batch_size=4,
-    lr=DEMO_LR,
-    lambda_w=1.0,
-    lambda_r=0.01,
-)
-QUICK: dict[str, Any] = dict(train_images=8, eval_images=4, steps=3, image_size=56, batch_size=4)
-
-# The ablation ladder: name -> (label, TrainConfig overrides).
-LADDER: dict[str, tuple[str, dict[str, Any]]] = {
-    "self_training": ("plain self-training", dict(hdn="global", lambda_w=0.0, lambda_r=0.0)),
-    "grid_hdn": ("grid HDN", dict(hdn="grid", lambda_w=0.0, lambda_r=0.0)),
-    "sa_hdn": ("SA-HDN", dict(hdn="instances", lambda_w=0.0, lambda_r=0.0)),
-    "sa_hdn_weak": ("+ weak labels", dict(hdn="instances", lambda_r=0.0)),
-    "full": ("+ regularization (WeSTAR)", dict(hdn="instances")),
-}
-
 
 def _corruptions() -> list[str]:
     from westar.corrupt import CORRUPTIONS
 
     return sorted(CORRUPTIONS)
+
+
+@dataclass
+class DemoConfig:
+    """Everything `westar demo` does: data, recipe, what is trained and reported.
+
+    corruptions: names from westar.corrupt.CORRUPTIONS (a single name or "all" is
+    accepted and normalized to a tuple). variants: names from westar.config.LADDER
+    ("westar" = the full method). adapted_weights: "adapter" (the student), "teacher"
+    (EMA) or "both" (for choosing a recipe). eval_split: "test" (what the demo reports)
+    or "val" (for choosing a recipe). model: None = the shipped source model.
+    """
+
+    output: str = "runs/demo"
+    corruptions: tuple[str, ...] = ("fog",)
+    severity: int = 4
+    seed: int = 1  # not 0: see DEMO_LR's comment
+    train_images: int = 64
+    eval_images: int = 64
+    # the recipe: TrainConfig fields of every variant (a rung's zeros stay zero)
+    steps: int = 400
+    image_size: int = 126
+    batch_size: int = 4
+    lr: float = DEMO_LR
+    lambda_w: float = 1.0
+    lambda_r: float = 0.01
+    variants: tuple[str, ...] = ("westar",)
+    eval_split: str = "test"
+    adapted_weights: str = "adapter"
+    quick: bool = False  # recorded in metrics.json: CI's shortened settings
+    device: str | None = None  # None: cuda when available
+    model: str | None = None
+    progress: bool = True
+    verbose: bool = True
+
+    RECIPE = ("steps", "image_size", "batch_size", "lr", "lambda_w", "lambda_r")
+
+    def __post_init__(self) -> None:
+        names = _corruptions()
+        c = self.corruptions
+        if isinstance(c, str):
+            c = names if c == "all" else [c]
+        self.corruptions = tuple(c)
+        self.variants = tuple([self.variants] if isinstance(self.variants, str) else self.variants)
+        self.output = str(self.output)
+        self.model = None if self.model is None else str(self.model)
+        for name in self.corruptions:
+            if name not in names:
+                raise ValueError(f"unknown corruption {name!r}; one of {names} or 'all'")
+        for v in self.variants:
+            if v not in LADDER:
+                raise ValueError(f"unknown variant {v!r}; one of {tuple(LADDER)}")
+        if not self.corruptions or not self.variants:
+            raise ValueError("give at least one corruption and one variant")
+        if self.image_size % 14:
+            raise ValueError(f"image_size must be a multiple of 14, got {self.image_size}")
+        if self.train_images < 1 or self.eval_images < 1 or self.steps < 1:
+            raise ValueError("train_images, eval_images and steps must be >= 1")
+        if not 0 <= self.seed < (SPLIT_SEEDS["test"] - SPLIT_SEEDS["train"]) // SEED_STRIDE:
+            raise ValueError(
+                f"seed must be in [0, 100) so that the splits' scenes stay apart, got {self.seed}"
+            )
+        if self.eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {self.eval_split!r}")
+        if self.adapted_weights not in ("adapter", "teacher", "both"):
+            raise ValueError(
+                f"adapted_weights must be adapter|teacher|both, got {self.adapted_weights!r}"
+            )
+
+    def recipe(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.RECIPE}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists), as metrics.json records them."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+DEFAULTS = DemoConfig()
+QUICK = dataclasses.replace(
+    DEFAULTS, train_images=8, eval_images=4, steps=3, image_size=56, batch_size=4, quick=True
+)
 
 
 def scene_seeds(split: str, seed: int, n: int) -> range:
@@ -191,352 +254,184 @@ def make_target_domain(
     return out
 
 
-# ------------------------------------------------------------------------------ eval
-
-
-def _load_eval_split(folder: Path):
-    from westar.synth import list_stems, read_sample
-
-    stems = list_stems(folder)
-    images, depths = [], []
-    for stem in stems:
-        image, depth, _ = read_sample(folder, stem)
-        images.append(image)
-        depths.append(depth)
-    return stems, np.stack(images), np.stack(depths)
-
-
-def _predict_all(net, depth_model, images: np.ndarray, device, batch: int = 16, desc: str = "",
-                 progress: bool = True) -> np.ndarray:  # fmt: skip
-    import torch
-    from tqdm.auto import tqdm
-
-    from westar.model import predict
-
-    net.eval()
-    out = []
-    with torch.no_grad():
-        for i in tqdm(range(0, len(images), batch), desc=desc, disable=not progress, leave=False):
-            x = torch.from_numpy(images[i : i + batch]).float().div(255).permute(0, 3, 1, 2)
-            out.append(predict(net, depth_model, x.to(device)).float().cpu().numpy())
-    return np.concatenate(out)
-
-
-def _score(preds: np.ndarray, depths: np.ndarray) -> dict[str, Any]:
-    from westar.evaluate import image_metrics
-
-    per = [image_metrics(p, g, MAX_DEPTH) for p, g in zip(preds, depths)]
-    ok = [m for m in per if m is not None]
-    return {
-        "abs_rel": float(np.mean([m["abs_rel"] for m in ok])),
-        "delta1": float(np.mean([m["delta1"] for m in ok])),
-        "images": len(ok),
-        "_per_image": per,
-    }
-
-
-def _evaluate_models(model_dir, adapters: dict[str, Path], images, depths, device, progress):
-    """{name: (metrics, predictions)} for the base model ("source") and each adapter."""
-    import torch
-    from peft import PeftModel
-
-    from westar.model import load_depth_model
-
-    dm = load_depth_model(str(model_dir), local_files_only=True)
-    net = dm.model.to(device).eval()
-    results = {}
-    if "source" in adapters:
-        raise ValueError("'source' is reserved for the base model")
-    preds = _predict_all(net, dm, images, device, desc="eval source", progress=progress)
-    results["source"] = (_score(preds, depths), preds)
-    peft_model = None
-    for name, path in adapters.items():
-        if peft_model is None:
-            peft_model = PeftModel.from_pretrained(net, str(path), adapter_name=name)
-        else:
-            peft_model.load_adapter(str(path), adapter_name=name)
-        peft_model.set_adapter(name)
-        peft_model.to(device).eval()
-        preds = _predict_all(peft_model, dm, images, device, desc=f"eval {name}", progress=progress)
-        results[name] = (_score(preds, depths), preds)
-    del net, peft_model
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return results
-
-
-# ------------------------------------------------------------------------------ picture
-
-
-def _picture(path: Path, images, depths, columns: dict[str, tuple[dict, np.ndarray]], rows=4):
-    """PNG grid: one row per test image; input | ground truth | each model (aligned)."""
-    from PIL import Image, ImageDraw
-
-    from westar.evaluate import colorize
-
-    n = min(rows, len(images))
-    h, w = images.shape[1:3]
-    head = 14
-    titles = ["input", "ground truth"] + list(columns)
-    canvas = Image.new("RGB", (w * len(titles), head + h * n), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, t in enumerate(titles):
-        draw.text((j * w + 3, 1), t[: max(4, w // 6)], fill=(0, 0, 0))
-    for i in range(n):
-        gt = depths[i]
-        mask = np.isfinite(gt) & (gt > 1e-3) & (gt <= MAX_DEPTH)
-        gt_disp = np.where(mask, 1.0 / np.where(mask, gt, 1.0), 0.0)
-        lo, hi = np.percentile(gt_disp[mask], [2, 98])
-        panels = [images[i], colorize(gt_disp, lo, hi, mask)]
-        for metrics, preds in columns.values():
-            m = metrics["_per_image"][i]
-            aligned = m["scale"] * preds[i] + m["shift"] if m else np.zeros_like(gt_disp)
-            panels.append(colorize(aligned, lo, hi))
-        canvas.paste(Image.fromarray(np.concatenate(panels, axis=1)), (0, head + i * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-
-
 # ------------------------------------------------------------------------------ run
 
 
-def _train_variant(model_dir, train_dir: Path, out_dir: Path, overrides: dict, args: dict,
-                   device: str | None, progress: bool, desc: str) -> Path:  # fmt: skip
-    from westar.config import TrainConfig
+def _train_variant(cfg: DemoConfig, variant: str, train_dir: Path, out_dir: Path, model: Path,
+                   device: str) -> dict[str, Any]:  # fmt: skip
+    """Train one rung of the ladder with the demo's recipe; {"seconds", "loss",
+    "adapter_change"} (the adapter's ||delta W||^2: 0 means training changed nothing)."""
+    from westar.config import ABLATIONS, TrainConfig
+    from westar.model import adapter_delta_sq_norm
     from westar.train import Trainer
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    t0 = time.perf_counter()
     values = dict(
-        model=str(model_dir),
+        cfg.recipe(),
+        model=str(model),
         data=str(train_dir),
         output_dir=str(out_dir),
-        image_size=(args["image_size"], args["image_size"]),
-        steps=args["steps"],
-        batch_size=args["batch_size"],
-        lr=args["lr"],
-        seed=args["seed"],
-        save_every=args["steps"],
+        seed=cfg.seed,
+        save_every=cfg.steps,
         keep_checkpoints=1,
         tensorboard=False,
-        progress=progress,
+        progress=cfg.progress,
         cpu=device == "cpu",
     )
-    # the loss weights of the variants that use the term (the ladder's zeros stay zero)
-    values.update(lambda_w=args["lambda_w"], lambda_r=args["lambda_r"])
-    values.update(overrides)
-    cfg = TrainConfig(**values)
-    if progress:
-        print(f"training: {desc} ({cfg.steps} steps, batch {cfg.batch_size}, lr {cfg.lr:g})")
-    trainer = Trainer(cfg)
-    last = trainer.fit()
+    values.update(ABLATIONS[variant], ablation=variant)  # the rung's zeros win
+    train_cfg = TrainConfig(**values)
+    desc = f"{LADDER[variant][0]} on {train_dir.parent.name}"
+    if cfg.progress:
+        print(f"training: {desc} ({train_cfg.steps} steps, batch {train_cfg.batch_size}, "
+              f"lr {train_cfg.lr:g})")  # fmt: skip
+    last = Trainer(train_cfg).fit()
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # the demo needs no resume
     if not last or not math.isfinite(last.get("loss", float("nan"))):
         raise FloatingPointError(f"{desc}: training ended without a finite loss ({last})")
-    return out_dir
+    return {
+        "seconds": round(time.perf_counter() - t0, 2),
+        "loss": last["loss"],
+        "adapter_change": adapter_delta_sq_norm(out_dir / "adapter"),
+    }
 
 
-def run_demo(
-    output: str | Path = "runs/demo",
-    corruption: str | list[str] = DEFAULTS["corruption"],
-    severity: int = DEFAULTS["severity"],
-    seed: int = DEFAULTS["seed"],
-    train_images: int | None = None,
-    eval_images: int | None = None,
-    steps: int | None = None,
-    image_size: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    lambda_w: float | None = None,
-    lambda_r: float | None = None,
-    ablation: bool = False,
-    variants: list[str] | None = None,
-    quick: bool = False,
-    device: str | None = None,
-    model: str | Path | None = None,
-    eval_split: str = "test",
-    adapted_weights: str = "adapter",
-    progress: bool = True,
-    verbose: bool = True,
-) -> dict[str, Any]:
+def run_demo(cfg: DemoConfig = DEFAULTS) -> dict[str, Any]:
     """Build the corrupted target domain, evaluate the source model, adapt, evaluate.
 
-    corruption: a name from westar.corrupt.CORRUPTIONS, "all", or a list of names.
-    variants: names from LADDER to train (default: ["full"], or the whole ladder with
-    ablation=True). adapted_weights: "adapter" (the student) or "teacher" (EMA).
-    eval_split: "test" (what the demo reports) or "val" (for choosing a recipe).
-    Returns the metrics dict (also written to <output>/metrics.json).
+    Returns the metrics dict (also written to <cfg.output>/metrics.json).
     """
+    import numpy as np
     import torch
 
+    from westar.evaluate import comparison_grid, load_samples, predict_samples, score_predictions
+
     t_start = time.perf_counter()
-    args = dict(DEFAULTS)
-    if quick:
-        args.update(QUICK)
-    for k, v in dict(
-        severity=severity,
-        seed=seed,
-        train_images=train_images,
-        eval_images=eval_images,
-        steps=steps,
-        image_size=image_size,
-        batch_size=batch_size,
-        lr=lr,
-        lambda_w=lambda_w,
-        lambda_r=lambda_r,
-    ).items():
-        if v is not None:
-            args[k] = v
-    if args["image_size"] % 14:
-        raise ValueError(f"image_size must be a multiple of 14, got {args['image_size']}")
-    if args["train_images"] < 1 or args["eval_images"] < 1 or args["steps"] < 1:
-        raise ValueError("train_images, eval_images and steps must be >= 1")
-    if not 0 <= args["seed"] < (SPLIT_SEEDS["test"] - SPLIT_SEEDS["train"]) // SEED_STRIDE:
-        raise ValueError(
-            f"seed must be in [0, 100) so that the splits' scenes stay apart, got {args['seed']}"
-        )
-    if eval_split not in ("test", "val"):
-        raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
-    if adapted_weights not in ("adapter", "teacher", "both"):
-        raise ValueError(f"adapted_weights must be adapter|teacher|both, got {adapted_weights!r}")
-    names = _corruptions()
-    if isinstance(corruption, str):
-        corruptions = names if corruption == "all" else [corruption]
-    else:
-        corruptions = list(corruption)
-    for c in corruptions:
-        if c not in names:
-            raise ValueError(f"unknown corruption {c!r}; one of {names} or 'all'")
-    if variants is None:
-        variants = list(LADDER) if ablation else ["full"]
-    for v in variants:
-        if v not in LADDER:
-            raise ValueError(f"unknown variant {v!r}; one of {tuple(LADDER)}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model is None:
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.model is None:
         from westar.synth import source_model_path
 
         model = source_model_path()
-    model = Path(model)
-    output = Path(output)
+    else:
+        model = Path(cfg.model)
+    output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
 
     results: dict[str, Any] = {}
+    training: dict[str, Any] = {}
     timing: dict[str, float] = {}
-    for c in corruptions:
+    main = "westar" if "westar" in cfg.variants else cfg.variants[-1]
+    for c in cfg.corruptions:
         t0 = time.perf_counter()
         dirs = make_target_domain(
             output / "data" / c,
             c,
-            args["severity"],
-            args["seed"],
-            args["train_images"],
-            args["eval_images"],
-            args["image_size"],
-            eval_split=eval_split,
-            progress=progress,
+            cfg.severity,
+            cfg.seed,
+            cfg.train_images,
+            cfg.eval_images,
+            cfg.image_size,
+            eval_split=cfg.eval_split,
+            progress=cfg.progress,
         )
         timing[f"{c}/data"] = time.perf_counter() - t0
-        adapters = {}
-        for v in variants:
-            t0 = time.perf_counter()
-            run_dir = _train_variant(
-                model,
-                dirs["train"],
-                output / "runs" / c / v,
-                LADDER[v][1],
-                args,
-                device,
-                progress,
-                f"{LADDER[v][0]} on {c}",
-            )
-            if adapted_weights == "both":  # for choosing a recipe: student and teacher
+        adapters: dict[str, Path] = {}
+        training[c] = {}
+        for v in cfg.variants:
+            run_dir = output / "runs" / c / v
+            training[c][v] = _train_variant(cfg, v, dirs["train"], run_dir, model, device)
+            timing[f"{c}/train/{v}"] = training[c][v]["seconds"]
+            if cfg.adapted_weights == "both":  # for choosing a recipe: student and teacher
                 adapters[v] = run_dir / "adapter"
                 adapters[f"{v}@teacher"] = run_dir / "teacher"
             else:
-                adapters[v] = run_dir / adapted_weights
-            timing[f"{c}/train/{v}"] = time.perf_counter() - t0
+                adapters[v] = run_dir / cfg.adapted_weights
         t0 = time.perf_counter()
-        stems, images, depths = _load_eval_split(dirs["eval"])
-        evals = _evaluate_models(model, adapters, images, depths, device, progress)
+        samples = load_samples(dirs["eval"] / "images", dirs["eval"] / "depth")
+        preds = predict_samples(
+            model,
+            samples,
+            base="source",
+            adapters=adapters,
+            size=cfg.image_size,
+            device=device,
+            local_files_only=True,
+        )
+        scores = score_predictions(preds, samples, MAX_DEPTH)
         timing[f"{c}/eval"] = time.perf_counter() - t0
-        main = "full" if "full" in variants else variants[-1]
-        cols = {"source": evals["source"], "adapted": evals[main]}
-        if len(corruptions) == 1:
-            _picture(output / "demo.png", images, depths, cols)
-        else:
-            _picture(output / f"demo_{c}.png", images, depths, cols)
+        picture = "demo.png" if len(cfg.corruptions) == 1 else f"demo_{c}.png"
+        comparison_grid(
+            output / picture,
+            samples,
+            preds,
+            scores,
+            {"source": "source", "adapted": main},
+            MAX_DEPTH,
+        )
         results[c] = {
-            name: {k: v for k, v in m.items() if not k.startswith("_")}
-            for name, (m, _) in evals.items()
+            name: {k: m[k] for k in ("abs_rel", "delta1", "images")} for name, m in scores.items()
         }
         results[c]["per_image"] = {
-            name: [
-                None if p is None else {"abs_rel": p["abs_rel"], "delta1": p["delta1"]}
-                for p in m["_per_image"]
-            ]
-            for name, (m, _) in evals.items()
+            name: {
+                stem: {"abs_rel": p["abs_rel"], "delta1": p["delta1"]}
+                for stem, p in m["per_image"].items()
+            }
+            for name, m in scores.items()
         }
-        results[c]["stems"] = stems
+        results[c]["stems"] = [stem for stem, _, _ in samples]
 
+    models = [k for k in results[cfg.corruptions[0]] if k not in ("per_image", "stems")]
     report = {
         "settings": dict(
-            args,
-            corruptions=corruptions,
-            variants=variants,
-            eval_split=eval_split,
-            adapted_weights=adapted_weights,
-            quick=quick,
-            device=device,
+            cfg.to_dict(),
             model=str(model),
+            device=device,
             max_depth=MAX_DEPTH,
             lambda_st=1.0,
             protocol="per image LS scale+shift in disparity space; AbsRel, delta1; mean",
         ),
-        "variants": {v: LADDER[v][0] for v in variants},
+        "variants": {v: LADDER[v][0] for v in cfg.variants},
         "results": results,
-        "mean": _means(
-            results,
-            corruptions,
-            [k for k in results[corruptions[0]] if k not in ("per_image", "stems")],
-        ),
+        "training": training,
+        "mean": {
+            m: {
+                k: float(np.mean([results[c][m][k] for c in cfg.corruptions]))
+                for k in ("abs_rel", "delta1")
+            }
+            for m in models
+        },
         "timing_seconds": {k: round(v, 2) for k, v in timing.items()},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
     }
     (output / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    if verbose:
+    if cfg.verbose:
         print()
         print(format_table(report))
         print(f"\nmetrics: {output / 'metrics.json'}")
-        pics = ["demo.png"] if len(corruptions) == 1 else [f"demo_{c}.png" for c in corruptions]
+        pics = (
+            ["demo.png"]
+            if len(cfg.corruptions) == 1
+            else [f"demo_{c}.png" for c in cfg.corruptions]
+        )
         print(f"picture: {', '.join(str(output / p) for p in pics)}")
         print(f"wall time: {report['wall_seconds']:.0f} s")
     return report
 
 
-def _means(results, corruptions, models) -> dict[str, dict[str, float]]:
-    return {
-        m: {
-            k: float(np.mean([results[c][m][k] for c in corruptions]))
-            for k in ("abs_rel", "delta1")
-        }
-        for m in models
-    }
-
-
 def format_table(report: dict[str, Any]) -> str:
     """The demo's table: source vs adapted, or the ablation ladder (paper's form)."""
     s = report["settings"]
-    corruptions = s["corruptions"]
-    variants = s["variants"]
+    corruptions = list(s["corruptions"])
+    variants = list(s["variants"])
     res = report["results"]
     lines = [
         f"held-out corrupted split ({s['eval_split']}, {s['eval_images']} images, severity "
         f"{s['severity']}, seed {s['seed']}): AbsRel (lower is better) / delta1 (higher)"
     ]
     rows = [("source", "Source (zero-shot)")] + [(v, LADDER[v][0]) for v in variants]
-    if variants == ["full"]:
-        rows = [("source", "source"), ("full", "adapted (WeSTAR)")]
+    if variants == ["westar"]:
+        rows = [("source", "source"), ("westar", "adapted (WeSTAR)")]
     width = max(len(label) for _, label in rows) + 2
     multi = len(corruptions) > 1
     cols = corruptions + (["mean"] if multi else [])
@@ -557,39 +452,35 @@ def format_table(report: dict[str, Any]) -> str:
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument("--output", default=d.output, help=f"output folder (default: {d.output})")
     p.add_argument(
         "--corruption",
-        default=d["corruption"],
-        help=f"one of {', '.join(_corruptions())}, or 'all' (default: {d['corruption']})",
+        default=d.corruptions[0],
+        help=f"one of {', '.join(_corruptions())}, or 'all' (default: {d.corruptions[0]})",
     )
-    p.add_argument("--severity", type=int, choices=range(1, 6), default=None,
-                   help=f"corruption severity 1..5 (default: {d['severity']})")  # fmt: skip
+    p.add_argument("--severity", type=int, choices=range(1, 6),
+                   help=f"corruption severity 1..5 (default: {d.severity})")  # fmt: skip
+    p.add_argument("--seed", type=int, help=f"data/training seed (default: {d.seed})")
     p.add_argument(
-        "--seed", type=int, default=None, help=f"data/training seed (default: {d['seed']})"
-    )
-    p.add_argument(
-        "--train-images", type=int, help=f"unlabeled training images (default: {d['train_images']})"
+        "--train-images", type=int, help=f"unlabeled training images (default: {d.train_images})"
     )
     p.add_argument(
-        "--eval-images", type=int, help=f"held-out test images (default: {d['eval_images']})"
+        "--eval-images", type=int, help=f"held-out test images (default: {d.eval_images})"
     )
-    p.add_argument("--steps", type=int, help=f"training steps (default: {d['steps']})")
+    p.add_argument("--steps", type=int, help=f"training steps (default: {d.steps})")
     p.add_argument(
-        "--image-size", type=int, help=f"image side, multiple of 14 (default: {d['image_size']})"
+        "--image-size", type=int, help=f"image side, multiple of 14 (default: {d.image_size})"
     )
-    p.add_argument("--batch-size", type=int, help=f"(default: {d['batch_size']})")
-    p.add_argument("--lr", type=float, help=f"(default: {d['lr']:g})")
+    p.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"(default: {d.lr:g})")
+    p.add_argument("--lambda-w", type=float, help=f"ordinal loss weight (default: {d.lambda_w:g})")
     p.add_argument(
-        "--lambda-w", type=float, help=f"ordinal loss weight (default: {d['lambda_w']:g})"
-    )
-    p.add_argument(
-        "--lambda-r", type=float, help=f"LoRA regularizer weight (default: {d['lambda_r']:g})"
+        "--lambda-r", type=float, help=f"LoRA regularizer weight (default: {d.lambda_r:g})"
     )
     p.add_argument(
         "--ablation",
         action="store_true",
-        help="also train plain self-training, grid HDN, SA-HDN, + weak labels (the ladder)",
+        help="train the whole ladder: " + ", ".join(LADDER),
     )
     p.add_argument("--quick", action="store_true", help="CI's shortened version (< 1 minute)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -598,25 +489,24 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """DEFAULTS (QUICK with --quick), then the flags that were given."""
+    changes: dict[str, Any] = {"output": args.output, "corruptions": args.corruption}
+    for name in ("severity", "seed", "train_images", "eval_images", *DemoConfig.RECIPE):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    for name in ("device", "model"):
+        if getattr(args, name):
+            changes[name] = getattr(args, name)
+    if args.ablation:
+        changes["variants"] = tuple(LADDER)
+    if args.teacher:
+        changes["adapted_weights"] = "teacher"
+    if args.no_progress:
+        changes["progress"] = False
+    return dataclasses.replace(QUICK if args.quick else DEFAULTS, **changes)
+
+
 def cli_run(args: argparse.Namespace) -> int:
-    run_demo(
-        output=args.output,
-        corruption=args.corruption,
-        severity=args.severity,
-        seed=args.seed,
-        train_images=args.train_images,
-        eval_images=args.eval_images,
-        steps=args.steps,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lambda_w=args.lambda_w,
-        lambda_r=args.lambda_r,
-        ablation=args.ablation,
-        quick=args.quick,
-        device=args.device,
-        model=args.model,
-        adapted_weights="teacher" if args.teacher else "adapter",
-        progress=not args.no_progress,
-    )
+    run_demo(config_from_args(args))
     return 0

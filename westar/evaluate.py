@@ -25,13 +25,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 from westar.data import DataError, find_depth_file, list_images, read_depth, read_image
-from westar.model import load_depth_model, predict
+from westar.model import DepthModel, load_depth_model, predict
 
 __all__ = [
     "align_scale_shift",
     "image_metrics",
     "inference_size",
     "colorize",
+    "load_samples",
+    "predict_samples",
+    "score_predictions",
+    "aligned_panels",
+    "comparison_grid",
     "evaluate",
 ]
 
@@ -128,6 +133,118 @@ def _summary(per_image: dict[str, dict | None]) -> dict[str, Any]:
     }
 
 
+def load_samples(
+    images_dir: str | Path,
+    depth_dir: str | Path,
+    *,
+    depth_scale: float = 1000.0,
+    skip_bad: bool = False,
+    limit: int | None = None,
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """[(stem, rgb uint8 (H, W, 3), depth float32 (H, W) meters)] of a folder pair, sorted
+    by name; a sample without depth or with a mismatched size raises a DataError (or is
+    skipped with a warning when `skip_bad`)."""
+    samples = []
+    for path in list_images(images_dir)[:limit]:
+        try:
+            gt_file = find_depth_file(depth_dir, path.stem)
+            if gt_file is None:
+                raise DataError(
+                    Path(depth_dir) / f"{path.stem}.npy", "ground-truth depth not found"
+                )
+            rgb = read_image(path)
+            gt = read_depth(gt_file, depth_scale)
+            if gt.shape != rgb.shape[:2]:
+                raise DataError(
+                    gt_file, f"depth is {gt.shape[1]}x{gt.shape[0]} but {path.name} is "
+                    f"{rgb.shape[1]}x{rgb.shape[0]}"
+                )  # fmt: skip
+        except DataError as err:
+            if not skip_bad:
+                raise
+            warnings.warn(f"skipping {path.name}: {err}", stacklevel=2)
+            continue
+        samples.append((path.stem, rgb, gt))
+    return samples
+
+
+def predict_samples(
+    model: str | Path | DepthModel,
+    samples: list[tuple[str, np.ndarray, np.ndarray]],
+    *,
+    base: str | None = "base",
+    adapters: dict[str, str | Path] | None = None,
+    size: int | None = None,
+    device: str | torch.device | None = None,
+    local_files_only: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """{name: {stem: prediction (H, W)}} of the base model (under the name `base`, or not
+    at all when None) and of each adapter {name: peft adapter folder}, one image at a time
+    at inference size `size` (None: the model's native size), resized back to the image.
+    `model`: a hub id or folder, or a loaded `DepthModel` (left without adapters)."""
+    adapters = dict(adapters or {})
+    if base is None and not adapters:
+        raise ValueError("nothing to evaluate: include the base model or give an adapter")
+    if base is not None and base in adapters:
+        raise ValueError(f"{base!r} names the base model; give the adapter another name")
+    for adapter in adapters.values():  # before any work: a typo should not cost a pass
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(model, DepthModel):
+        depth_model = model
+    else:
+        depth_model = load_depth_model(str(model), local_files_only=local_files_only)
+    size = size or depth_model.input_size
+    net = depth_model.model.to(device).eval()
+    preds: dict[str, dict[str, np.ndarray]] = {}
+    if base is not None:
+        preds[base] = {
+            stem: _predict_image(net, depth_model, rgb, size, device) for stem, rgb, _ in samples
+        }
+    if adapters:
+        from peft import PeftModel
+        from safetensors import SafetensorError
+
+        peft_model = None
+        for i, (name, adapter) in enumerate(adapters.items()):
+            try:
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(net, str(adapter), adapter_name=f"a{i}")
+                else:
+                    peft_model.load_adapter(str(adapter), adapter_name=f"a{i}")
+            except SafetensorError as err:
+                raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
+            peft_model.set_adapter(f"a{i}")
+            peft_model.to(device).eval()
+            preds[name] = {
+                stem: _predict_image(peft_model, depth_model, rgb, size, device)
+                for stem, rgb, _ in samples
+            }
+        peft_model.unload()  # the base model back without adapter layers
+    return preds
+
+
+def score_predictions(
+    preds: dict[str, dict[str, np.ndarray]],
+    samples: list[tuple[str, np.ndarray, np.ndarray]],
+    max_depth: float,
+    min_depth: float = 1e-3,
+    output_space: str = "disparity",
+) -> dict[str, dict[str, Any]]:
+    """{name: summary} (mean AbsRel / delta1 over the images and the per-image metrics,
+    with each image's alignment) of predictions from `predict_samples`."""
+    return {
+        name: _summary(
+            {
+                stem: image_metrics(by_stem[stem], gt, max_depth, min_depth, output_space)
+                for stem, _, gt in samples
+            }
+        )
+        for name, by_stem in preds.items()
+    }
+
+
 def evaluate(
     model: str,
     images_dir: str | Path,
@@ -158,68 +275,27 @@ def evaluate(
     if size is not None and size < 1:
         raise ValueError(f"--size must be a positive number of pixels, got {size}")
     _check_writable(output, pictures_dir)  # before the evaluation, not after it
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for adapter in adapters:  # before any work: a typo should not cost a base-model pass
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
     depth_model = load_depth_model(model)
     size = size or depth_model.input_size
-    net = depth_model.model.to(device).eval()
-    samples = []
-    for path in list_images(images_dir)[:limit]:
-        try:
-            gt_file = find_depth_file(depth_dir, path.stem)
-            if gt_file is None:
-                raise DataError(
-                    Path(depth_dir) / f"{path.stem}.npy", "ground-truth depth not found"
-                )
-            rgb = read_image(path)
-            gt = read_depth(gt_file, depth_scale)
-            if gt.shape != rgb.shape[:2]:
-                raise DataError(
-                    gt_file, f"depth is {gt.shape[1]}x{gt.shape[0]} but {path.name} is "
-                    f"{rgb.shape[1]}x{rgb.shape[0]}"
-                )  # fmt: skip
-        except DataError as err:
-            if not skip_bad:
-                raise
-            warnings.warn(f"skipping {path.name}: {err}", stacklevel=2)
-            continue
-        samples.append((path.stem, rgb, gt))
-
-    names = (["base"] if include_base else []) + (
-        ["adapted"] if len(adapters) == 1 else [f"adapted:{a}" for a in adapters]
+    samples = load_samples(
+        images_dir, depth_dir, depth_scale=depth_scale, skip_bad=skip_bad, limit=limit
     )
-    preds: dict[str, dict[str, np.ndarray]] = {n: {} for n in names}
-    if include_base:
-        for stem, rgb, _ in samples:
-            preds["base"][stem] = _predict_image(net, depth_model, rgb, size, device)
-    if adapters:
-        from peft import PeftModel
-
-        peft_model = None
-        from safetensors import SafetensorError
-
-        for i, (name, adapter) in enumerate(zip(names[int(include_base) :], adapters)):
-            try:
-                if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(net, adapter, adapter_name=f"a{i}")
-                else:
-                    peft_model.load_adapter(adapter, adapter_name=f"a{i}")
-            except SafetensorError as err:
-                raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
-            peft_model.set_adapter(f"a{i}")
-            peft_model.to(device).eval()
-            for stem, rgb, _ in samples:
-                preds[name][stem] = _predict_image(peft_model, depth_model, rgb, size, device)
-
-    results = {}
-    for name in names:
-        per_image = {
-            stem: image_metrics(preds[name][stem], gt, max_depth, min_depth, output_space)
-            for stem, _, gt in samples
-        }
-        results[name] = _summary(per_image)
+    named = dict(
+        zip(["adapted"] if len(adapters) == 1 else [f"adapted:{a}" for a in adapters], adapters)
+    )
+    preds = predict_samples(
+        depth_model,
+        samples,
+        base="base" if include_base else None,
+        adapters=named,
+        size=size,
+        device=device,
+    )
+    names = list(preds)
+    results = score_predictions(preds, samples, max_depth, min_depth, output_space)
     report = {
         "model": model,
         "adapters": adapters,
@@ -263,21 +339,80 @@ def _check_writable(output: str | Path | None, pictures_dir: str | Path | None) 
             raise PermissionError(13, "Permission denied", str(folder))
 
 
+def aligned_panels(
+    rgb: np.ndarray,
+    gt: np.ndarray,
+    models: list[tuple[np.ndarray, dict | None]],
+    max_depth: float,
+    min_depth: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """(input, ground-truth disparity, [each model's aligned disparity]) as RGB panels on
+    one colour scale (the ground truth's 2-98 percentiles), or None when the image has
+    fewer than 2 valid pixels. `models`: (prediction, its `image_metrics`) pairs; a model
+    without metrics gets a blank panel."""
+    mask = np.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
+    if mask.sum() < 2:
+        return None
+    gt_disp = np.where(mask, 1.0 / np.where(mask, gt, 1.0), 0.0)
+    lo, hi = np.percentile(gt_disp[mask], [2, 98])
+    panels = []
+    for pred, m in models:
+        aligned = m["scale"] * pred + m["shift"] if m else np.zeros_like(gt_disp)
+        panels.append(colorize(aligned, lo, hi))
+    return rgb, colorize(gt_disp, lo, hi, mask), panels
+
+
+def comparison_grid(
+    path: str | Path,
+    samples: list[tuple[str, np.ndarray, np.ndarray]],
+    preds: dict[str, dict[str, np.ndarray]],
+    results: dict[str, dict[str, Any]],
+    columns: dict[str, str],
+    max_depth: float,
+    min_depth: float = 1e-3,
+    rows: int = 4,
+) -> Path:
+    """One PNG: a title row, then one row per image (the first `rows` with valid depth):
+    input | ground truth | each model of `columns` ({title: name in preds}), aligned."""
+    from PIL import ImageDraw
+
+    lines = []
+    for stem, rgb, gt in samples:
+        models = [(preds[n][stem], results[n]["per_image"].get(stem)) for n in columns.values()]
+        panels = aligned_panels(rgb, gt, models, max_depth, min_depth)
+        if panels is not None:
+            lines.append(np.concatenate([panels[0], panels[1], *panels[2]], axis=1))
+        if len(lines) == rows:
+            break
+    if not lines:
+        raise ValueError("no image with valid ground truth to show")
+    h, w = samples[0][1].shape[:2]
+    head = 14
+    titles = ["input", "ground truth", *columns]
+    canvas = Image.new("RGB", (lines[0].shape[1], head + sum(x.shape[0] for x in lines)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+        draw.text((j * w + 3, 1), title[: max(4, w // 6)], fill=(0, 0, 0))
+    y = head
+    for line in lines:
+        canvas.paste(Image.fromarray(line), (0, y))
+        y += line.shape[0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def _write_pictures(folder, samples, preds, names, results, max_depth, min_depth) -> None:
     """<stem>.png: image | each model's aligned disparity | ground-truth disparity."""
     folder.mkdir(parents=True, exist_ok=True)
     for stem, rgb, gt in samples:
-        mask = np.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
-        if mask.sum() < 2:
+        scored = [n for n in names if results[n]["per_image"].get(stem) is not None]
+        models = [(preds[n][stem], results[n]["per_image"][stem]) for n in scored]
+        panels = aligned_panels(rgb, gt, models, max_depth, min_depth)
+        if panels is None:
             continue
-        gt_disp = np.where(mask, 1.0 / np.where(mask, gt, 1.0), 0.0)
-        lo, hi = np.percentile(gt_disp[mask], [2, 98])
-        panels = [rgb]
-        for name in names:
-            m = results[name]["per_image"].get(stem)
-            if m is None:
-                continue
-            aligned = m["scale"] * preds[name][stem] + m["shift"]
-            panels.append(colorize(aligned, lo, hi))
-        panels.append(colorize(gt_disp, lo, hi, mask))
-        Image.fromarray(np.concatenate(panels, axis=1)).save(folder / f"{stem}.png")
+        _, gt_panel, model_panels = panels
+        Image.fromarray(np.concatenate([rgb, *model_panels, gt_panel], axis=1)).save(
+            folder / f"{stem}.png"
+        )

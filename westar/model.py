@@ -32,6 +32,7 @@ __all__ = [
     "find_attention_projections",
     "add_lora",
     "lora_layers",
+    "adapter_delta_sq_norm",
     "predict",
     "set_train_mode",
     "eval_mode",
@@ -293,6 +294,31 @@ def lora_layers(model: nn.Module):
     from peft.tuners.lora import LoraLayer
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_delta_sq_norm(adapter_dir: str | Path) -> float:
+    """sum over the LoRA layers of a saved peft adapter of ||scaling * B @ A||_F^2: how far
+    the adapter moves the base weights (0 for a fresh adapter, whose B is zero; the
+    quantity the LoRA regularizer penalizes). scaling = lora_alpha / r of
+    adapter_config.json (its alpha pattern honoured)."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    total = 0.0
+    for name, a in tensors.items():
+        if ".lora_A." not in name:
+            continue
+        b = tensors[name.replace(".lora_A.", ".lora_B.")]
+        r = a.shape[0]
+        alpha = config.get("lora_alpha", r)
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if pattern in name:
+                alpha = value
+        scaling = alpha / r
+        total += float(((b.double() @ a.double()) * scaling).square().sum())
+    return total
 
 
 def set_train_mode(model: nn.Module) -> None:

@@ -73,7 +73,7 @@ __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
 CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "seconds")
 ADAPTER_DIR = "adapter"  # the student adapter inside a checkpoint (peft format)
 # config fields holding paths: compared as absolute paths when resuming
-PATH_FIELDS = ("model", "data", "images_dir", "instances_dir", "pairs_file")
+PATH_FIELDS = ("model", "data", "images_dir", "instances_dir", "pairs_file", "depth_dir")
 
 
 def _resolve_mixed_precision(cfg: TrainConfig) -> str:
@@ -140,6 +140,18 @@ class StepBatchSampler:
 
     def __len__(self) -> int:
         return max(0, self.end - self.start) * self.accum
+
+
+def depth_target(depth: torch.Tensor, output_space: str = "disparity") -> torch.Tensor:
+    """Ground-truth depth (B, H, W) in meters as the self-training target of
+    pseudo_label="depth": disparity 1/depth (or depth itself for a depth-output model),
+    NaN where the depth is invalid (0 or non-finite), which the loss leaves unused."""
+    depth = depth.float()
+    ok = torch.isfinite(depth) & (depth > 0)
+    value = 1.0 / torch.where(ok, depth, torch.ones_like(depth))
+    if output_space == "depth":
+        value = depth
+    return torch.where(ok, value, torch.full_like(depth, float("nan")))
 
 
 def resolve_num_workers(requested: int) -> int:
@@ -229,11 +241,19 @@ class Trainer:
                     "ordinal pairs file not found: make one with `westar pairs`, or train "
                     "without weak labels (--ablation no_weak or --lambda-w 0)",
                 )
+        depth_dir = None
+        if cfg.pseudo_label == "depth":
+            depth_dir = cfg.resolved_depth_dir()
+            if not depth_dir.is_dir():
+                raise DataError(
+                    depth_dir, "depth folder not found (--pseudo-label depth trains on it)"
+                )
         return AdaptationDataset(
             cfg.resolved_images_dir(),
             cfg.image_size,
             instances_dir=instances_dir,
             pairs_file=pairs_file,
+            depth_dir=depth_dir,
             output_space=cfg.output_space,
             skip_bad=cfg.skip_bad,
             patch_size=self.depth.patch_size,
@@ -267,7 +287,10 @@ class Trainer:
         """(student output, teacher output) for a batch, with the step's augmentations.
 
         The teacher runs with every dropout off (its pseudo-label is a fixed target), the
-        student in training mode for LoRA dropout only (`set_train_mode`).
+        student in training mode for LoRA dropout only (`set_train_mode`). With
+        pseudo_label="depth" the target is the batch's ground truth (`depth_target`) and
+        the teacher does not run; the weak view is still drawn, so the augmentations of
+        the student stay the same function of (seed, step).
         """
         cfg, acc = self.cfg, self.accelerator
         augment = cfg.augment if augment is None else augment
@@ -275,13 +298,16 @@ class Trainer:
         images = batch["image"].to(acc.device, non_blocking=True)
         unwrapped = self.unwrapped
         weak = weak_augment(images, gen, cfg.weak_jitter) if augment else images
-        with (
-            torch.no_grad(),
-            self.teacher.swapped_in(unwrapped),
-            eval_mode(unwrapped),
-            acc.autocast(),
-        ):
-            teacher_out = predict(unwrapped, self.depth, weak)
+        if cfg.pseudo_label == "depth":
+            teacher_out = depth_target(batch["depth"], cfg.output_space).to(acc.device)
+        else:
+            with (
+                torch.no_grad(),
+                self.teacher.swapped_in(unwrapped),
+                eval_mode(unwrapped),
+                acc.autocast(),
+            ):
+                teacher_out = predict(unwrapped, self.depth, weak)
         strong = images
         if augment:
             strong = strong_augment(

@@ -1,9 +1,12 @@
 """`westar demo --quick` end to end: the CI test of the whole path (data, source eval,
 WeSTAR training, eval, table, picture). Whether adaptation helps is measured in
-RESULTS.md (scripts/demo_sweep.py), not here."""
+RESULTS.md (scripts/demo_sweep.py, docs/sweep.md), not here; that training did something
+is (`assert_adapted`: the adapter moved the weights and changed the predictions), and a
+no-op adaptation fails that check (`test_noop_adaptation_fails_the_check`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +46,19 @@ def _check_metrics(out: Path, variants: list[str], corruption: str = "fog") -> d
     return report
 
 
+def assert_adapted(report: dict) -> None:
+    """Training did something: each variant's adapter moved the weights from the base
+    model (sum ||scaling B A||^2 > 0; a fresh LoRA adapter has B = 0) and its per-image
+    metrics on the held-out split differ from the source's. A no-op adaptation (lr 0, a
+    trainer that skips its steps, an adapter that is not loaded) fails both."""
+    for c, by_variant in report["training"].items():
+        res = report["results"][c]
+        for v, t in by_variant.items():
+            assert t["adapter_change"] > 1e-12, f"{c}/{v}: the adapter did not move"
+            source, adapted = res["per_image"]["source"], res["per_image"][v]
+            assert adapted != source, f"{c}/{v}: predictions identical to the source's"
+
+
 def test_demo_quick_cli(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -72,14 +88,14 @@ def test_demo_quick_cli(tmp_path):
     # the printed table
     assert "AbsRel" in proc.stdout and "delta1" in proc.stdout
     assert "source" in proc.stdout and "adapted (WeSTAR)" in proc.stdout
-    _check_metrics(out, ["full"])
+    report = _check_metrics(out, ["westar"])
+    assert_adapted(report)
     # the picture: 4 columns (input, ground truth, source, adapted) of image_size each
     pic = Image.open(out / "demo.png")
-    report = json.loads((out / "metrics.json").read_text())
     size = report["settings"]["image_size"]
     assert pic.mode == "RGB" and pic.width == 4 * size and pic.height > size
     # the training run left its adapters; the training split has no ground truth
-    run = out / "runs" / "fog" / "full"
+    run = out / "runs" / "fog" / "westar"
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "teacher" / "adapter_config.json").is_file()
     train = out / "data" / "fog" / "train"
@@ -90,34 +106,67 @@ def test_demo_quick_cli(tmp_path):
 
 def test_run_demo_ladder_api(tmp_path):
     """The Python API with the ablation ladder (two variants to stay quick)."""
-    from westar.demo import format_table, run_demo
+    from westar.demo import QUICK, format_table, run_demo
 
     model = None if (SOURCE / "config.json").exists() else _model_args(tmp_path)[1]
-    report = run_demo(
+    cfg = dataclasses.replace(
+        QUICK,
         output=tmp_path / "ladder",
-        corruption="gaussian_noise",
-        quick=True,
+        corruptions="gaussian_noise",
         steps=2,
-        variants=["self_training", "full"],
+        variants=("self_training", "westar"),
         model=model,
         device="cpu",
         progress=False,
         verbose=False,
     )
-    _check_metrics(tmp_path / "ladder", ["self_training", "full"], "gaussian_noise")
+    report = run_demo(cfg)
+    _check_metrics(tmp_path / "ladder", ["self_training", "westar"], "gaussian_noise")
+    assert_adapted(report)
     text = format_table(report)
     assert "plain self-training" in text and "(WeSTAR)" in text
 
 
-def test_run_demo_rejects_bad_arguments(tmp_path):
-    from westar.demo import run_demo
+def test_noop_adaptation_fails_the_check(tmp_path):
+    """The quick test's check is not vacuous: with lr 0 the trainer runs all its steps and
+    writes adapters, yet they equal the base model, and `assert_adapted` fails."""
+    from westar.demo import QUICK, run_demo
+
+    model = None if (SOURCE / "config.json").exists() else _model_args(tmp_path)[1]
+    cfg = dataclasses.replace(QUICK, output=tmp_path / "noop", lr=0.0, steps=2, model=model,
+                              device="cpu", progress=False, verbose=False)  # fmt: skip
+    report = run_demo(cfg)
+    _check_metrics(tmp_path / "noop", ["westar"])  # the files are all there ...
+    assert report["training"]["fog"]["westar"]["adapter_change"] == 0.0
+    with pytest.raises(AssertionError, match="did not move"):  # ... and the check fails
+        assert_adapted(report)
+
+
+def test_demo_config_rejects_bad_arguments(tmp_path):
+    from westar.demo import QUICK, DemoConfig
 
     with pytest.raises(ValueError, match="unknown corruption"):
-        run_demo(output=tmp_path, corruption="snow", quick=True)
+        DemoConfig(output=str(tmp_path), corruptions="snow")
     with pytest.raises(ValueError, match="multiple of 14"):
-        run_demo(output=tmp_path, image_size=50, quick=True)
+        dataclasses.replace(QUICK, image_size=50)
     with pytest.raises(ValueError, match="unknown variant"):
-        run_demo(output=tmp_path, variants=["nope"], quick=True)
+        dataclasses.replace(QUICK, variants=("full",))  # the trainer's alias, not a rung
+    assert DemoConfig(corruptions="all").corruptions == tuple(
+        sorted(__import__("westar.corrupt").corrupt.CORRUPTIONS)
+    )
+
+
+def test_cli_builds_the_demo_config():
+    from westar.cli import build_parser
+    from westar.config import LADDER
+    from westar.demo import DEFAULTS, QUICK, config_from_args
+
+    parse = build_parser().parse_args
+    assert config_from_args(parse(["demo"])) == DEFAULTS
+    cfg = config_from_args(parse(["demo", "--quick", "--ablation", "--teacher", "--lr", "0.5"]))
+    assert cfg == dataclasses.replace(
+        QUICK, variants=tuple(LADDER), adapted_weights="teacher", lr=0.5
+    )
 
 
 # The recipe-tuning runs of RESULTS.md: demo seed 100, 64 training and 32 validation scenes
@@ -132,8 +181,8 @@ def test_reported_seeds_do_not_meet_tuning_or_each_other():
     tuned = set()
     for split, seed, n in TUNING:
         tuned |= set(scene_seeds(split, seed, n))
-    assert tuned & set(scene_seeds("test", 0, DEFAULTS["eval_images"]))  # the recorded flaw
-    size = {"train": DEFAULTS["train_images"], "test": DEFAULTS["eval_images"]}
+    assert tuned & set(scene_seeds("test", 0, DEFAULTS.eval_images))  # the recorded flaw
+    size = {"train": DEFAULTS.train_images, "test": DEFAULTS.eval_images}
     blocks = [
         set(scene_seeds(split, seed, size[split]))
         for seed in REPORTED_SEEDS
@@ -157,11 +206,13 @@ def test_scene_seeds_rejects_bad_arguments():
 
 
 def test_ablation_prints_the_ladder_in_the_papers_order(tmp_path):
-    from westar.demo import LADDER, format_table, run_demo
+    from westar.config import LADDER
+    from westar.demo import QUICK, format_table, run_demo
 
     model = None if (SOURCE / "config.json").exists() else _model_args(tmp_path)[1]
-    report = run_demo(output=tmp_path / "abl", quick=True, steps=1, ablation=True, model=model,
-                      device="cpu", progress=False, verbose=False)  # fmt: skip
+    cfg = dataclasses.replace(QUICK, output=tmp_path / "abl", steps=1, variants=tuple(LADDER),
+                              model=model, device="cpu", progress=False, verbose=False)  # fmt: skip
+    report = run_demo(cfg)
     assert report["settings"]["variants"] == list(LADDER)
     text = format_table(report)
     labels = ["Source (zero-shot)", "plain self-training", "grid HDN", "SA-HDN",

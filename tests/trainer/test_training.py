@@ -16,7 +16,7 @@ import torch
 from tests.trainer.helpers import make_tiny_dpt
 from tests.trainer.helpers import train_config as make_cfg
 from westar.config import TrainConfig
-from westar.data import collate
+from westar.data import DataError, collate
 from westar.losses import lora_regularizer
 from westar.model import find_attention_projections, lora_layers
 from westar.train import Trainer, find_latest_checkpoint
@@ -227,7 +227,30 @@ def test_resume_refuses_to_overwrite(tiny_model, dataset_root, tmp_path):
         Trainer(make_cfg(tiny_model, dataset_root, tmp_path, steps=2)).fit()
 
 
-@pytest.mark.parametrize("ablation", ["full", "no_weak", "no_reg", "grid_hdn", "self_training"])
+# name -> (no weak labels, no regularizer, hdn): what docs/trainer.md says each one does
+ABLATION_EFFECTS = {
+    "self_training": (True, True, "global"),
+    "grid_hdn": (True, True, "grid"),
+    "sa_hdn": (True, True, "instances"),
+    "sa_hdn_weak": (False, True, "instances"),
+    "westar": (False, False, "instances"),
+    "full": (False, False, "instances"),
+    "no_weak": (True, False, "instances"),
+    "no_reg": (False, True, "instances"),
+    "no_sa": (False, False, "grid"),
+}
+
+
+def test_ablation_names_are_the_ladder_and_the_leave_one_outs():
+    from westar.config import ABLATIONS, LADDER
+
+    assert list(LADDER) == ["self_training", "grid_hdn", "sa_hdn", "sa_hdn_weak", "westar"]
+    assert set(ABLATIONS) == set(ABLATION_EFFECTS)
+    for name, (_, fields) in LADDER.items():  # a ladder name means one recipe everywhere
+        assert ABLATIONS[name] == fields
+
+
+@pytest.mark.parametrize("ablation", list(ABLATION_EFFECTS))
 def test_ablations_train(tiny_model, dataset_root, tmp_path, ablation):
     """Each ablation is one flag, changes what it says, and needs only the data it uses."""
     from westar.cli import build_parser, config_from_args
@@ -236,9 +259,7 @@ def test_ablations_train(tiny_model, dataset_root, tmp_path, ablation):
         ["train", "--ablation", ablation, "--model", str(tiny_model), "--data", str(dataset_root)]
     )
     cfg = config_from_args(args)
-    no_weak = ablation in ("no_weak", "self_training")
-    no_reg = ablation in ("no_reg", "self_training")
-    hdn = {"grid_hdn": "grid", "self_training": "global"}.get(ablation, "instances")
+    no_weak, no_reg, hdn = ABLATION_EFFECTS[ablation]
     assert (cfg.lambda_w == 0, cfg.lambda_r == 0, cfg.hdn) == (no_weak, no_reg, hdn)
     missing = str(tmp_path / "missing")
     kw = dict(steps=2, lambda_w=cfg.lambda_w, lambda_r=cfg.lambda_r, hdn=cfg.hdn)
@@ -252,6 +273,45 @@ def test_ablations_train(tiny_model, dataset_root, tmp_path, ablation):
     last = trainer.fit()  # 2 steps: at step 1 lora_B is 0 and so is the regularizer
     assert last["step"] == 2 and last["st"] > 0
     assert (last["weak"] == 0.0) == no_weak and (last["reg"] == 0.0) == no_reg
+
+
+def test_oracle_trains_on_ground_truth_depth(tiny_model, dataset_root, tmp_path):
+    """pseudo_label="depth" (the sweep's oracle): the target is 1/depth of the same crop,
+    invalid depth is unused, the teacher never runs, and the adapters learn from it."""
+    import numpy as np
+
+    from westar.data import read_depth
+    from westar.train import depth_target
+
+    cfg = make_cfg(tiny_model, dataset_root, tmp_path, steps=2, pseudo_label="depth",
+                   hdn="global", lambda_w=0.0, lambda_r=0.0,
+                   instances_dir=str(tmp_path / "no"), pairs_file=str(tmp_path / "no.json"))  # fmt: skip
+    trainer = Trainer(cfg)
+    item = trainer.dataset[(0, 123)]
+    top, left, rh, rw = item["crop"].tolist()
+    full = read_depth(dataset_root / "depth" / f"{item['stem']}.npy")
+    assert (rh, rw) == full.shape  # 56 x 56 images: the crop is the whole image
+    np.testing.assert_array_equal(item["depth"].numpy(), full[top : top + 56, left : left + 56])
+    batch = fixed_batch(trainer)
+    batch["depth"][0, :3, :3] = 0.0  # invalid pixels
+    swapped = []
+    trainer.teacher.swapped_in = lambda *a: swapped.append(1)  # must not be called
+    student, target = trainer.predictions(batch, step=0)
+    assert not swapped and student.shape == target.shape
+    torch.testing.assert_close(target, depth_target(batch["depth"]), equal_nan=True)
+    assert torch.isnan(target[0, :3, :3]).all() and torch.isfinite(target[1]).all()
+    torch.testing.assert_close(target[1], 1.0 / batch["depth"][1])
+    before = lora_state(trainer)
+    del trainer.teacher.swapped_in
+    last = trainer.fit()
+    assert last["step"] == 2 and last["st"] > 0 and last["weak"] == 0 and last["reg"] == 0
+    assert any(not torch.equal(before[n], t) for n, t in lora_state(trainer).items())
+    assert TrainConfig.from_dict(cfg.to_dict()).pseudo_label == "depth"
+    with pytest.raises(ValueError, match="pseudo_label"):
+        make_cfg(tiny_model, dataset_root, tmp_path, pseudo_label="gt")
+    with pytest.raises(DataError, match="depth folder not found"):
+        Trainer(make_cfg(tiny_model, dataset_root, tmp_path / "x", pseudo_label="depth",
+                         depth_dir=str(tmp_path / "nodepth")))  # fmt: skip
 
 
 def test_ablation_flag_then_explicit_flags(tiny_model):
