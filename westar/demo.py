@@ -320,6 +320,9 @@ def _train_variant(model_dir, train_dir: Path, out_dir: Path, overrides: dict, a
         tensorboard=False,
         progress=progress,
         cpu=device == "cpu",
+        # the recipe above (lambda_w 1.0 in particular) was chosen with the ordinal term on
+        # raw disparity; it stays there until a recipe is chosen for the normalized term
+        ordinal_norm="raw",
     )
     # the loss weights of the variants that use the term (the ladder's zeros stay zero)
     values.update(lambda_w=args["lambda_w"], lambda_r=args["lambda_r"])
