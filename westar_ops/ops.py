@@ -400,42 +400,61 @@ def ordinal_ranking_loss(
 # ------------------------------------------------------- normalized ordinal ranking
 
 
-class _GlobalScale(torch.autograd.Function):
-    """(t_b, D_b) of each image's global context, from precomputed statistics, with the
-    exact derivative with respect to pred (docs/ops.md, normalized_ordinal_ranking_loss).
+class _NormalizedPairValues(torch.autograd.Function):
+    """The pair pixels' values normalized by their image's global context,
+    (p[y, x] - t_b) / D_b, with the exact derivative with respect to pred
+    (docs/ops.md, normalized_ordinal_ranking_loss).
 
-    Forward: no pass over the image (the values are the inputs' ``rows``). Backward:
-    d t / d p_j = [j == median]; d D / d p_j = (sign(p_j - t) - [j == median] S3) / n over
-    the context's pixels: one elementwise pass, plus the median term at B pixels.
-    ``rows`` (B, 8) are the images' stats rows (a dummy row, n = 1, where ``has`` is
-    False); ``member``: the (B, H, W) int32 global-context map (>= 0 inside), a bool
-    usable mask, or None (every pixel).
+    Forward: a gather of the 2P pair pixels per image; the statistics are the inputs'
+    ``rows`` (B, 8) (columns of docs/internals.md; a dummy row with D = n = 1 where
+    ``has`` is False), so there is no pass over the image. Backward: the pair pixels get
+    g / D; with ``mode`` "scale" or "full" every pixel j of a context gets
+    dL/dD * dD/dp_j, dD/dp_j = (sign(p_j - t) - [j == median] S3) / n (one elementwise
+    pass), and with "full" the median pixel also gets dL/dt. ``ends`` (B, 2P) marks the
+    ends of the used pairs (the others are 0 and get no gradient). ``member``: the (B, H, W)
+    int32 global-context map (>= 0 inside), a bool usable mask, or None (every pixel).
     """
 
     @staticmethod
-    def forward(ctx, pred3, member, rows, median_index, has, full):
-        ctx.save_for_backward(pred3, member, rows, median_index, has)
-        ctx.full = full
-        return rows[:, 0].clone(), rows[:, 1].clone()
+    def forward(ctx, pred3, member, rows, median_index, has, ys, xs, ends, mode):
+        batch = pred3.shape[0]
+        t, d = rows[:, 0:1], rows[:, 1:2]
+        b_index = torch.arange(batch, device=pred3.device)[:, None]
+        values = pred3[b_index, ys, xs].to(rows.dtype)
+        normalized = torch.where(ends, (values - t) / d, 0)
+        ctx.save_for_backward(pred3, member, rows, median_index, has, ys, xs, ends, normalized)
+        ctx.mode = mode
+        return normalized
 
     @staticmethod
-    def backward(ctx, grad_t, grad_d):
-        pred3, member, rows, median_index, has = ctx.saved_tensors
-        zero = rows.new_zeros(())
-        t, s3, n = rows[:, 0], rows[:, 6], rows[:, 7]
-        grad_t = zero if grad_t is None else torch.where(has, grad_t, zero)
-        grad_d = zero if grad_d is None else torch.where(has, grad_d, zero)
-        coef = (grad_d / n).expand(rows.shape[0])  # d loss / d s, per pixel / n
-        diff = pred3.to(rows.dtype) - t[:, None, None]
-        grad = coef[:, None, None] * torch.sign(diff)
-        if member is not None:
-            inside = member if member.dtype == torch.bool else member >= 0
-            grad = torch.where(inside, grad, zero)
-        grad = grad.contiguous()
-        if ctx.full:  # the median's own path, and the scale's path through the median
-            at_median = (grad_t - coef * s3).expand(rows.shape[0])
-            grad.view(-1).index_put_((median_index,), at_median, accumulate=True)
-        return grad.to(pred3.dtype), None, None, None, None, None
+    def backward(ctx, grad):
+        pred3, member, rows, median_index, has, ys, xs, ends, normalized = ctx.saved_tensors
+        batch, height, width = pred3.shape
+        cdt = rows.dtype
+        t, d, s3, n = rows[:, 0], rows[:, 1], rows[:, 6], rows[:, 7]
+        grad = torch.where(ends, grad, 0) / d[:, None]  # d loss / d p at the pair pixels
+        if ctx.mode == "none":
+            out = torch.zeros((batch, height, width), dtype=cdt, device=pred3.device)
+        else:
+            # d loss / d D = -sum_i g_i (p_i - t) / D^2; spread by dD/dp_j = sign(p_j - t) / n
+            coef = torch.where(has, -(grad * normalized).sum(1) / n, 0)
+            out = torch.empty((batch, height, width), dtype=cdt, device=pred3.device)
+            torch.sub(pred3.to(cdt), t[:, None, None], out=out)  # contiguous, any pred strides
+            out.sign_()
+            out.mul_(coef[:, None, None])
+            if member is not None:  # times a float mask: faster than where / masked_fill
+                inside = member if member.dtype == torch.bool else member >= 0
+                out.mul_(inside.to(cdt))
+        flat = out.view(-1)
+        size = height * width
+        offsets = torch.arange(batch, device=pred3.device)[:, None] * size
+        flat.index_put_(
+            ((offsets + ys * width + xs).reshape(-1),), grad.reshape(-1), accumulate=True
+        )
+        if ctx.mode == "full":  # the median's own path and the scale's path through it
+            grad_t = torch.where(has, -grad.sum(1), 0)
+            flat.index_put_((median_index,), grad_t - coef * s3, accumulate=True)
+        return out.to(pred3.dtype), None, None, None, None, None, None, None, None
 
 
 def _torch_global_stats(pred3, usable, eps):
@@ -601,15 +620,10 @@ def normalized_ordinal_ranking_loss(
             inside = inside & valid[rows_b, ys, xs]
     ok = inside.reshape(batch, num_pairs, 2).all(-1) & used
     labels = torch.where(ok, labels, IGNORED_LABEL)
-    if stats_grad == "none" or not pred3.requires_grad:
-        t, d = rows[:, 0], rows[:, 1]
-    else:
-        t, d = _GlobalScale.apply(pred3, member, rows, median_index, has, stats_grad == "full")
-        if stats_grad == "scale":
-            t = t.detach()
-    values = pred3[rows_b, ys, xs].to(cdt)  # (B, 2P): a, b of pair p at 2p, 2p + 1
-    values = torch.where(inside, values, 0)
-    normalized = (values - t[:, None]) / d[:, None]
+    ends = ok.repeat_interleave(2, dim=1)  # (B, 2P): the ends of the used pairs
+    normalized = _NormalizedPairValues.apply(
+        pred3, member, rows, median_index, has, ys, xs, ends, stats_grad
+    )  # (B, 2P): the a and b ends of pair p at 2p and 2p + 1 (0 for unused pairs)
     flat = torch.arange(2 * num_pairs, device=pred3.device).reshape(1, num_pairs, 2)
     new_pairs = torch.stack([torch.zeros_like(flat), flat], -1).expand(batch, -1, -1, -1)
     loss = family.ordinal_ranking_forward(
