@@ -106,6 +106,7 @@ def build_trainer(model: Path, data: Path, size: int, batch: int, device: str):
         model=str(model), data=str(data), output_dir=str(data / "run"), image_size=(size, size),
         batch_size=batch, steps=10_000, progress=False, tensorboard=False, num_workers=0,
         cpu=device == "cpu", mixed_precision="no",
+        ordinal_norm="raw",  # the researcher's step below is the raw ordinal loss
     )  # fmt: skip
     trainer = Trainer(cfg)
     batch_dict = collate([trainer.dataset[(i, 0)] for i in range(batch)])

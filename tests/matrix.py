@@ -261,3 +261,59 @@ def assert_compiled_matches_eager(fn, compile_backend, pred, *inputs, rtol=1e-5,
         out.append((loss.detach(), grad))
     torch.testing.assert_close(out[1][0], out[0][0], rtol=rtol, atol=atol)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=rtol, atol=grad_atol)
+
+
+# ------------------------------------------------------ normalized ordinal ranking
+
+
+def normalized_ordinal_case(rng, dtype=torch.float64, batch=3, height=5, width=7,
+                            pairs_per_image=12):  # fmt: skip
+    """pred, target, valid, pairs, labels (CPU tensors) for normalized_ordinal_ranking_loss:
+    a tie-free pred (so the median pixel is unique), invalid pixels, a NaN target, the
+    last image with no usable pixel, ignored pairs (one with coordinates outside the
+    image), pairs with an unusable end, pairs sharing pixels."""
+    from tests.ops.helpers import distinct_values
+
+    pred = distinct_values((batch, height, width), dtype, rng)
+    target = (torch.rand(batch, height, width, generator=rng) * 4 + 0.5).to(dtype)
+    valid = torch.rand(batch, height, width, generator=rng) > 0.3
+    target[0, 0, 1] = float("nan")
+    valid[-1] = False
+    ys = torch.randint(0, height, (batch, pairs_per_image, 2), generator=rng)
+    xs = torch.randint(0, width, (batch, pairs_per_image, 2), generator=rng)
+    pairs = torch.stack([ys, xs], -1)
+    labels = torch.randint(-1, 2, (batch, pairs_per_image), generator=rng)
+    labels[0, 0] = -100
+    labels[0, 1] = 7
+    pairs[0, 1] = torch.tensor([[99, -4], [0, 0]])
+    pairs[0, 2] = torch.tensor([[0, 1], [1, 1]])  # an end on the NaN target
+    pairs[min(1, batch - 1), 3:6] = pairs[min(1, batch - 1), 2]
+    return pred, target, valid, pairs, labels
+
+
+def normalized_ordinal_loss_and_grad(backend, device, source, pred, target, valid, pairs, labels,
+                                     **kw):  # fmt: skip
+    """Loss and d loss / d pred (CPU tensors) of normalized_ordinal_ranking_loss with
+    ``backend`` (None: the reference, on the CPU). ``source``: "sa_hdn" (stats from
+    sa_hdn_loss(..., return_stats=True) on the same backend; the reference's usable
+    pixels are valid & finite target) or "torch" (stats=None, valid passed)."""
+    dev = "cpu" if backend is None else device
+    p = pred.to(dev).requires_grad_(True)
+    pairs, labels = pairs.to(dev), labels.to(dev)
+    usable = valid if source == "torch" else valid & torch.isfinite(target)
+    if backend is None:
+        loss = reference.normalized_ordinal_ranking_loss(p, pairs, labels, valid=usable, **kw)
+    elif source == "torch":
+        loss = ops.normalized_ordinal_ranking_loss(
+            p, pairs, labels, valid=to(valid, dev), backend=backend, **kw
+        )
+    else:
+        _, stats = ops.sa_hdn_loss(
+            p, target.to(dev), None, to(valid, dev), backend=backend, return_stats=True
+        )
+        loss = ops.normalized_ordinal_ranking_loss(
+            p, pairs, labels, stats=stats, backend=backend, **kw
+        )
+    (grad,) = torch.autograd.grad(loss, p)
+    assert loss.dtype == pred.dtype and grad.dtype == pred.dtype and grad.shape == pred.shape
+    return loss.detach().cpu(), grad.cpu()

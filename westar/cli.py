@@ -106,7 +106,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     `--lora-targets` fail or split characters), and it fills every default, while
     --config and --ablation need to know which flags were given.
     """
-    from westar.config import ABLATIONS, HDN_MODES, PSEUDO_LABELS, TrainConfig
+    from westar.config import ABLATIONS, HDN_MODES, ORDINAL_NORMS, PSEUDO_LABELS, TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
@@ -117,6 +117,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         "output_space": ("disparity", "depth"),
         "stats_grad": ("full", "scale", "none"),
         "ordinal_kind": ("margin", "logistic"),
+        "ordinal_norm": ORDINAL_NORMS,
         "mixed_precision": ("auto", "no", "fp16", "bf16"),
     }
     for f in dataclasses.fields(TrainConfig):

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "LADDER", "ABLATIONS", "HDN_MODES", "PSEUDO_LABELS"]
+__all__ = ["TrainConfig", "LADDER", "ABLATIONS", "HDN_MODES", "PSEUDO_LABELS", "ORDINAL_NORMS"]
 
 HDN_MODES = ("instances", "grid", "global")
 PSEUDO_LABELS = ("teacher", "depth")
+ORDINAL_NORMS = ("global", "raw")
 
 # The paper's ablation ladder, one rung per row, each adding one piece to the previous:
 # name -> (label, fields it overrides). The one definition of these names: `westar train
@@ -80,6 +81,10 @@ class TrainConfig:
 
     # --- loss
     lambda_st: float = 1.0
+    # lambda_w weighs the ordinal term. With ordinal_norm="global" (the default) that term
+    # is scale-free, so lambda_w means the same for every model (and every output scale);
+    # with "raw" its size follows the model's output units. The default is the paper's;
+    # a value tuned on one of the two forms does not carry over to the other.
     lambda_w: float = 0.001
     lambda_r: float = 1.0
     hdn: str = "instances"  # "instances" (SA-HDN), "grid" (classic HDN) or "global"
@@ -88,6 +93,12 @@ class TrainConfig:
     stats_grad: str = "full"  # "full" | "scale" | "none" (westar_ops.sa_hdn_loss)
     min_pixels: int = 1
     ordinal_kind: str = "margin"  # "margin" | "logistic"
+    # "global": the ordinal loss of the student's output normalized per image by its global
+    # median / mean absolute deviation (westar_ops.normalized_ordinal_ranking_loss, the
+    # SA-HDN global context, same stats_grad); "raw": on the raw output (the old term).
+    ordinal_norm: str = "global"
+    # hinge margin: in normalized units (deviations of the image) with ordinal_norm
+    # "global", in the model's output units with "raw"
     margin: float = 0.0
     equal_weight: float = 1.0
     # What the self-training term fits the student to: "teacher" (the EMA teacher's
@@ -156,6 +167,10 @@ class TrainConfig:
             raise ValueError(f"grid levels must be >= 1 cells per side, got {self.grid}")
         if self.hdn not in HDN_MODES:
             raise ValueError(f"hdn must be one of {HDN_MODES}, got {self.hdn!r}")
+        if self.ordinal_norm not in ORDINAL_NORMS:
+            raise ValueError(
+                f"ordinal_norm must be one of {ORDINAL_NORMS}, got {self.ordinal_norm!r}"
+            )
         if self.output_space not in ("disparity", "depth"):
             raise ValueError(
                 f"output_space must be 'disparity' or 'depth', got {self.output_space!r}"

@@ -1,8 +1,12 @@
 """The WeSTAR objective, from the westar_ops kernels.
 
 L = lambda_st * sa_hdn_loss(student, teacher, instances, valid)
-  + lambda_w  * ordinal_ranking_loss(student, pairs, labels)
+  + lambda_w  * normalized_ordinal_ranking_loss(student, pairs, labels)
   + lambda_r  * sum over LoRA modules of ||scaling * B @ A||_F^2
+
+The ordinal term acts on the student's output normalized per image by its median and mean
+absolute deviation (cfg.ordinal_norm="global", so that it is scale-free as the SA-HDN term
+is), or on the raw output (ordinal_norm="raw").
 """
 
 from __future__ import annotations
@@ -92,28 +96,44 @@ def westar_loss(
     zero = student.new_zeros(())
     parts = {"st": zero, "weak": zero, "reg": zero}
     total = zero
+    valid = torch.isfinite(teacher)
+    weak_on = cfg.lambda_w > 0 and batch["labels"].numel() > 0
+    normalized = weak_on and cfg.ordinal_norm == "global"
+    stats = None  # the SA-HDN forward's global contexts, reused by the ordinal term
     if cfg.lambda_st > 0:
-        valid = torch.isfinite(teacher)
+        include_global = cfg.include_global or cfg.hdn == "global"
         st = westar_ops.sa_hdn_loss(
             student,
             teacher,
             context_maps(cfg, batch, tuple(student.shape), device),
             valid,
-            include_global=cfg.include_global or cfg.hdn == "global",
+            include_global=include_global,
             min_pixels=cfg.min_pixels,
             stats_grad=cfg.stats_grad,
+            return_stats=normalized and include_global,
         )
+        if normalized and include_global:
+            st, stats = st
         total = total + cfg.lambda_st * st
         parts["st"] = st.detach()
-    if cfg.lambda_w > 0 and batch["labels"].numel() > 0:
-        weak = westar_ops.ordinal_ranking_loss(
-            student,
-            batch["pairs"].to(device, non_blocking=True),
-            batch["labels"].to(device, non_blocking=True),
-            margin=cfg.margin,
-            kind=cfg.ordinal_kind,
-            equal_weight=cfg.equal_weight,
-        )
+    if weak_on:
+        pairs = batch["pairs"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        kw = dict(margin=cfg.margin, kind=cfg.ordinal_kind, equal_weight=cfg.equal_weight)
+        if normalized:
+            # without the SA-HDN global context (lambda_st = 0 or no include_global) the
+            # same median / MAD over the same pixels is computed here (one more pass)
+            weak = westar_ops.normalized_ordinal_ranking_loss(
+                student,
+                pairs,
+                labels,
+                stats=stats,
+                valid=valid if stats is None else None,
+                stats_grad=cfg.stats_grad,
+                **kw,
+            )
+        else:
+            weak = westar_ops.ordinal_ranking_loss(student, pairs, labels, **kw)
         total = total + cfg.lambda_w * weak
         parts["weak"] = weak.detach()
     if cfg.lambda_r > 0:

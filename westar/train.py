@@ -503,6 +503,9 @@ class Trainer:
         ignore = {"resume", "progress", "steps", "save_every", "log_every", "keep_checkpoints"}
         ignore |= {"output_dir", "tensorboard", "num_workers"}
         current = self.cfg.to_dict()
+        # checkpoints from before the field existed trained the raw ordinal term
+        if saved and "ordinal_norm" not in saved:
+            saved = {**saved, "ordinal_norm": "raw"}
         differs = sorted(
             k
             for k, v in current.items()

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -22,7 +23,9 @@ from westar_ops._registry import acc_dtype, register_family, register_lora
 
 __all__ = [
     "sa_hdn_loss",
+    "NormalizationStats",
     "ordinal_ranking_loss",
+    "normalized_ordinal_ranking_loss",
     "lora_delta_sq_norm",
     "available_backends",
     "resolve_backend",
@@ -35,6 +38,23 @@ ORDINAL_KINDS = {"margin": 0, "logistic": 1}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ID_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64)
 _INDEX_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+IGNORED_LABEL = -100  # a label outside {-1, 0, +1}: the pair is not used
+
+
+class NormalizationStats(NamedTuple):
+    """The per-image global contexts of one ``sa_hdn_loss`` call (``return_stats=True``),
+    as its forward computed them (docs/internals.md); constants, no gradient.
+
+    ``seg``: (B, H, W) int32, level 0 of the forward's ``seg``: the index k of the
+    image's global context for every usable pixel, -1 for the others.
+    ``stats``: (K, 8) per-context statistics of *all* contexts (columns in
+    docs/internals.md: 0 median of pred, 1 its mean absolute deviation + eps, 6 S3,
+    7 n). ``median_index``: (K,) int64 flat index b*H*W + y*W + x of each median.
+    """
+
+    seg: torch.Tensor
+    stats: torch.Tensor
+    median_index: torch.Tensor
 
 
 # --------------------------------------------------------------------------- backends
@@ -289,7 +309,8 @@ def sa_hdn_loss(
     min_pixels: int = 1,
     stats_grad: str = "full",
     backend: str = "auto",
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, NormalizationStats]:
     """Semantics-aware hierarchical depth normalization loss (docs/ops.md).
 
     Args:
@@ -309,16 +330,25 @@ def sa_hdn_loss(
         stats_grad: "full" (differentiate median and scale of pred), "scale" (scale
             only) or "none" (both treated as constants).
         backend: "auto" | "cpu" | "triton" | "cuda".
+        return_stats: also return the global contexts' statistics that the forward
+            computed anyway (`NormalizationStats`, for
+            `normalized_ordinal_ranking_loss`); needs include_global=True.
 
     Returns:
         0-dim tensor of pred's dtype: mean |pred_hat - target_hat| over all
         (context, pixel) memberships; 0 when the batch has no context.
+        With return_stats: ``(loss, NormalizationStats)``.
     """
     pred3, target3, instances, valid = _prepare_sa_hdn(
         pred, target, instances, valid, eps, min_pixels, stats_grad
     )
+    if return_stats and not include_global:
+        raise ValueError(
+            "return_stats=True needs include_global=True: the stats are those of the "
+            "per-image global contexts"
+        )
     family = _family(resolve_backend(backend, pred.device))
-    loss, _, _, _ = family.sa_hdn_forward(
+    loss, seg, stats, median_index = family.sa_hdn_forward(
         pred3,
         target3,
         instances,
@@ -328,6 +358,8 @@ def sa_hdn_loss(
         int(min_pixels),
         STATS_GRAD_MODES[stats_grad],
     )
+    if return_stats:
+        return loss.to(pred.dtype), NormalizationStats(seg[0], stats, median_index)
     return loss.to(pred.dtype)
 
 
@@ -363,6 +395,241 @@ def ordinal_ranking_loss(
     return family.ordinal_ranking_forward(
         pred3, pairs, labels, float(margin), ORDINAL_KINDS[kind], float(equal_weight)
     )
+
+
+# ------------------------------------------------------- normalized ordinal ranking
+
+
+class _NormalizedPairValues(torch.autograd.Function):
+    """The pair pixels' values normalized by their image's global context,
+    (p[y, x] - t_b) / D_b, with the exact derivative with respect to pred
+    (docs/ops.md, normalized_ordinal_ranking_loss).
+
+    Forward: a gather of the 2P pair pixels per image; the statistics are the inputs'
+    ``rows`` (B, 8) (columns of docs/internals.md; a dummy row with D = n = 1 where
+    ``has`` is False), so there is no pass over the image. Backward: the pair pixels get
+    g / D; with ``mode`` "scale" or "full" every pixel j of a context gets
+    dL/dD * dD/dp_j, dD/dp_j = (sign(p_j - t) - [j == median] S3) / n (one elementwise
+    pass), and with "full" the median pixel also gets dL/dt. ``ends`` (B, 2P) marks the
+    ends of the used pairs (the others are 0 and get no gradient). ``member``: the (B, H, W)
+    int32 global-context map (>= 0 inside), a bool usable mask, or None (every pixel).
+    """
+
+    @staticmethod
+    def forward(ctx, pred3, member, rows, median_index, has, ys, xs, ends, mode):
+        batch = pred3.shape[0]
+        t, d = rows[:, 0:1], rows[:, 1:2]
+        b_index = torch.arange(batch, device=pred3.device)[:, None]
+        values = pred3[b_index, ys, xs].to(rows.dtype)
+        normalized = torch.where(ends, (values - t) / d, 0)
+        ctx.save_for_backward(pred3, member, rows, median_index, has, ys, xs, ends, normalized)
+        ctx.mode = mode
+        return normalized
+
+    @staticmethod
+    def backward(ctx, grad):
+        pred3, member, rows, median_index, has, ys, xs, ends, normalized = ctx.saved_tensors
+        batch, height, width = pred3.shape
+        cdt = rows.dtype
+        t, d, s3, n = rows[:, 0], rows[:, 1], rows[:, 6], rows[:, 7]
+        grad = torch.where(ends, grad, 0) / d[:, None]  # d loss / d p at the pair pixels
+        if ctx.mode == "none":
+            out = torch.zeros((batch, height, width), dtype=cdt, device=pred3.device)
+        else:
+            # d loss / d D = -sum_i g_i (p_i - t) / D^2; spread by dD/dp_j = sign(p_j - t) / n
+            coef = torch.where(has, -(grad * normalized).sum(1) / n, 0)
+            out = torch.empty((batch, height, width), dtype=cdt, device=pred3.device)
+            torch.sub(pred3.to(cdt), t[:, None, None], out=out)  # contiguous, any pred strides
+            out.sign_()
+            out.mul_(coef[:, None, None])
+            if member is not None:  # times a float mask: faster than where / masked_fill
+                inside = member if member.dtype == torch.bool else member >= 0
+                out.mul_(inside.to(cdt))
+        flat = out.view(-1)
+        size = height * width
+        offsets = torch.arange(batch, device=pred3.device)[:, None] * size
+        flat.index_put_(
+            ((offsets + ys * width + xs).reshape(-1),), grad.reshape(-1), accumulate=True
+        )
+        if ctx.mode == "full":  # the median's own path and the scale's path through it
+            grad_t = torch.where(has, -grad.sum(1), 0)
+            flat.index_put_((median_index,), grad_t - coef * s3, accumulate=True)
+        return out.to(pred3.dtype), None, None, None, None, None, None, None, None
+
+
+def _torch_global_stats(pred3, usable, eps):
+    """Each image's lower median t, D = mean |p - t| + eps, S3 = sum sign(p - t) and n
+    over its usable pixels, with torch (one selection and two reductions over the image).
+
+    Returns rows (B, 8) in the stats layout of docs/internals.md (columns 0, 1, 6, 7
+    filled; D = 1 and n = 1 for an image without usable pixels), median_index (B,) flat
+    indices, has (B,) bool. No host synchronization: the per-image median ranks differ
+    with the number of usable pixels, so unusable pixels are set to -inf or +inf in a
+    number that puts every image's lower median at the same rank (N - 1) // 2, where one
+    ``kthvalue`` finds them all.
+    """
+    batch, height, width = pred3.shape
+    size = height * width
+    cdt = acc_dtype(pred3.dtype)
+    x = pred3.reshape(batch, size).to(cdt)
+    rank = (size - 1) // 2
+    if usable is None:
+        n = torch.full((batch,), size, dtype=cdt, device=x.device)
+        keyed = x
+    else:
+        ok = usable.reshape(batch, size)
+        count = ok.sum(1)
+        n = count.to(cdt)
+        # m_b = rank - (n_b - 1) // 2 unusable pixels go below every value, the rest above
+        # (m_b <= number of unusable pixels, for every n_b >= 1).
+        below = rank - torch.div(count - 1, 2, rounding_mode="floor")
+        order = torch.cumsum(~ok, 1)
+        inf = torch.tensor(float("inf"), dtype=cdt, device=x.device)
+        keyed = torch.where(ok, x, torch.where(order <= below[:, None], -inf, inf))
+    t, index = keyed.kthvalue(rank + 1, dim=1)
+    dev = x - t[:, None]
+    absdev = dev.abs()
+    signs = torch.sign(dev)
+    if usable is not None:
+        absdev = torch.where(ok, absdev, 0)
+        signs = torch.where(ok, signs, 0)
+    has = n > 0
+    one = torch.ones((), dtype=cdt, device=x.device)
+    n_safe = torch.where(has, n, one)
+    d = torch.where(has, absdev.sum(1) / n_safe + eps, one)
+    t = torch.where(has, t, 0)
+    rows = torch.zeros((batch, 8), dtype=cdt, device=x.device)
+    rows[:, 0], rows[:, 1], rows[:, 6], rows[:, 7] = t, d, signs.sum(1), n_safe
+    median_index = index + torch.arange(batch, device=x.device) * size
+    return rows, median_index, has
+
+
+def _check_stats(stats, pred3) -> NormalizationStats:
+    if not isinstance(stats, tuple) or len(stats) != 3:
+        raise TypeError(
+            "stats must be the NormalizationStats returned by "
+            f"sa_hdn_loss(..., return_stats=True), got {type(stats).__name__}"
+        )
+    seg, table, median_index = (_check_tensor(f"stats.{f}", v) for f, v in zip(
+        NormalizationStats._fields, stats
+    ))  # fmt: skip
+    for name, t in (("seg", seg), ("stats", table), ("median_index", median_index)):
+        _check_device(f"stats.{name}", t, pred3)
+    if seg.dtype != torch.int32 or seg.shape != pred3.shape:
+        raise ValueError(
+            f"stats.seg must be (B, H, W) = {tuple(pred3.shape)} int32 (the stats of this "
+            f"pred), got {tuple(seg.shape)} {seg.dtype}"
+        )
+    if table.dim() != 2 or table.shape[1] != 8 or median_index.shape != table.shape[:1]:
+        raise ValueError(
+            f"stats.stats must be (K, 8) and stats.median_index (K,), got "
+            f"{tuple(table.shape)} and {tuple(median_index.shape)}"
+        )
+    return NormalizationStats(seg, table, median_index)
+
+
+def normalized_ordinal_ranking_loss(
+    pred: torch.Tensor,
+    pairs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    stats: NormalizationStats | None = None,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    stats_grad: str = "full",
+    margin: float = 0.0,
+    kind: str = "margin",
+    equal_weight: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The ordinal ranking loss of the prediction normalized per image by its global
+    context: p_hat = (p - t_b) / (s_b + eps), t_b the lower median and s_b the mean
+    absolute deviation of pred over the image's usable pixels (docs/ops.md). The loss is
+    invariant to a positive scale and to a shift of pred; ``margin`` is in normalized
+    units.
+
+    Args:
+        pred: (B, H, W) or (B, 1, H, W) floating.
+        pairs, labels, margin, kind, equal_weight, backend: as `ordinal_ranking_loss`.
+        stats: the `NormalizationStats` of ``sa_hdn_loss(pred, ..., return_stats=True)``
+            on this same pred: the normalization is read from them (no pass over the
+            image in the forward; t, s + eps and the usable pixels are the SA-HDN
+            global context's, with SA-HDN's eps). None: computed here with torch over
+            the pixels where ``valid`` is True (all if None): an extra selection and
+            two reductions over the image.
+        valid: None or (B, H, W) bool; only with stats=None.
+        eps: added to s_b; only with stats=None.
+        stats_grad: "full" (differentiate t_b and s_b), "scale" (s_b only) or "none".
+
+    Pairs with an unusable end (and every pair of an image without usable pixels) are
+    ignored, like padding pairs. Returns a 0-dim tensor of pred's dtype: the mean over
+    the used pairs, 0 when there are none.
+    """
+    pred3, pairs, labels = _prepare_ordinal(pred, pairs, labels, kind)
+    if stats_grad not in STATS_GRAD_MODES:
+        raise ValueError(f"stats_grad must be one of {tuple(STATS_GRAD_MODES)}, got {stats_grad!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if stats is not None:
+        stats = _check_stats(stats, pred3)
+        if valid is not None:
+            raise ValueError(
+                "valid: give it to sa_hdn_loss, not here, when stats are given (the "
+                "stats define the usable pixels)"
+            )
+    elif valid is not None:
+        valid = _check_tensor("valid", valid)
+        _check_device("valid", valid, pred)
+        if valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+        valid = _image_view("valid", valid)
+        if valid.shape != pred3.shape:
+            raise ValueError(
+                f"valid must have shape (B, H, W) = {tuple(pred3.shape)}, got {tuple(valid.shape)}"
+            )
+    family = _family(resolve_backend(backend, pred.device))
+    args = (float(margin), ORDINAL_KINDS[kind], float(equal_weight))
+    batch, height, width = pred3.shape
+    num_pairs = pairs.shape[1]
+    if num_pairs == 0 or pred3.numel() == 0:  # no pair can be used: 0, zero gradient
+        return family.ordinal_ranking_forward(pred3, pairs, labels, *args)
+
+    cdt = acc_dtype(pred3.dtype)
+    used = (labels >= -1) & (labels <= 1)  # (B, P)
+    ys = torch.where(used[..., None], pairs[..., 0], 0).reshape(batch, 2 * num_pairs)
+    xs = torch.where(used[..., None], pairs[..., 1], 0).reshape(batch, 2 * num_pairs)
+    rows_b = torch.arange(batch, device=pred3.device)[:, None]
+    if stats is not None:
+        member = stats.seg
+        k = member[rows_b, ys, xs]  # (B, 2P) the global context of each pair pixel
+        inside = k >= 0
+        k = torch.where(used.repeat_interleave(2, 1), k, -1)
+        k = torch.cat([k.new_full((batch, 1), -1), k], 1).amax(1).long()  # (B,), -1: none
+        table = stats.stats.to(cdt)
+        dummy = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1]], dtype=cdt, device=table.device)
+        rows = torch.cat([table, dummy])[k]  # k = -1 picks the dummy row
+        median_index = torch.cat([stats.median_index, stats.median_index.new_zeros(1)])[k]
+        has = k >= 0
+    else:
+        member = valid
+        rows, median_index, has = _torch_global_stats(pred3.detach(), valid, eps)
+        inside = has[:, None].expand(batch, 2 * num_pairs)
+        if valid is not None:
+            inside = inside & valid[rows_b, ys, xs]
+    ok = inside.reshape(batch, num_pairs, 2).all(-1) & used
+    labels = torch.where(ok, labels, IGNORED_LABEL)
+    ends = ok.repeat_interleave(2, dim=1)  # (B, 2P): the ends of the used pairs
+    normalized = _NormalizedPairValues.apply(
+        pred3, member, rows, median_index, has, ys, xs, ends, stats_grad
+    )  # (B, 2P): the a and b ends of pair p at 2p and 2p + 1 (0 for unused pairs)
+    flat = torch.arange(2 * num_pairs, device=pred3.device).reshape(1, num_pairs, 2)
+    new_pairs = torch.stack([torch.zeros_like(flat), flat], -1).expand(batch, -1, -1, -1)
+    loss = family.ordinal_ranking_forward(
+        normalized.unsqueeze(1), new_pairs.contiguous(), labels.contiguous(), *args
+    )
+    return loss.to(pred.dtype)
 
 
 def lora_delta_sq_norm(

@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["sa_hdn_loss", "ordinal_ranking_loss", "lora_delta_sq_norm", "grid_instances"]
+__all__ = [
+    "sa_hdn_loss",
+    "ordinal_ranking_loss",
+    "normalized_ordinal_ranking_loss",
+    "lora_delta_sq_norm",
+    "grid_instances",
+]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,6 +123,48 @@ def ordinal_ranking_loss(
         raise ValueError(f"kind must be 'margin' or 'logistic', got {kind!r}")
     per_pair = torch.where(lab == 0, equal_weight * d * d, ranked)
     return per_pair.mean().to(pred.dtype)
+
+
+def normalized_ordinal_ranking_loss(
+    pred: torch.Tensor,
+    pairs: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    stats_grad: str = "full",
+    margin: float = 0.0,
+    kind: str = "margin",
+    equal_weight: float = 1.0,
+) -> torch.Tensor:
+    """`ordinal_ranking_loss` of pred normalized image by image: every usable pixel
+    (valid True, or all) becomes (p - t) / (s + eps), t the lower median and s the mean
+    absolute deviation of the image's usable pixels (`torch.median`, autograd through
+    both). Pairs with an unusable end are ignored.
+    """
+    batch, height, width = pred.shape[0], pred.shape[-2], pred.shape[-1]
+    p = pred.reshape(batch, height * width).to(_compute_dtype(pred.dtype))
+    usable = torch.ones_like(p, dtype=torch.bool)
+    if valid is not None:
+        usable = valid.reshape(batch, height * width).bool()
+    images = []
+    for b in range(batch):
+        where = usable[b].nonzero().flatten()
+        image = torch.zeros_like(p[b])
+        if where.numel() > 0:
+            image = image.index_put((where,), _normalize(p[b][where], eps, stats_grad))
+        images.append(image)
+    normalized = torch.stack(images).reshape(batch, height, width)
+    labels = labels.to(torch.int64)
+    pairs = pairs.to(torch.int64)
+    used = (labels >= -1) & (labels <= 1)
+    flat = torch.where(used[..., None], pairs[..., 0] * width + pairs[..., 1], 0)
+    ends_usable = usable.gather(1, flat.reshape(batch, -1)).reshape(flat.shape).all(-1)
+    labels = torch.where(used & ends_usable, labels, -100)
+    loss = ordinal_ranking_loss(
+        normalized, pairs, labels, margin=margin, kind=kind, equal_weight=equal_weight
+    )
+    return loss.to(pred.dtype)
 
 
 def lora_delta_sq_norm(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
