@@ -50,7 +50,7 @@ def test_calibrate_cli_quick_writes_the_table_and_changes_nothing(tmp_path, caps
                "--device", "cpu"])  # fmt: skip
     assert rc == 0
     report = json.loads((tmp_path / "calibration.json").read_text())
-    assert set(report["table"]) == set(D.CORRUPTION_DOMAINS)
+    assert set(report["table"]) == set(D.CALIBRATED_CORRUPTIONS)
     for by_sev in report["table"].values():
         assert sorted(by_sev) == ["1", "2", "3", "4", "5"]
         for m in by_sev.values():
@@ -60,5 +60,5 @@ def test_calibrate_cli_quick_writes_the_table_and_changes_nothing(tmp_path, caps
         meets = [int(s) for s, m in report["table"][corr].items() if m["meets"]]
         assert sev == (min(meets) if meets else "none")
     md = (tmp_path / "calibration.md").read_text()
-    assert "SEVERITIES = {" in md and md.count("\n| ") == 1 + 5 * len(D.CORRUPTION_DOMAINS)
+    assert "SEVERITIES = {" in md and md.count("\n| ") == 1 + 5 * len(D.CALIBRATED_CORRUPTIONS)
     assert D.SEVERITIES == before and open(source[0]).read() == source[1]

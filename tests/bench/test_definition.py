@@ -63,7 +63,9 @@ def test_domains_follow_the_corruption_suite():
     from westar.corrupt import CORRUPTIONS
 
     # a new corruption must be added here deliberately (it changes the benchmark)
-    assert set(D.CORRUPTION_DOMAINS) == set(CORRUPTIONS)
+    assert set(D.CALIBRATED_CORRUPTIONS) == set(CORRUPTIONS)
+    assert set(D.CORRUPTION_DOMAINS) | set(D.EXCLUDED_CORRUPTIONS) == set(CORRUPTIONS)
+    assert not set(D.CORRUPTION_DOMAINS) & set(D.EXCLUDED_CORRUPTIONS)
     assert D.DOMAINS[0] == "clean" and D.DOMAINS[-1] == "streets"
     assert set(D.SEVERITIES) == set(D.CORRUPTION_DOMAINS)
     assert all(1 <= s <= 5 for s in D.SEVERITIES.values())

@@ -64,7 +64,7 @@ def calibrate(
     out: str | os.PathLike | None = "runs/bench",
     *,
     images: int = D.CALIBRATION_IMAGES,
-    corruptions: tuple[str, ...] = D.CORRUPTION_DOMAINS,
+    corruptions: tuple[str, ...] = D.CALIBRATED_CORRUPTIONS,
     device: str | None = None,
     command: str | None = None,
     progress: bool = True,
