@@ -292,7 +292,7 @@ def peak_memory_subprocess(args, variant: str) -> float | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shipped", help="shipped | small | a model directory")
-    p.add_argument("--size", type=int, default=126, help="square training crop (multiple of 14)")
+    p.add_argument("--size", type=int, default=126, help="square training crop (a multiple of the model's patch size)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1)

@@ -77,20 +77,18 @@ SEED_STRIDE = 100_000  # scenes per (split, seed) block
 
 MAX_DEPTH = 50.0  # evaluation cap in meters; the rooms are at most ~25 m deep
 
-# The demo's recipe, chosen on the validation split (scene seeds 40_000_000+, seed 100,
-# fog severity 4; never on the test split): see RESULTS.md. Those tuning runs trained on
-# seed 100's training block, which is seed 0's test block, so the default seed is 1 (its
-# scenes, like those of seeds 2 and 3 that RESULTS.md reports, were never touched).
-# Deviations from the paper, because the demo domain is tiny and the budget is a minute
-# or two of CPU:
-# - lr 1e-2 (paper 1e-4): 400 steps instead of thousands, a 2 M-parameter model;
-# - lambda_w 1.0 (paper 0.001): the ordinal hinge acts on raw disparity, which this source
-#   model outputs with a median near 1, and there are only 15 pairs per image; at 0.001
-#   the term was ~1e-7 of the loss and changed nothing;
+# The demo's recipe is the benchmark sweep's (westar.sweep.DEFAULT_RECIPE), chosen on the
+# benchmark's validation split only (scripts/recipe_search.py, RESULTS.md section 3).
+# Deviations from the paper, because the domain is tiny and the budget minutes of CPU:
+# - lr 3e-3 (paper 1e-4): 300 steps instead of thousands, a 2 M-parameter model;
+# - lambda_w 1.0 (paper 0.001) on the scale-free ordinal term (normalized units): the
+#   weak labels carry most of the useful signal here; at 0.001 they changed nothing;
 # - lambda_r 0.01 (paper 1.0): at 1.0 the regularizer held the adapters at ~0 for the
-#   whole short run (validation: adapted == source to the 3rd decimal).
+#   whole short run (validation: adapted == source to the 4th decimal).
 # LoRA rank 8 / alpha 16, EMA 0.996, lambda_st 1.0, AdamW + cosine are the paper's.
-DEMO_LR = 1e-2
+# The default seed is 1: the earlier recipe search trained on seed 100's training block,
+# which is seed 0's test block.
+DEMO_LR = 3e-3
 
 
 def _corruptions() -> list[str]:
@@ -112,12 +110,12 @@ class DemoConfig:
 
     output: str = "runs/demo"
     corruptions: tuple[str, ...] = ("fog",)
-    severity: int = 4
+    severity: int = 3  # the benchmark's fog (westar.bench.SEVERITIES)
     seed: int = 1  # not 0: see DEMO_LR's comment
     train_images: int = 64
     eval_images: int = 64
     # the recipe: TrainConfig fields of every variant (a rung's zeros stay zero)
-    steps: int = 400
+    steps: int = 300
     image_size: int = 126
     batch_size: int = 4
     lr: float = DEMO_LR
@@ -279,9 +277,6 @@ def _train_variant(cfg: DemoConfig, variant: str, train_dir: Path, out_dir: Path
         tensorboard=False,
         progress=cfg.progress,
         cpu=device == "cpu",
-        # the recipe above (lambda_w 1.0 in particular) was chosen with the ordinal term on
-        # raw disparity; it stays there until a recipe is chosen for the normalized term
-        ordinal_norm="raw",
     )
     values.update(ABLATIONS[variant], ablation=variant)  # the rung's zeros win
     train_cfg = TrainConfig(**values)
