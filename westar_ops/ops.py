@@ -188,6 +188,20 @@ def _check_device(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but pred is on {ref.device}")
 
 
+def _check_valid(valid, pred: torch.Tensor, pred3: torch.Tensor) -> torch.Tensor:
+    """`valid` as a (B, H, W) bool view matching pred3 (pred's (B, H, W) view), checked."""
+    valid = _check_tensor("valid", valid)
+    _check_device("valid", valid, pred)
+    if valid.dtype != torch.bool:
+        raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
+    valid = _image_view("valid", valid)
+    if valid.shape != pred3.shape:
+        raise ValueError(
+            f"valid must have shape (B, H, W) = {tuple(pred3.shape)}, got {tuple(valid.shape)}"
+        )
+    return valid
+
+
 def _eager() -> bool:
     """Data-dependent checks (values, not shapes) run in eager mode only."""
     return not torch.compiler.is_compiling()
@@ -234,15 +248,7 @@ def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad)
                 f"{(batch, height, width)}, got {tuple(instances.shape)}"
             )
     if valid is not None:
-        valid = _check_tensor("valid", valid)
-        _check_device("valid", valid, pred)
-        if valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
-        valid = _image_view("valid", valid)
-        if valid.shape != pred3.shape:
-            raise ValueError(
-                f"valid must have shape (B, H, W) = {tuple(pred3.shape)}, got {tuple(valid.shape)}"
-            )
+        valid = _check_valid(valid, pred, pred3)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     if not eps >= 0:
@@ -580,15 +586,7 @@ def normalized_ordinal_ranking_loss(
                 "stats define the usable pixels)"
             )
     elif valid is not None:
-        valid = _check_tensor("valid", valid)
-        _check_device("valid", valid, pred)
-        if valid.dtype != torch.bool:
-            raise TypeError(f"valid must be a bool tensor, got {valid.dtype}")
-        valid = _image_view("valid", valid)
-        if valid.shape != pred3.shape:
-            raise ValueError(
-                f"valid must have shape (B, H, W) = {tuple(pred3.shape)}, got {tuple(valid.shape)}"
-            )
+        valid = _check_valid(valid, pred, pred3)
     family = _family(resolve_backend(backend, pred.device))
     args = (float(margin), ORDINAL_KINDS[kind], float(equal_weight))
     batch, height, width = pred3.shape
