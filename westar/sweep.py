@@ -432,6 +432,16 @@ def _reference(domain: str) -> tuple[str, str]:
     return ("oracle", domain) if domain in NATURAL else ("source", CLEAN)
 
 
+def _source_heldout(runs: dict, domain: str, seed: int) -> float | None:
+    """The source model's held-out pair accuracy on (domain, seed): logged at step 0 by
+    the trained runs (the same held-out pairs for every method of a seed)."""
+    for (_, d, s), r in runs.items():
+        acc = (r.get("train") or {}).get("heldout_acc_start")
+        if d == domain and s == seed and acc is not None:
+            return acc
+    return None
+
+
 def aggregate(runs: dict, methods=None, domains=None, seeds=None) -> dict[str, Any]:
     """Per target domain: mean ± std over seeds of AbsRel and delta1 of each method,
     paired-by-seed differences vs source and vs self_training (mean over the seeds both
@@ -460,6 +470,11 @@ def aggregate(runs: dict, methods=None, domains=None, seeds=None) -> dict[str, A
                 )
                 for k in KEYS
             }
+            held = [(r.get("train") or {}).get("heldout_acc") for r in got.values()]
+            if m == "source":  # the step-0 accuracy of any trained run (the source model)
+                held = [_source_heldout(runs, domain, s) for s in got]
+            if held and all(h is not None for h in held):  # westar train --holdout-pairs
+                row["heldout_acc"] = _stats(held)
             for base in ("source", "self_training"):
                 if m in (base, "source"):
                     continue
@@ -549,8 +564,8 @@ def format_markdown(sweep: dict) -> str:
             "",
             "| method | seeds | AbsRel | δ1 | ΔAbsRel vs source | Δδ1 vs source | wins vs "
             "source | ΔAbsRel vs self-training | Δδ1 vs self-training | wins vs self-training "
-            "| gap recovery |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| gap recovery | held-out pair acc |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for m, row in d["methods"].items():
             cells = [_label(m), str(row["abs_rel"]["n"])]
@@ -564,6 +579,8 @@ def format_markdown(sweep: dict) -> str:
                 ]
             g = row.get("gap_recovery")
             cells.append(f"{100 * g['value']:.1f} %" if g and g["value"] is not None else "–")
+            h = row.get("heldout_acc")
+            cells.append(f"{h['mean']:.3f} ± {h['std']:.3f}" if h else "–")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     if sweep["average"]:

@@ -211,3 +211,28 @@ def test_no_gap_gives_no_recovery(tmp_path):
     }
     g = aggregate(runs)["per_domain"]["fog"]["methods"]["westar"]["gap_recovery"]
     assert g["value"] is None and "no gap" in g["note"]
+
+
+def test_heldout_accuracy_is_aggregated_with_the_source_at_step_0():
+    from westar.sweep import aggregate, format_markdown
+
+    def trained(method, seed, start, end):
+        r = _record(method, "fog", seed, 0.25, 0.8)
+        r["train"] = {"heldout_acc_start": start, "heldout_acc": end}
+        return r
+
+    runs = {
+        ("source", "clean", 0): _record("source", "clean", 0, 0.2, 0.9),
+        ("source", "fog", 0): _record("source", "fog", 0, 0.3, 0.7),
+        ("source", "fog", 1): _record("source", "fog", 1, 0.3, 0.7),
+        ("westar", "fog", 0): trained("westar", 0, 0.70, 0.80),
+        ("westar", "fog", 1): trained("westar", 1, 0.74, 0.90),
+        ("self_training", "fog", 0): _record("self_training", "fog", 0, 0.3, 0.7),  # no holdout
+    }
+    sweep = aggregate(runs)
+    fog = sweep["per_domain"]["fog"]["methods"]
+    assert fog["westar"]["heldout_acc"]["mean"] == pytest.approx(0.85)
+    assert fog["westar"]["heldout_acc"]["std"] == pytest.approx(0.05)
+    assert fog["source"]["heldout_acc"]["mean"] == pytest.approx(0.72)  # step-0 values
+    assert "heldout_acc" not in fog["self_training"]
+    assert "0.850 ± 0.050" in format_markdown(sweep)
