@@ -76,6 +76,13 @@ SPLIT_SEEDS = {"train": 20_000_000, "test": 30_000_000, "val": 40_000_000}
 SEED_STRIDE = 100_000  # scenes per (split, seed) block
 
 MAX_DEPTH = 50.0  # evaluation cap in meters; the rooms are at most ~25 m deep
+STREETS = "streets"  # the natural shift: street scenes the source never saw (no corruption)
+STREETS_MAX_DEPTH = 80.0  # as the benchmark (westar.bench.MAX_DEPTH): backdrop <= ~80 m
+
+
+def max_depth(shift: str) -> float:
+    """Evaluation depth cap of a demo shift, meters."""
+    return STREETS_MAX_DEPTH if shift == STREETS else MAX_DEPTH
 
 # The demo's recipe is the benchmark sweep's (westar.sweep.DEFAULT_RECIPE), chosen on the
 # benchmark's validation split only (scripts/recipe_search.py, RESULTS.md section 3).
@@ -95,6 +102,11 @@ def _corruptions() -> list[str]:
     from westar.corrupt import CORRUPTIONS
 
     return sorted(CORRUPTIONS)
+
+
+def _shifts() -> list[str]:
+    """Every target domain the demo builds: a corruption of rooms, or streets."""
+    return [*_corruptions(), STREETS]
 
 
 @dataclass
@@ -119,8 +131,11 @@ class DemoConfig:
     image_size: int = 126
     batch_size: int = 4
     lr: float = DEMO_LR
+    lambda_st: float = 1.0
     lambda_w: float = 1.0
     lambda_r: float = 0.01
+    ema_decay: float = 0.996
+    holdout_pairs: float = 0.0
     variants: tuple[str, ...] = ("westar",)
     eval_split: str = "test"
     adapted_weights: str = "adapter"
@@ -130,20 +145,22 @@ class DemoConfig:
     progress: bool = True
     verbose: bool = True
 
-    RECIPE = ("steps", "image_size", "batch_size", "lr", "lambda_w", "lambda_r")
+    # every TrainConfig field the demo sets (the others are the trainer's defaults)
+    RECIPE = ("steps", "image_size", "batch_size", "lr", "lambda_st", "lambda_w", "lambda_r",
+              "ema_decay", "holdout_pairs")  # fmt: skip
 
     def __post_init__(self) -> None:
-        names = _corruptions()
+        names = _shifts()
         c = self.corruptions
         if isinstance(c, str):
-            c = names if c == "all" else [c]
+            c = _corruptions() if c == "all" else [c]
         self.corruptions = tuple(c)
         self.variants = tuple([self.variants] if isinstance(self.variants, str) else self.variants)
         self.output = str(self.output)
         self.model = None if self.model is None else str(self.model)
         for name in self.corruptions:
             if name not in names:
-                raise ValueError(f"unknown corruption {name!r}; one of {names} or 'all'")
+                raise ValueError(f"unknown shift {name!r}; one of {names} or 'all'")
         for v in self.variants:
             if v not in LADDER:
                 raise ValueError(f"unknown variant {v!r}; one of {tuple(LADDER)}")
@@ -215,10 +232,10 @@ def make_target_domain(
 
     from westar.corrupt import corrupt_image
     from westar.pairs import make_pairs_file
-    from westar.synth import SceneParams, render_scene, write_sample
+    from westar.synth import render, write_sample
 
     root = Path(root)
-    params = SceneParams(height=image_size, width=image_size)
+    family = "street" if corruption == STREETS else "room"
     out = {}
     for split, n in (("train", train_images), (eval_split, eval_images)):
         folder = root / split
@@ -228,14 +245,12 @@ def make_target_domain(
         for i, scene_seed in enumerate(
             tqdm(seeds, desc=f"{split} scenes ({corruption})", disable=not progress)
         ):
-            scene = render_scene(scene_seed, params)
-            image = corrupt_image(
-                scene.image,
-                corruption,
-                severity,
-                seed=_mix(split, seed, i),
-                depth=scene.depth,
-            )
+            scene = render(family, scene_seed, image_size, image_size)
+            image = scene.image
+            if corruption != STREETS:
+                image = corrupt_image(
+                    image, corruption, severity, seed=_mix(split, seed, i), depth=scene.depth
+                )
             write_sample(
                 folder,
                 f"{split}_{scene_seed:08d}",
@@ -356,7 +371,7 @@ def run_demo(cfg: DemoConfig = DEFAULTS) -> dict[str, Any]:
             device=device,
             local_files_only=True,
         )
-        scores = score_predictions(preds, samples, MAX_DEPTH)
+        scores = score_predictions(preds, samples, max_depth(c))
         timing[f"{c}/eval"] = time.perf_counter() - t0
         picture = "demo.png" if len(cfg.corruptions) == 1 else f"demo_{c}.png"
         comparison_grid(
@@ -365,7 +380,8 @@ def run_demo(cfg: DemoConfig = DEFAULTS) -> dict[str, Any]:
             preds,
             scores,
             {"source": "source", "adapted": main},
-            MAX_DEPTH,
+            max_depth(c),
+            error_maps=True,
         )
         results[c] = {
             name: {k: m[k] for k in ("abs_rel", "delta1", "images")} for name, m in scores.items()
@@ -385,8 +401,7 @@ def run_demo(cfg: DemoConfig = DEFAULTS) -> dict[str, Any]:
             cfg.to_dict(),
             model=str(model),
             device=device,
-            max_depth=MAX_DEPTH,
-            lambda_st=1.0,
+            max_depth={c: max_depth(c) for c in cfg.corruptions},
             protocol="per image LS scale+shift in disparity space; AbsRel, delta1; mean",
         ),
         "variants": {v: LADDER[v][0] for v in cfg.variants},
@@ -491,7 +506,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """DEFAULTS (QUICK with --quick), then the flags that were given."""
     changes: dict[str, Any] = {"output": args.output, "corruptions": args.corruption}
     for name in ("severity", "seed", "train_images", "eval_images", *DemoConfig.RECIPE):
-        if getattr(args, name) is not None:
+        if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     for name in ("device", "model"):
         if getattr(args, name):

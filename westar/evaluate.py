@@ -37,6 +37,7 @@ __all__ = [
     "score_predictions",
     "aligned_panels",
     "comparison_grid",
+    "error_panel",
     "evaluate",
 ]
 
@@ -362,6 +363,25 @@ def aligned_panels(
     return rgb, colorize(gt_disp, lo, hi, mask), panels
 
 
+def error_panel(
+    gt: np.ndarray,
+    pred: np.ndarray,
+    m: dict | None,
+    max_depth: float,
+    min_depth: float = 1e-3,
+    worst: float = 0.5,
+) -> np.ndarray:
+    """Per-pixel absolute relative depth error |d_aligned - d_gt| / d_gt of a prediction
+    (aligned with its `image_metrics` scale and shift, in disparity) as an RGB panel:
+    black = 0, bright = `worst` or more; pixels without valid depth grey."""
+    mask = np.isfinite(gt) & (gt > min_depth) & (gt <= max_depth)
+    if m is None:
+        return colorize(np.zeros_like(gt), 0.0, 1.0, mask)
+    disp = np.maximum(m["scale"] * pred + m["shift"], 1.0 / max_depth)
+    err = np.where(mask, np.abs(1.0 / disp - gt) / np.where(mask, gt, 1.0), 0.0)
+    return colorize(err, 0.0, worst, mask)
+
+
 def comparison_grid(
     path: str | Path,
     samples: list[tuple[str, np.ndarray, np.ndarray]],
@@ -371,17 +391,26 @@ def comparison_grid(
     max_depth: float,
     min_depth: float = 1e-3,
     rows: int = 4,
+    error_maps: bool = False,
 ) -> Path:
     """One PNG: a title row, then one row per image (the first `rows` with valid depth):
-    input | ground truth | each model of `columns` ({title: name in preds}), aligned."""
+    input | ground truth | each model of `columns` ({title: name in preds}), aligned, with
+    its AbsRel on that image; with `error_maps`, then each model's per-pixel relative
+    error (`error_panel`: black = right, bright = 50 % off or more)."""
     from PIL import ImageDraw
 
-    lines = []
+    lines, labels = [], []
     for stem, rgb, gt in samples:
         models = [(preds[n][stem], results[n]["per_image"].get(stem)) for n in columns.values()]
         panels = aligned_panels(rgb, gt, models, max_depth, min_depth)
         if panels is not None:
-            lines.append(np.concatenate([panels[0], panels[1], *panels[2]], axis=1))
+            extra = (
+                [error_panel(gt, p, m, max_depth, min_depth) for p, m in models]
+                if error_maps
+                else []
+            )
+            lines.append(np.concatenate([panels[0], panels[1], *panels[2], *extra], axis=1))
+            labels.append([m["abs_rel"] if m else None for _, m in models])
         if len(lines) == rows:
             break
     if not lines:
@@ -389,13 +418,20 @@ def comparison_grid(
     h, w = samples[0][1].shape[:2]
     head = 14
     titles = ["input", "ground truth", *columns]
+    if error_maps:
+        titles += [f"{t} error" for t in columns]
     canvas = Image.new("RGB", (lines[0].shape[1], head + sum(x.shape[0] for x in lines)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, title in enumerate(titles):
         draw.text((j * w + 3, 1), title[: max(4, w // 6)], fill=(0, 0, 0))
     y = head
-    for line in lines:
+    for line, values in zip(lines, labels):
         canvas.paste(Image.fromarray(line), (0, y))
+        for j, v in enumerate(values):  # each model's AbsRel on this image, in its panel
+            if v is not None:
+                xy = ((2 + j) * w + 3, y + line.shape[0] - 13)
+                draw.rectangle([xy[0] - 2, xy[1] - 1, xy[0] + 56, xy[1] + 11], fill=(0, 0, 0))
+                draw.text(xy, f"AbsRel {v:.2f}", fill=(255, 255, 255))
         y += line.shape[0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

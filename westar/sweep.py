@@ -356,9 +356,14 @@ def run_sweep(
     max_runs: int | None = None,
     bench=None,
     verbose: bool = True,
+    workers: int = 1,
 ) -> dict[str, int]:
-    """Every planned run whose file is missing, in order; {"done", "skipped", "left"}."""
+    """Every planned run whose file is missing, in order; {"done", "skipped", "left"}.
+    With workers > 1, that many processes run them in parallel (cores / workers torch
+    threads each; the benchmark module is imported in each)."""
     bench = bench or _bench()
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     domains = list(domains or bench.DOMAINS)
@@ -374,19 +379,38 @@ def run_sweep(
     out = Path(out)
     runs = plan(methods, domains, seeds)
     _check_existing(out, runs, split, recipe)
-    counts = {"done": 0, "skipped": 0, "left": 0}
-    for run in runs:
-        if run_file(out, run).exists():
-            counts["skipped"] += 1
-            continue
-        if max_runs is not None and counts["done"] >= max_runs:
-            counts["left"] += 1
-            continue
-        run_one(run, data=data, out=out, model=model, recipe=recipe, split=split,
-                device=device, bench=bench, verbose=verbose)  # fmt: skip
-        counts["done"] += 1
     _record_plan(out, methods, domains, seeds, split, recipe, data, model)
+    todo = [run for run in runs if not run_file(out, run).exists()]
+    counts = {"done": 0, "skipped": len(runs) - len(todo), "left": 0}
+    if max_runs is not None:
+        todo, counts["left"] = todo[:max_runs], max(0, len(todo) - max_runs)
+    kw = dict(data=data, out=out, model=model, recipe=recipe, split=split, device=device,
+              verbose=verbose)  # fmt: skip
+    if workers <= 1:
+        for run in todo:
+            run_one(run, bench=bench, **kw)
+            counts["done"] += 1
+        return counts
+    import types
+    from concurrent.futures import ProcessPoolExecutor
+
+    kw["bench"] = None if isinstance(bench, types.ModuleType) else bench  # modules don't pickle
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, initializer=_set_threads, initargs=(threads,)) as pool:
+        for _ in pool.map(_run_job, [(run, kw) for run in todo]):
+            counts["done"] += 1
     return counts
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _run_job(job: tuple) -> None:
+    run, kw = job
+    run_one(run, **kw)
 
 
 def _union(*lists) -> list:
@@ -700,6 +724,8 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="source model directory (default: the shipped one)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--max-runs", type=int, help="stop after this many new runs (resume later)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs in parallel, each with cores / workers threads (default: 1)")  # fmt: skip
     p.add_argument("--report", action="store_true",
                    help="only write sweep.json, SWEEP.md and ladder.png from the run files")  # fmt: skip
 
@@ -726,7 +752,7 @@ def cli_run(args: argparse.Namespace) -> int:
         counts = run_sweep(
             args.data, args.out, methods=args.methods, domains=args.domains, seeds=args.seeds,
             split=args.split, recipe=_read_recipe(args.recipe), model=args.model,
-            device=args.device, max_runs=args.max_runs,
+            device=args.device, max_runs=args.max_runs, workers=args.workers,
         )  # fmt: skip
         print(f"runs: {counts['done']} done, {counts['skipped']} already there, "
               f"{counts['left']} left")  # fmt: skip

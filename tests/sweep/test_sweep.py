@@ -236,3 +236,19 @@ def test_heldout_accuracy_is_aggregated_with_the_source_at_step_0():
     assert fog["source"]["heldout_acc"]["mean"] == pytest.approx(0.72)  # step-0 values
     assert "heldout_acc" not in fog["self_training"]
     assert "0.850 ± 0.050" in format_markdown(sweep)
+
+
+def test_parallel_workers_write_the_same_run_files(tiny, bench_root, tmp_path):
+    from westar.sweep import run_sweep
+
+    kw = dict(methods=["source", "westar"], domains=["fog"], seeds=[0], split="val",
+              recipe=RECIPE, model=tiny, device="cpu", bench=fake_bench(), verbose=False)  # fmt: skip
+    counts = run_sweep(bench_root, tmp_path / "par", workers=2, **kw)
+    assert counts == {"done": 3, "skipped": 0, "left": 0}
+    names = sorted(p.stem for p in (tmp_path / "par" / "runs").glob("*.json"))
+    assert names == ["source__clean__seed0", "source__fog__seed0", "westar__fog__seed0"]
+    rec = json.loads((tmp_path / "par" / "runs" / "westar__fog__seed0.json").read_text())
+    assert rec["train"]["adapter_change"] > 0 and rec["images"] == 2
+    assert run_sweep(bench_root, tmp_path / "par", workers=2, **kw)["skipped"] == 3
+    with pytest.raises(ValueError, match="--workers"):
+        run_sweep(bench_root, tmp_path / "par", workers=0, **kw)
