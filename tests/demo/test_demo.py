@@ -31,7 +31,14 @@ def _model_args(tmp_path: Path) -> list[str]:
     return ["--model", str(make_tiny_depth_anything(tmp_path / "tiny"))]
 
 
-def _check_metrics(out: Path, variants: list[str], corruption: str = "fog") -> dict:
+def _default_shift() -> str:
+    from westar.demo import DEFAULTS
+
+    return DEFAULTS.corruptions[0]
+
+
+def _check_metrics(out: Path, variants: list[str], corruption: str | None = None) -> dict:
+    corruption = corruption or _default_shift()
     report = json.loads((out / "metrics.json").read_text())
     s = report["settings"]
     assert s["quick"] is True and s["corruptions"] == [corruption] and s["variants"] == variants
@@ -90,18 +97,19 @@ def test_demo_quick_cli(tmp_path):
     assert "source" in proc.stdout and "adapted (WeSTAR)" in proc.stdout
     report = _check_metrics(out, ["westar"])
     assert_adapted(report)
-    # the picture: 4 columns (input, ground truth, source, adapted) of image_size each
+    # the picture: 6 columns (input, ground truth, source, adapted, and the two error maps)
     pic = Image.open(out / "demo.png")
     size = report["settings"]["image_size"]
-    assert pic.mode == "RGB" and pic.width == 4 * size and pic.height > size
+    assert pic.mode == "RGB" and pic.width == 6 * size and pic.height > size
     # the training run left its adapters; the training split has no ground truth
-    run = out / "runs" / "fog" / "westar"
+    shift = _default_shift()
+    run = out / "runs" / shift / "westar"
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "teacher" / "adapter_config.json").is_file()
-    train = out / "data" / "fog" / "train"
+    train = out / "data" / shift / "train"
     assert (train / "pairs.json").is_file() and (train / "instances").is_dir()
     assert not (train / "depth").exists()
-    assert (out / "data" / "fog" / "test" / "depth").is_dir()
+    assert (out / "data" / shift / "test" / "depth").is_dir()
 
 
 def test_run_demo_ladder_api(tmp_path):
@@ -137,7 +145,7 @@ def test_noop_adaptation_fails_the_check(tmp_path):
                               device="cpu", progress=False, verbose=False)  # fmt: skip
     report = run_demo(cfg)
     _check_metrics(tmp_path / "noop", ["westar"])  # the files are all there ...
-    assert report["training"]["fog"]["westar"]["adapter_change"] == 0.0
+    assert report["training"][_default_shift()]["westar"]["adapter_change"] == 0.0
     with pytest.raises(AssertionError, match="did not move"):  # ... and the check fails
         assert_adapted(report)
 
@@ -145,7 +153,7 @@ def test_noop_adaptation_fails_the_check(tmp_path):
 def test_demo_config_rejects_bad_arguments(tmp_path):
     from westar.demo import QUICK, DemoConfig
 
-    with pytest.raises(ValueError, match="unknown corruption"):
+    with pytest.raises(ValueError, match="unknown shift"):
         DemoConfig(output=str(tmp_path), corruptions="snow")
     with pytest.raises(ValueError, match="multiple of 14"):
         dataclasses.replace(QUICK, image_size=50)
@@ -219,3 +227,53 @@ def test_ablation_prints_the_ladder_in_the_papers_order(tmp_path):
               "+ weak labels", "+ regularization (WeSTAR)"]  # fmt: skip
     at = [text.index(label) for label in labels]
     assert at == sorted(at)
+
+
+def test_streets_shift_builds_street_scenes_without_corruption(tmp_path):
+    """The natural shift: street scenes (westar.synth.render("street", ...)) written as
+    they are rendered, with the benchmark's 80 m depth cap."""
+    import numpy as np
+
+    from westar.demo import make_target_domain, max_depth, scene_seeds
+    from westar.synth import render
+
+    dirs = make_target_domain(tmp_path / "d", "streets", 3, seed=1, train_images=2,
+                              eval_images=2, image_size=56, progress=False)  # fmt: skip
+    first = scene_seeds("test", 1, 2)[0]
+    written = np.asarray(Image.open(dirs["eval"] / "images" / f"test_{first:08d}.png"))
+    np.testing.assert_array_equal(written, render("street", first, 56, 56).image)
+    assert (dirs["train"] / "pairs.json").is_file() and not (dirs["train"] / "depth").exists()
+    assert max_depth("streets") == 80.0 and max_depth("fog") == 50.0
+
+
+def test_every_recipe_field_is_a_demo_default(tmp_path, monkeypatch):
+    """Every TrainConfig field a demo run sets differently from the trainer's defaults is
+    a DemoConfig field (westar.demo.DEFAULTS), a per-run field, or the variant's own."""
+    from westar import demo, model, train
+    from westar.config import ABLATIONS, TrainConfig
+
+    seen = []
+
+    class FakeTrainer:
+        def __init__(self, cfg):
+            seen.append(cfg)
+
+        def fit(self):
+            return {"loss": 1.0}
+
+    monkeypatch.setattr(train, "Trainer", FakeTrainer)
+    monkeypatch.setattr(model, "adapter_delta_sq_norm", lambda path: 1.0)
+    cfg = dataclasses.replace(demo.DEFAULTS, progress=False)
+    demo._train_variant(cfg, "westar", tmp_path / "data", tmp_path / "run", tmp_path, "cpu")
+    (run_cfg,) = seen
+    defaults = TrainConfig()
+    per_run = {"model", "data", "output_dir", "seed", "save_every", "keep_checkpoints",
+               "tensorboard", "progress", "cpu", "ablation"}  # fmt: skip
+    differs = {f.name for f in dataclasses.fields(TrainConfig)
+               if getattr(run_cfg, f.name) != getattr(defaults, f.name)}  # fmt: skip
+    unexplained = differs - per_run - set(demo.DemoConfig.RECIPE) - set(ABLATIONS["westar"])
+    assert not unexplained
+    for name in demo.DemoConfig.RECIPE:  # and the run uses the demo's value of each
+        want = getattr(cfg, name)
+        want = (want, want) if name == "image_size" else want
+        assert getattr(run_cfg, name) == want, name
