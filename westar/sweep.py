@@ -360,7 +360,8 @@ def run_sweep(
 ) -> dict[str, int]:
     """Every planned run whose file is missing, in order; {"done", "skipped", "left"}.
     With workers > 1, that many processes run them in parallel (cores / workers torch
-    threads each; the benchmark module is imported in each)."""
+    threads each; the benchmark module is imported in each), method by method in the
+    order of `methods`."""
     bench = bench or _bench()
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
@@ -395,6 +396,9 @@ def run_sweep(
     from concurrent.futures import ProcessPoolExecutor
 
     kw["bench"] = None if isinstance(bench, types.ModuleType) else bench  # modules don't pickle
+    # method by method, in the order of `methods`: a sweep cut short lacks the last methods'
+    # runs, not a seed of every method
+    todo.sort(key=lambda run: list(methods).index(run.method))
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, initializer=_set_threads, initargs=(threads,)) as pool:
         for _ in pool.map(_run_job, [(run, kw) for run in todo]):
