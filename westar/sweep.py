@@ -398,7 +398,8 @@ def run_sweep(
     kw["bench"] = None if isinstance(bench, types.ModuleType) else bench  # modules don't pickle
     # method by method, in the order of `methods`: a sweep cut short lacks the last methods'
     # runs, not a seed of every method
-    todo.sort(key=lambda run: list(methods).index(run.method))
+    order = {m: i for i, m in enumerate(methods)}
+    todo.sort(key=lambda run: order.get(run.method, -1))  # the clean source runs first
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, initializer=_set_threads, initargs=(threads,)) as pool:
         for _ in pool.map(_run_job, [(run, kw) for run in todo]):
