@@ -323,9 +323,13 @@ def peak_memory_subprocess(args, batch: int, variant: str) -> float | None:
     return None
 
 
-# CUDA runtime calls that make the host wait for the device (kineto's names)
-SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
-              "cuStreamSynchronize", "cuCtxSynchronize", "cudaMemcpy", "cudaMemcpy2D")  # fmt: skip
+# CUDA runtime / driver calls that make the host wait for the device (kineto's names):
+# every "...Synchronize" (stream, event, device, context) and the synchronous copies
+SYNC_CALLS = ("cudaMemcpy", "cudaMemcpy2D", "cuMemcpyDtoH_v2", "cuMemcpyHtoD_v2")
+
+
+def is_sync_call(name: str) -> bool:
+    return name in SYNC_CALLS or (name.startswith("cu") and name.endswith("Synchronize"))
 
 
 def count_syncs(step_fn, steps: int, device: str) -> dict:
@@ -345,7 +349,7 @@ def count_syncs(step_fn, steps: int, device: str) -> dict:
         _sync(device)
     calls: dict[str, int] = {}
     for e in prof.key_averages():
-        if e.key in SYNC_CALLS:
+        if is_sync_call(e.key):
             calls[e.key] = calls.get(e.key, 0) + e.count
     if calls.get("cudaDeviceSynchronize"):  # the _sync() at the end of the block is ours
         calls["cudaDeviceSynchronize"] -= 1

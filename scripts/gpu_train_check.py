@@ -65,7 +65,7 @@ PROFILES = {
     "small": dict(arch="small", size=518, batch=4, steps=30, save_every=10, short_steps=10,
                   shapes=[(525, 700), (700, 525), (576, 1024), (518, 518)], images=8,
                   sam2_side=256, workers=-1),
-    "tiny": dict(arch="tiny", size=56, batch=2, steps=6, save_every=2, short_steps=3,
+    "tiny": dict(arch="tiny", size=56, batch=2, steps=4, save_every=2, short_steps=2,
                  shapes=[(60, 80), (80, 60), (56, 100), (56, 56)], images=4,
                  sam2_side=128, workers=1),
 }  # fmt: skip
@@ -224,7 +224,7 @@ class Check:
                 [sys.executable, "-m", "westar", *argv], stdout=f, stderr=subprocess.STDOUT,
                 env=self.env, cwd=str(ROOT), start_new_session=True,
             )  # fmt: skip
-            killed = False
+            killed = False  # by us, after the marker
             while proc.poll() is None and time.perf_counter() - t0 < limit:
                 if marker.exists():
                     proc.send_signal(signal.SIGKILL)
@@ -240,7 +240,12 @@ class Check:
                 pass
         seconds = time.perf_counter() - t0
         ok = killed and rc == -signal.SIGKILL
-        note = f"SIGKILL after {marker.name}" if ok else f"not killed mid-run (rc {rc}); see {log}"
+        if ok:
+            note = f"SIGKILL after {marker.name}"
+        elif not killed and rc == -signal.SIGKILL:
+            note = f"no {marker.name} within {limit:g} s: killed; see {log}"
+        else:
+            note = f"ended by itself (rc {rc}) before the kill; see {log}"
         self.line(name, 0 if ok else 1, seconds, note)
         return {"killed": killed, "rc": rc}
 
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
                    help="autocast of the training runs (default bf16)")  # fmt: skip
     p.add_argument("--summary", help="also append the summary lines to this file")
     p.add_argument("--in-process", action="store_true", help="commands in this process (CI)")
-    p.add_argument("--kill-limit", type=float, default=120.0, help="seconds to wait for the killed run's checkpoint")  # fmt: skip
+    p.add_argument("--kill-limit", type=float, default=300.0, help="seconds to wait for the killed run's checkpoint")  # fmt: skip
     p.add_argument("--skip", nargs="*", default=[], help="commands to leave out (e.g. demo)")
     args = p.parse_args(argv)
 
