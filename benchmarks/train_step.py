@@ -465,6 +465,8 @@ def memory_vs_estimate(args, tmp: Path, data: Path) -> list[dict]:
     out = []
     for ckpt in (False, True):
         est = estimate(arch, args.size, batch, ckpt, args.precision == "bf16")
+        # what earlier trainers left allocated (should be ~0: the peak below includes it)
+        leftover = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
         trainer, batch_dict = build_trainer(
             model, data, args.size, batch, device, args.precision, checkpointing=ckpt
         )
@@ -485,7 +487,7 @@ def memory_vs_estimate(args, tmp: Path, data: Path) -> list[dict]:
             "precision": args.precision, "estimate_gib": est["total_gib"],
             "estimate_without_context_gib": round(est["total_gib"] - context, 2),
             "peak_allocated_gib": allocated, "peak_reserved_gib": reserved,
-            "parameters": est["parameters"],
+            "allocated_before_gib": leftover, "parameters": est["parameters"],
         })  # fmt: skip
         del trainer, batch_dict
         _free(device)
@@ -523,13 +525,14 @@ def report(args, results: dict, memory: list[dict]) -> None:
               f"{ {n: r['sync_calls'] for n, r in rows.items()} }")  # fmt: skip
     if memory:
         print("| model | checkpointing | estimate GiB (without the 1 GiB context) "
-              "| peak allocated GiB | peak reserved GiB |")  # fmt: skip
-        print("|---|---|---|---|---|")
+              "| peak allocated GiB | peak reserved GiB | allocated before GiB |")  # fmt: skip
+        print("|---|---|---|---|---|---|")
         for m in memory:
             print(f"| {m['arch']} ({m['parameters'] / 1e6:.0f} M), {m['size']} px, batch "
                   f"{m['batch']}, {m['precision']} | {'yes' if m['checkpointing'] else 'no'} "
                   f"| {m['estimate_gib']:.1f} ({m['estimate_without_context_gib']:.1f}) "
-                  f"| {_fmt(m['peak_allocated_gib'], '.2f')} | {_fmt(m['peak_reserved_gib'], '.2f')} |")  # fmt: skip
+                  f"| {_fmt(m['peak_allocated_gib'], '.2f')} | {_fmt(m['peak_reserved_gib'], '.2f')} "
+                  f"| {_fmt(m['allocated_before_gib'], '.2f')} |")  # fmt: skip
 
 
 def missed_targets(results: dict) -> list[str]:

@@ -117,8 +117,9 @@ step pytest_gpu "${T_GPU:-120}" pytest_gpu.log "$PY" -m pytest tests/gpu -q $XDI
 step pytest_tri "${T_TRITON:-90}" pytest_triton.log "$PY" -m pytest tests/triton -q $XDIST -rfEs -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_triton.xml"
 
-# The trainer, as users run it (each command's line goes into the summary as it ends).
-step train "${T_TRAIN:-150}" train.log "$PY" scripts/gpu_train_check.py "$OUTDIR/train" \
+# The trainer, as users run it: about 2 minutes expected (11 Python starts), limit 3;
+# each command's line goes into the summary as it ends.
+step train "${T_TRAIN:-180}" train.log "$PY" scripts/gpu_train_check.py "$OUTDIR/train" \
   --summary "$SUMMARY"
 step trainstep "${T_STEP:-150}" train_step.log "$PY" benchmarks/train_step.py --model small \
   --size 518 --batch 4 8 --steps 20 --warmup 3 --profile-steps 5 --memory-arch large \
