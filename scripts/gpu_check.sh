@@ -117,7 +117,7 @@ step pytest_gpu "${T_GPU:-120}" pytest_gpu.log "$PY" -m pytest tests/gpu -q $XDI
 step pytest_tri "${T_TRITON:-90}" pytest_triton.log "$PY" -m pytest tests/triton -q $XDIST -rfEs -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_triton.xml"
 
-# The trainer, as users run it: about 2 minutes expected (11 Python starts), limit 3;
+# The trainer, as users run it: about 2 minutes expected (11 Python starts), limit 3 min;
 # each command's line goes into the summary as it ends.
 step train "${T_TRAIN:-180}" train.log "$PY" scripts/gpu_train_check.py "$OUTDIR/train" \
   --summary "$SUMMARY"
