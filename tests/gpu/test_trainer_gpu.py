@@ -1,5 +1,6 @@
 """The trainer on a CUDA device (issue 20): bf16 autocast dtypes, pinned batches, device
-placement of instance maps and pairs, host syncs of a step, gradient checkpointing.
+placement of instance maps and pairs, host syncs of a step (and of the augmentations and
+the input normalization), gradient checkpointing.
 
 A tiny random-init Depth Anything V2 (tests/trainer/helpers.py); the whole trainer at
 Depth Anything V2 Small size runs in scripts/gpu_check.sh's trainer stage.
@@ -61,6 +62,26 @@ def syncs_of(fn) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def test_augment_and_normalize_do_not_sync(tiny_model):
+    """The augmentations' constants (gray weights, YIQ matrices and the inverse) and the
+    model's mean / std go to the device once, not at every call: a tensor built from
+    Python numbers on a GPU, and torch.linalg.inv there, wait for the device."""
+    from westar.augment import step_generator, strong_augment, weak_augment
+    from westar.model import load_depth_model
+
+    depth_model = load_depth_model(str(tiny_model))
+    x = torch.rand(2, 3, 28, 28).pin_memory().cuda(non_blocking=True)
+
+    def run():
+        gen = step_generator(0, 1)
+        weak = weak_augment(x, gen, 0.2)
+        strong = strong_augment(x, gen, blur_prob=1.0, gray_prob=1.0, noise_prob=1.0)
+        return depth_model.normalize(weak), depth_model.normalize(strong)
+
+    run()  # the first call makes the constants
+    assert syncs_of(run) == []
 
 
 @pytest.mark.parametrize("pseudo_label", ["teacher", "depth"])
