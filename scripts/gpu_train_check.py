@@ -46,6 +46,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,7 +343,10 @@ def check_predict(images: Path, out: Path) -> tuple[bool, str, dict]:
 
 def compare_predictions(a: Path, b: Path, rel: float = 1e-3) -> tuple[bool, str, dict]:
     worst = 0.0
-    for path in sorted(a.glob("*.npy")):
+    paths = sorted(a.glob("*.npy"))
+    if not paths:
+        return False, f"no predictions in {a}", {}
+    for path in paths:
         x, y = np.load(path), np.load(b / path.name)
         if x.shape != y.shape:
             return False, f"{path.name}: shapes {x.shape} / {y.shape}", {}
@@ -375,6 +379,8 @@ def main(argv=None) -> int:
     tol = TOLERANCE[kind]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("runs", "data", "pred", "pred_merged", "merged", "demo", "sam2_instances"):
+        shutil.rmtree(out / name, ignore_errors=True)  # a rerun into the same folder
     chk = Check(out, Path(args.summary).resolve() if args.summary else None, args.in_process)
 
     t0 = time.perf_counter()
