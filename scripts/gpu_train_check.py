@@ -367,7 +367,8 @@ def main(argv=None) -> int:
                    help="autocast of the training runs (default bf16)")  # fmt: skip
     p.add_argument("--summary", help="also append the summary lines to this file")
     p.add_argument("--in-process", action="store_true", help="commands in this process (CI)")
-    p.add_argument("--kill-limit", type=float, default=300.0, help="seconds to wait for the killed run's checkpoint")  # fmt: skip
+    p.add_argument("--kill-limit", type=float, default=900.0,
+                   help="seconds to wait for the killed run's checkpoint (a loaded machine is slow)")  # fmt: skip
     p.add_argument("--skip", nargs="*", default=[], help="commands to leave out (e.g. demo)")
     args = p.parse_args(argv)
 
