@@ -46,6 +46,10 @@ ARCHS = {  # Depth Anything V2 on the hub: backbone width, depth, heads, neck, f
                  out=[3, 6, 9, 12]),
     "large": dict(hidden=1024, layers=24, heads=16, neck=[256, 512, 1024, 1024], fusion=256,
                   out=[5, 12, 18, 24]),
+    # not a released size: the tests' 1 M parameter model, for CI's CPU runs of
+    # scripts/gpu_train_check.py and benchmarks/train_step.py (--profile / --model tiny)
+    "tiny": dict(hidden=96, layers=6, heads=3, neck=[24, 48, 96, 96], fusion=32,
+                 out=[2, 4, 5, 6]),
 }  # fmt: skip
 GiB = 2**30
 

@@ -7,15 +7,29 @@
 #    the visible GPU's compute capability; rebuilt with /usr/bin/g++ if $CXX links its own
 #    copy of libstdc++'s stream code into the extension, see own_libstdcxx below);
 # 2. runs tests/gpu and tests/triton (real Triton compiler, no interpreter);
-# 3. runs compute-sanitizer memcheck and racecheck on small cases of every kernel of both
+# 3. the trainer end to end on CUDA (scripts/gpu_train_check.py: a Depth Anything V2
+#    Small-sized model with random weights at 518 px on synthetic images with instance
+#    maps and pairs: westar train in bf16 with a checkpoint, a SIGKILL and --resume,
+#    --grad-accum 2, --gradient-checkpointing, westar masks (SAM2), eval, predict, merge,
+#    demo --quick; one summary line per command and check);
+# 4. the training step benchmark (benchmarks/train_step.py: westar's step vs the
+#    researcher's at DAv2-Small size, 518 px, batch 4 and 8, bf16; the Large-sized
+#    model's peak memory against benchmarks/memory_estimate.py; fails if the losses take
+#    more than 2 % of the step or westar's step is not the faster);
+# 5. runs compute-sanitizer memcheck and racecheck on small cases of every kernel of both
 #    GPU backends (scripts/gpu_sanitize_cases.py);
-# 4. runs benchmarks/gpu_bench.py (Triton vs CUDA vs reference, CUDA events).
+# 6. runs benchmarks/gpu_bench.py (Triton vs CUDA vs reference, CUDA events).
 #
 # Every step writes its log to OUTDIR (env.txt, build.log, pytest_gpu.log / .xml,
-# pytest_triton.log, memcheck.log, racecheck.log, bench.log, bench.csv) and summary.txt
-# lists each step's exit status and seconds. Each step has its own time limit (seconds,
-# environment: T_BUILD T_GPU T_TRITON T_SAN T_BENCH) so the whole check ends within
-# 10 minutes on one GPU even if a step hangs. Exit status: 0 only if every step passed.
+# pytest_triton.log, train.log and train/ (the trainer stage's logs, runs and
+# train_check.json), train_step.log / .json, memcheck.log, racecheck.log, bench.log,
+# bench.csv) and summary.txt lists each step's exit status and seconds (and, for the
+# trainer stage, each command's). Each step has its own time limit (seconds, environment:
+# T_BUILD T_GPU T_TRITON T_TRAIN T_STEP T_SAN T_BENCH), and no step runs past T_TOTAL
+# (default 590) seconds from the start (a step's limit is cut to what is left; a step
+# with less than 20 s left is skipped and counts as failed), so the whole check ends
+# within 10 minutes on one GPU even if a step hangs. Exit status: 0 only if every step
+# passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-gpu_check_out}}
@@ -27,10 +41,18 @@ SUMMARY="$OUTDIR/summary.txt"
 : >"$SUMMARY"
 status=0
 
+T_TOTAL=${T_TOTAL:-590}
 step() {  # step NAME LIMIT_S LOG COMMAND...
   local name=$1 limit=$2 log=$3
   shift 3
   local t0=$SECONDS rc
+  local left=$((T_TOTAL - SECONDS - 10))  # timeout's --kill-after below
+  if [ "$left" -lt 20 ]; then
+    printf '%-10s rc=%-3s %4ss  %s\n' "$name" 124 0 "skipped: $((T_TOTAL - SECONDS)) s left of T_TOTAL=$T_TOTAL" | tee -a "$SUMMARY"
+    status=1
+    return 124
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "== $name (limit ${limit}s)"
   timeout --kill-after=10 "$limit" "$@" >"$OUTDIR/$log" 2>&1
   rc=$?
@@ -94,6 +116,14 @@ step pytest_gpu "${T_GPU:-120}" pytest_gpu.log "$PY" -m pytest tests/gpu -q $XDI
   --junitxml="$OUTDIR/pytest_gpu.xml"
 step pytest_tri "${T_TRITON:-90}" pytest_triton.log "$PY" -m pytest tests/triton -q $XDIST -rfEs -p no:cacheprovider \
   --junitxml="$OUTDIR/pytest_triton.xml"
+
+# The trainer, as users run it: about 2 minutes expected (11 Python starts), limit 3 min;
+# each command's line goes into the summary as it ends.
+step train "${T_TRAIN:-180}" train.log "$PY" scripts/gpu_train_check.py "$OUTDIR/train" \
+  --summary "$SUMMARY"
+step trainstep "${T_STEP:-150}" train_step.log "$PY" benchmarks/train_step.py --model small \
+  --size 518 --batch 4 8 --steps 20 --warmup 3 --profile-steps 5 --memory-arch large \
+  --targets --json "$OUTDIR/train_step.json"
 
 if command -v compute-sanitizer >/dev/null; then
   # No caching allocator: an out-of-bounds access past a tensor then leaves its allocation.

@@ -17,6 +17,28 @@ import torch.nn.functional as F
 __all__ = ["step_generator", "weak_augment", "strong_augment"]
 
 _GRAY = (0.299, 0.587, 0.114)
+_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A constant of this module in x's dtype on x's device, made once per (name, device,
+    dtype). Made on the CPU and copied: on a GPU, a tensor built from Python numbers is a
+    blocking host-to-device copy, and `torch.linalg.inv` checks its result on the host;
+    both would make every step wait for the device."""
+    key = (name, x.device, x.dtype)
+    value = _CONSTANTS.get(key)
+    if value is None:
+        if name == "gray":
+            value = torch.tensor(_GRAY, dtype=x.dtype).view(1, 3, 1, 1)
+        elif name == "to_yiq":
+            value = torch.tensor(_TO_YIQ, dtype=x.dtype)
+        elif name == "to_rgb":
+            value = torch.linalg.inv(torch.tensor(_TO_YIQ, dtype=x.dtype))
+        else:
+            raise KeyError(name)
+        value = _CONSTANTS[key] = value.to(x.device)
+    return value
 
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
@@ -30,8 +52,7 @@ def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(1, keepdim=True)
+    return (x * _constant("gray", x)).sum(1, keepdim=True)
 
 
 def _to(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -64,12 +85,7 @@ def _saturation(x, gen, strength):
 def _hue(x, gen, max_shift):
     """Rotate chroma in YIQ space by an angle up to max_shift * 2 pi."""
     angle = _uniform(gen, x.shape[0], -max_shift, max_shift) * (2 * math.pi)
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=x.dtype,
-        device=x.device,
-    )
-    to_rgb = torch.linalg.inv(to_yiq)
+    to_yiq, to_rgb = _constant("to_yiq", x), _constant("to_rgb", x)
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
     c, s = _col(torch.cos(angle), x)[:, 0], _col(torch.sin(angle), x)[:, 0]
     i, q = yiq[:, 1], yiq[:, 2]

@@ -62,6 +62,7 @@ class DepthModel:
         self.source = source
         self.patch_size = model_patch_size(model)
         self.input_size = model_input_size(model)
+        self._norm: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def check_size(self, size: tuple[int, int], what: str = "image_size") -> None:
         """A clear error unless (H, W) are positive multiples of the patch size (a ViT
@@ -75,9 +76,18 @@ class DepthModel:
             )
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB (B, 3, H, W) -> model input."""
-        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        """[0, 1] RGB (B, 3, H, W) -> model input.
+
+        mean and std are made once per (device, dtype): on a GPU a tensor built from
+        Python numbers is a blocking copy, which would make every step wait for the device.
+        """
+        key = (images.device, images.dtype)
+        if key not in self._norm:
+            self._norm[key] = tuple(
+                torch.tensor(v, dtype=images.dtype).view(1, 3, 1, 1).to(images.device)
+                for v in (self.mean, self.std)
+            )
+        mean, std = self._norm[key]
         return (images - mean) / std
 
 

@@ -315,7 +315,9 @@ class Trainer:
         unwrapped = self.unwrapped
         weak = weak_augment(images, gen, cfg.weak_jitter) if augment else images
         if cfg.pseudo_label == "depth":
-            teacher_out = depth_target(batch["depth"], cfg.output_space).to(acc.device)
+            # on the device: a CPU result would leave pageable memory (a host sync)
+            depth = batch["depth"].to(acc.device, non_blocking=True)
+            teacher_out = depth_target(depth, cfg.output_space)
         else:
             with (
                 torch.no_grad(),
