@@ -26,9 +26,9 @@ ORDINAL_NORMS = ("global", "raw")
 # --ablation NAME`, `westar demo --ablation` and the benchmark sweep (westar.sweep) all
 # read it. The zeros are part of a rung (a recipe's lambda_w does not turn weak labels on
 # for plain self-training); "westar" overrides nothing: the paper's method is the default.
-# The self-training-only rungs set lambda_st = 1: alone, the term's weight only scales
-# the gradient (which AdamW undoes), and a recipe's lambda_st (its balance against the
-# weak term, possibly 0) must not switch them off.
+# The rungs below WeSTAR set lambda_st = 1: they are self-training (alone, the term's
+# weight only scales the gradient, which AdamW undoes), and a recipe's lambda_st (its
+# balance against the weak term, possibly 0) must not switch them off.
 SELF_TRAINING_ONLY = {"lambda_st": 1.0, "lambda_w": 0.0, "lambda_r": 0.0}
 LADDER: dict[str, tuple[str, dict[str, Any]]] = {
     "self_training": (  # plain self-training: global median/MAD context only
@@ -43,18 +43,18 @@ LADDER: dict[str, tuple[str, dict[str, Any]]] = {
         "SA-HDN",
         {"hdn": "instances", **SELF_TRAINING_ONLY},
     ),
-    "sa_hdn_weak": ("+ weak labels", {"hdn": "instances", "lambda_r": 0.0}),
+    "sa_hdn_weak": ("+ weak labels", {"hdn": "instances", "lambda_st": 1.0, "lambda_r": 0.0}),
     "westar": ("+ regularization (WeSTAR)", {}),
 }
 
 # `--ablation` presets: name -> fields it overrides. The ladder's rungs, plus the
 # leave-one-out variants of the full method under names of their own ("full" is
-# "westar"; "no_reg" is the same recipe as "sa_hdn_weak").
+# "westar"; "no_reg" is "sa_hdn_weak" when the recipe's lambda_st is 1).
 ABLATIONS: dict[str, dict[str, Any]] = {
     **{name: dict(fields) for name, (_, fields) in LADDER.items()},
     "full": {},
     "no_weak": {"lambda_w": 0.0},  # self-training + regularization, no ordinal labels
-    "weak_only": {"lambda_st": 0.0},  # weak labels + regularization, no self-training
+    "weak_only": {"lambda_st": 0.0, "lambda_r": 0.0},  # the weak labels and nothing else
     "no_reg": {"lambda_r": 0.0},  # self-training + weak labels, no LoRA regularizer
     "no_sa": {"hdn": "grid"},  # WeSTAR with grid contexts instead of instance contexts
 }

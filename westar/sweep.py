@@ -73,8 +73,8 @@ ORACLE: dict[str, Any] = {
     "lambda_w": 0.0,
     "lambda_r": 0.0,
 }
-# weak_only: the recipe without self-training (lambda_st = 0), the ablation that tells
-# what the self-training term adds
+# weak_only: the weak labels alone (lambda_st = 0, lambda_r = 0): against "sa_hdn_weak"
+# (the same plus self-training) it tells what self-training adds
 METHODS: tuple[str, ...] = ("source", *LADDER, "weak_only", "oracle")
 CLEAN = "clean"  # the reference domain of the corruptions (only "source" runs there)
 NATURAL = ("streets",)  # natural shifts: reference = the oracle

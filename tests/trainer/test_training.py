@@ -239,7 +239,7 @@ ABLATION_EFFECTS = {
     "no_weak": (False, True, False, "instances"),
     "no_reg": (False, False, True, "instances"),
     "no_sa": (False, False, False, "grid"),
-    "weak_only": (True, False, False, "instances"),
+    "weak_only": (True, False, True, "instances"),
 }
 
 
