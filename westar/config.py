@@ -278,8 +278,9 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "null"
     if origin is tuple:
+        plural = {int: "integers", float: "finite numbers", str: "strings"}.get(args[0], "values")
         if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0])}s"
-        return f"a list of {len(args)} {_describe(args[0])}s"
+            return f"a list of {plural}"
+        return f"a list of {len(args)} {plural}"
     names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
     return names.get(hint, str(hint))

@@ -34,6 +34,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MAX_PIXELS",
     "read_json_file",
+    "loads_strict",
     "check_depth_options",
     "RELATIONS",
     "IGNORE_LABEL",
@@ -81,19 +82,27 @@ class DataError(ValueError):
         super().__init__(f"{path}: {message}")
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads refusing Infinity, NaN and numbers too large for a float (1e999) with a
+    ValueError; too deep nesting raises RecursionError."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
 def read_json_file(path: str | Path, what: str = "JSON file") -> Any:
-    """Parse a JSON file strictly; a DataError naming it for non-UTF-8 text, bad syntax,
-    Infinity / NaN / numbers too large for a float (1e999) and nesting too deep."""
+    """Parse a JSON file strictly (`loads_strict`); a DataError naming it for non-UTF-8
+    text, bad syntax, Infinity / NaN / 1e999 and nesting too deep."""
     path = Path(path)
-
-    def no_constant(name: str) -> float:
-        raise ValueError(f"{name} is not a JSON number")
-
-    def finite(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value):
-            raise ValueError(f"number {text} is out of range")
-        return value
 
     try:
         text = path.read_bytes().decode("utf-8")
@@ -102,7 +111,7 @@ def read_json_file(path: str | Path, what: str = "JSON file") -> Any:
             path, f"{what} is not UTF-8 text ({err.reason} at byte {err.start})"
         ) from err
     try:
-        return json.loads(text, parse_constant=no_constant, parse_float=finite)
+        return loads_strict(text)
     except RecursionError as err:
         raise DataError(path, f"{what} is nested too deeply") from err
     except ValueError as err:  # JSONDecodeError and the two checks above

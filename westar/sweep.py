@@ -672,11 +672,11 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 def _read_recipe(text: str | None) -> dict | None:
     if not text:
         return None
-    from westar.data import read_json_file
+    from westar.data import loads_strict, read_json_file
 
     if text.lstrip().startswith("{"):
         try:
-            recipe = json.loads(text, parse_constant=_no_constant)
+            recipe = loads_strict(text)
         except (ValueError, RecursionError) as err:
             raise ValueError(f"--recipe is not a JSON object ({err})") from err
     else:
@@ -684,10 +684,6 @@ def _read_recipe(text: str | None) -> dict | None:
     if not isinstance(recipe, dict):
         raise ValueError("--recipe must be a JSON object")
     return recipe
-
-
-def _no_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def cli_run(args: argparse.Namespace) -> int:
