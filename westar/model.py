@@ -308,7 +308,7 @@ def check_adapter(adapter: str | Path) -> dict:
         raise DataError(
             config_file, f"'r' (the LoRA rank) must be a positive integer, got {rank!r}"
         )
-    if not any((adapter / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+    if not (adapter / "adapter_model.safetensors").is_file():  # never a pickle (.bin)
         raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors in the adapter folder")
     return config
 

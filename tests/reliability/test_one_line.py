@@ -118,7 +118,8 @@ def test_resume_with_another_lora_rank_is_one_line(tiny_model, data, tmp_path, c
 def test_config_with_wrong_types_is_one_line(tiny_model, data, tmp_path, config, field, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config).replace("Infinity", "1e999"))
-    assert main(train_args(tiny_model, data, tmp_path / "o", "--config", str(path))) == 2
+    args = train_args(tiny_model, data, tmp_path / "o", "--config", str(path), "--steps", "1")
+    assert main(args) == 2
     line = error_line(capsys.readouterr().err)
     assert str(path) in line and field in line
     assert not (tmp_path / "o").exists()
