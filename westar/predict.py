@@ -1,7 +1,7 @@
 """`westar predict`: depth maps for a folder of images (or one image) at their own resolution.
 
-Each image is resized keeping its aspect ratio (shorter side to `image_size`, both sides
-rounded to the patch size, as `westar eval` does), images of the same inference size are
+Each image is resized keeping its aspect ratio (shorter side to `image_size`, the longer
+side at most 4 times that, both sides rounded to the patch size, as `westar eval` does), images of the same inference size are
 batched, and the output is resized back (bilinear) to the original H x W. Per image:
 
     <out>/<stem>.npy         float32 (H, W): the model's raw output (relative disparity for
