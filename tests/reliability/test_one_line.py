@@ -109,7 +109,7 @@ def test_resume_with_another_lora_rank_is_one_line(tiny_model, data, tmp_path, c
 @pytest.mark.parametrize(
     "config, field",
     [({"lr": "fast"}, "lr (--lr) must be a finite number"),
-     ({"batch_size": 1.5}, "batch_size (--batch-size) must be an integer"),
+     ({"lora_rank": 1.5}, "lora_rank (--lora-rank) must be an integer"),
      ({"augment": "no"}, "augment (--augment) must be true or false"),
      ({"grid": "ab"}, "grid (--grid) must be a list of integers"),
      ({"lora_targets": [1]}, "lora_targets (--lora-targets) must be a list of strings or null"),
