@@ -211,8 +211,15 @@ class RunLock:
 
     NAME = ".westar.lock"
 
-    def __init__(self, folder: str | Path):
-        self.path = Path(folder) / self.NAME
+    def __init__(
+        self,
+        folder: str | Path,
+        name: str = NAME,
+        what: str = "westar train",
+        flag: str = "--output-dir",
+    ):
+        self.path = Path(folder) / name
+        self.what, self.flag = what, flag
         self.held = False
         self._fd: int | None = None
 
@@ -228,7 +235,7 @@ class RunLock:
         if holder and holder[1] != socket.gethostname():
             who += f" on {holder[1]}"
         return RunLockedError(
-            f"{self.path.parent}: another westar train ({who}) is using this --output-dir; "
+            f"{self.path.parent}: another {self.what} ({who}) is using this {self.flag}; "
             f"wait for it or choose another folder (if none runs, delete {self.path})"
         )
 
@@ -242,7 +249,11 @@ class RunLock:
         if key in RunLock._held_here:
             raise self._refuse((os.getpid(), socket.gethostname()))
         for _ in range(3):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if self.path.is_symlink():
+                raise FileExistsError(
+                    f"{self.path}: the lock file is a symbolic link; remove it (never followed)"
+                )
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # held by a live process
@@ -265,7 +276,10 @@ class RunLock:
     def _acquire_by_pid(self, me: bytes) -> RunLock:
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                fd = os.open(
+                    self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0),
+                    0o644,
+                )  # fmt: skip
             except FileExistsError:
                 holder = self._holder()
                 if holder is not None and (

@@ -164,11 +164,11 @@ def config_from_args(args: argparse.Namespace):
 
     values: dict = {}
     if getattr(args, "config", None):
-        with open(args.config) as f:
-            try:
-                loaded = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ValueError(f"{args.config}: --config is not valid JSON ({err})") from err
+        from westar.data import read_json_file
+
+        if not os.path.isfile(args.config):
+            raise FileNotFoundError(2, "--config file not found", args.config)
+        loaded = read_json_file(args.config, "--config")
         if not isinstance(loaded, dict):
             raise ValueError(
                 f"{args.config}: --config must hold a JSON object of TrainConfig fields"
@@ -188,7 +188,7 @@ def config_from_args(args: argparse.Namespace):
         values["image_size"] = (values["image_size"][0],) * 2
     try:
         return TrainConfig.from_dict(values)
-    except TypeError as err:  # e.g. a JSON null or string where a number belongs
+    except (TypeError, ValueError) as err:  # e.g. a JSON null or string where a number belongs
         source = f"{args.config}: " if getattr(args, "config", None) else ""
         raise ValueError(f"{source}bad TrainConfig value ({err})") from err
 
@@ -284,6 +284,13 @@ def _eval(args: argparse.Namespace) -> int:
     for name, r in report["results"].items():
         print(f"{name}: AbsRel {r['abs_rel']} delta1 {r['delta1']} ({r['images']} images)")
     print(f"metrics written to {args.output}")
+    if not any(r["images"] for r in report["results"].values()):
+        print(
+            f"westar eval: error: no image has valid depth in (--min-depth {args.min_depth}, "
+            f"--max-depth {args.max_depth}]: nothing was scored",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
@@ -357,6 +364,7 @@ def _pairs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--equal-ratio", type=float, default=1.03, help='"equal" below this ratio')
     p.add_argument("--max-depth", type=float, help="ignore ground truth beyond this depth")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 @command("pairs", "make ordinal annotations from ground-truth depth", _pairs_arguments)
@@ -374,6 +382,7 @@ def _pairs(args: argparse.Namespace) -> int:
         max_depth=args.max_depth,
         seed=args.seed,
         skip_bad=args.skip_bad,
+        overwrite=args.overwrite,
     )
     print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
     if result["skipped_without_depth"]:
@@ -449,9 +458,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args._run(args)
-    except (DataError, OSError, ValueError, ImportError, SafetensorError) as err:
+    except (
+        DataError,
+        OSError,
+        ValueError,
+        ImportError,
+        SafetensorError,
+        FloatingPointError,
+    ) as err:
         # OSError covers FileNotFoundError, FileExistsError, PermissionError,
-        # IsADirectoryError, NotADirectoryError and disk-full errors.
+        # IsADirectoryError, NotADirectoryError and disk-full errors; FloatingPointError a
+        # non-finite training loss (its message names --lr).
         if os.environ.get("WESTAR_DEBUG"):
             raise
         print(f"westar {args.command}: error: {error_line(err)}", file=sys.stderr)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +158,7 @@ class TrainConfig:
     ablation: str = "full"
 
     def __post_init__(self) -> None:
+        self._check_types()
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         if self.image_size is not None:
@@ -164,6 +168,20 @@ class TrainConfig:
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field of the type its annotation says (a --config or --recipe JSON can hold
+        anything): a ValueError naming the field and its flag."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if f.name == "image_size" and _matches(value, int):
+                continue  # one side for both
+            if not _matches(value, hint):
+                flag = "--" + f.name.replace("_", "-")
+                raise ValueError(
+                    f"{f.name} ({flag}) must be {_describe(hint)}, got {json.dumps(value)}"
+                )
 
     def validate(self) -> None:
         # multiples of the model's patch size: checked by the Trainer once the model is loaded
@@ -196,6 +214,8 @@ class TrainConfig:
         for name in ("lambda_st", "lambda_w", "lambda_r", "lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed (--seed) must be >= 0, got {self.seed}")
         if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size, grad_accum and lora_rank must be >= 1")
         if not 0.0 <= self.holdout_pairs < 1.0:
@@ -237,3 +257,44 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
         return cls(**values)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """`value` (from JSON or flags) fits the annotation: bool is not an int, an int is a
+    float, floats are finite, a list is a tuple."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        plural = {int: "integers", float: "finite numbers", str: "strings"}.get(args[0], "values")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {plural}"
+        return f"a list of {len(args)} {plural}"
+    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+    return names.get(hint, str(hint))

@@ -27,11 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "DataError",
     "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "read_json_file",
+    "loads_strict",
+    "check_depth_options",
     "RELATIONS",
     "IGNORE_LABEL",
     "relation_to_label",
@@ -55,14 +59,63 @@ INSTANCE_EXTENSIONS = (".png", ".npy")
 RELATIONS = ("farther", "closer", "equal")
 IGNORE_LABEL = -100  # label of a padding pair (ignored by westar_ops.ordinal_ranking_loss)
 PAIRS_VERSION = 1
+# Largest image read (width x height): PIL's decompression-bomb limit (about 89 M pixels,
+# 0.27 GB as RGB); `westar predict --max-pixels` raises it.
+MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+_EXIF_SWAPS_SIDES = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
+# westar's own check (`_check_pixels`) refuses what PIL would only warn about
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class DataError(ValueError):
     """A problem with an input file; the message names the file."""
 
-    def __init__(self, path: str | Path, message: str):
+    def __init__(self, path: str | Path, message: str | None = None):
+        if message is None:  # rebuilt from its text, e.g. re-raised by a DataLoader worker
+            lines = [ln for ln in str(path).splitlines() if ln.strip()]
+            text = lines[-1] if lines else ""
+            prefix = f"{DataError.__module__}.DataError: "
+            self.path = ""
+            super().__init__(text[len(prefix) :] if text.startswith(prefix) else text)
+            return
         self.path = str(path)
         super().__init__(f"{path}: {message}")
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def loads_strict(text: str) -> Any:
+    """json.loads refusing Infinity, NaN and numbers too large for a float (1e999) with a
+    ValueError; too deep nesting raises RecursionError."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
+def read_json_file(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file strictly (`loads_strict`); a DataError naming it for non-UTF-8
+    text, bad syntax, Infinity / NaN / 1e999 and nesting too deep."""
+    path = Path(path)
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            path, f"{what} is not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from err
+    try:
+        return loads_strict(text)
+    except RecursionError as err:
+        raise DataError(path, f"{what} is nested too deeply") from err
+    except ValueError as err:  # JSONDecodeError and the two checks above
+        raise DataError(path, f"{what} is not valid JSON ({err})") from err
 
 
 # ---------------------------------------------------------------- ordinal labels
@@ -102,16 +155,54 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image from its header, checking that the file is intact."""
+_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
+def _check_pixels(im: Image.Image, path: Path, max_pixels: int | None) -> None:
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    w, h = im.size
+    if w * h > limit:
+        raise DataError(
+            path,
+            f"image is {w}x{h} = {w * h} pixels, more than the limit of {limit} "
+            "(westar predict --max-pixels raises it)",
+        )
+
+
+def _open(path: Path) -> Image.Image:
+    """Image.open; PIL's own bomb limit (an error at twice MAX_PIXELS) named as westar's."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise DataError(
+            path, f"{err} (westar predict --max-pixels raises the limit)".replace("could be", "is")
+        ) from err
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block: the stored orientation
+        return 1
+
+
+def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """(H, W) of an image as shown (EXIF orientation applied) from its header, checking
+    that the file is intact and has at most `max_pixels` (default MAX_PIXELS) pixels."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
+            _check_pixels(im, path, max_pixels)
             w, h = im.size
             im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        with _open(path) as im:  # verify() leaves the image unusable: the EXIF from a new open
+            if _exif_orientation(im) in _EXIF_SWAPS_SIDES:
+                w, h = h, w
+    except DataError:
+        raise
+    except _IMAGE_ERRORS as err:
         raise DataError(path, f"cannot read image ({err})") from err
     return h, w
 
@@ -135,17 +226,22 @@ def _rgb8(im: Image.Image, path: Path) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """uint8 (H, W, 3) RGB; 16-bit grayscale is scaled by 255/65535, not clipped."""
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) RGB as shown (EXIF orientation applied); 16-bit grayscale is scaled
+    by 255/65535, not clipped; more than `max_pixels` (default MAX_PIXELS) is refused."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
+            _check_pixels(im, path, max_pixels)
+            if _exif_orientation(im) != 1:
+                im.load()
+                return _rgb8(ImageOps.exif_transpose(im), path)
             return _rgb8(im, path)
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except _IMAGE_ERRORS as err:
         raise DataError(path, f"cannot read image ({err})") from err
 
 
@@ -232,6 +328,21 @@ def read_depth(path: str | Path, depth_scale: float = 1000.0) -> np.ndarray:
     return arr
 
 
+def check_depth_options(
+    *,
+    max_depth: float | None = None,
+    min_depth: float | None = None,
+    depth_scale: float | None = None,
+) -> None:
+    """--max-depth, --min-depth and --depth-scale: finite and positive (max > min)."""
+    for flag, value in (("--max-depth", max_depth), ("--min-depth", min_depth),
+                        ("--depth-scale", depth_scale)):  # fmt: skip
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    if max_depth is not None and min_depth is not None and max_depth <= min_depth:
+        raise ValueError(f"--max-depth {max_depth} must be larger than --min-depth {min_depth}")
+
+
 # ---------------------------------------------------------------- ordinal pairs
 
 
@@ -240,10 +351,7 @@ def load_pairs(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "pairs file not found")
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(path, f"cannot parse JSON ({err})") from err
+    doc = read_json_file(path, "pairs file")
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
         raise DataError(path, 'expected an object with an "images" mapping (docs/formats.md)')
     if doc.get("coordinates", "xy") != "xy":
@@ -253,10 +361,10 @@ def load_pairs(path: str | Path) -> dict[str, dict[str, Any]]:
         where = f"images[{stem!r}]"
         if not isinstance(entry, dict):
             raise DataError(path, f"{where} must be an object")
-        try:
-            width, height = int(entry["width"]), int(entry["height"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(path, f"{where} needs integer 'width' and 'height'") from err
+        width, height = entry.get("width"), entry.get("height")
+        if not all(_is_pixel_index(v) and v >= 1 for v in (width, height)):
+            raise DataError(path, f"{where} needs positive integer 'width' and 'height'")
+        width, height = int(width), int(height)
         pairs = entry.get("pairs", [])
         if not isinstance(pairs, list):
             raise DataError(path, f"{where}.pairs must be a list")

@@ -24,8 +24,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from westar.data import DataError, find_depth_file, list_images, read_depth, read_image
-from westar.model import DepthModel, load_depth_model, predict
+from westar.data import (
+    DataError,
+    check_depth_options,
+    find_depth_file,
+    list_images,
+    read_depth,
+    read_image,
+)
+from westar.model import DepthModel, check_adapter, load_adapter, load_depth_model, predict
 
 __all__ = [
     "align_scale_shift",
@@ -90,9 +97,23 @@ def image_metrics(
     }
 
 
+# Largest inference side (--image-size / --size) and the bound on the longer side: at
+# most MAX_ASPECT times the shorter one's `size`, so a 1 x 5000 strip is not blown up to
+# 126 x 630000 (its shorter side then ends below `size`).
+MAX_INFERENCE_SIZE = 2048
+MAX_ASPECT = 4
+
+
+def check_inference_size(size: int | None, flag: str = "--image-size") -> None:
+    """A clear error for an inference side outside 1..MAX_INFERENCE_SIZE."""
+    if size is not None and not 1 <= size <= MAX_INFERENCE_SIZE:
+        raise ValueError(f"{flag} must be in 1..{MAX_INFERENCE_SIZE} pixels, got {size}")
+
+
 def inference_size(h: int, w: int, size: int, multiple: int = 14) -> tuple[int, int]:
-    """Shorter side -> `size`, keeping the aspect ratio, both sides multiples of 14."""
-    scale = size / min(h, w)
+    """Shorter side -> `size`, keeping the aspect ratio, both sides multiples of 14; the
+    longer side at most MAX_ASPECT * size (then the shorter side is smaller than `size`)."""
+    scale = min(size / min(h, w), MAX_ASPECT * size / max(h, w))
     return (
         max(multiple, int(round(h * scale / multiple)) * multiple),
         max(multiple, int(round(w * scale / multiple)) * multiple),
@@ -189,8 +210,7 @@ def predict_samples(
     if base is not None and base in adapters:
         raise ValueError(f"{base!r} names the base model; give the adapter another name")
     for adapter in adapters.values():  # before any work: a typo should not cost a pass
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+        check_adapter(adapter)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if isinstance(model, DepthModel):
         depth_model = model
@@ -204,18 +224,9 @@ def predict_samples(
             stem: _predict_image(net, depth_model, rgb, size, device) for stem, rgb, _ in samples
         }
     if adapters:
-        from peft import PeftModel
-        from safetensors import SafetensorError
-
         peft_model = None
         for i, (name, adapter) in enumerate(adapters.items()):
-            try:
-                if peft_model is None:
-                    peft_model = PeftModel.from_pretrained(net, str(adapter), adapter_name=f"a{i}")
-                else:
-                    peft_model.load_adapter(str(adapter), adapter_name=f"a{i}")
-            except SafetensorError as err:
-                raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
+            peft_model = load_adapter(net, adapter, peft_model, adapter_name=f"a{i}")
             peft_model.set_adapter(f"a{i}")
             peft_model.to(device).eval()
             preds[name] = {
@@ -275,10 +286,14 @@ def evaluate(
         raise ValueError("nothing to evaluate: include the base model or give an adapter")
     if size is not None and size < 1:
         raise ValueError(f"--size must be a positive number of pixels, got {size}")
+    check_inference_size(size, "--size")
+    check_depth_options(max_depth=max_depth, min_depth=min_depth, depth_scale=depth_scale)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be a positive number of images, got {limit}")
     _check_writable(output, pictures_dir)  # before the evaluation, not after it
+    _check_not_an_input(output, pictures_dir, [images_dir, depth_dir, *adapters])
     for adapter in adapters:  # before any work: a typo should not cost a base-model pass
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+        check_adapter(adapter)
     depth_model = load_depth_model(model)
     size = size or depth_model.input_size
     samples = load_samples(
@@ -313,6 +328,31 @@ def evaluate(
     if pictures_dir is not None:
         _write_pictures(Path(pictures_dir), samples, preds, names, results, max_depth, min_depth)
     return report
+
+
+def _is_eval_report(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(doc, dict) and "results" in doc and "protocol" in doc
+
+
+def _check_not_an_input(output, pictures_dir, inputs: list) -> None:
+    """--output never replaces a file that is not an earlier eval report (e.g. pairs.json);
+    --pictures (<stem>.png per image) is never an input folder (images, depth, adapter)."""
+    if output is not None and Path(output).is_file() and not _is_eval_report(Path(output)):
+        raise FileExistsError(
+            17, "--output exists and is not a westar eval report; choose another file", str(output)
+        )
+    if pictures_dir is not None:
+        target = Path(pictures_dir).resolve()
+        for folder in inputs:
+            if Path(folder).resolve() == target:
+                raise ValueError(
+                    f"{pictures_dir}: --pictures is an input folder ({folder}); its files "
+                    "would be replaced: choose another folder"
+                )
 
 
 def _check_writable(output: str | Path | None, pictures_dir: str | Path | None) -> None:

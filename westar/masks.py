@@ -228,6 +228,34 @@ def sam2_available() -> bool:
     return importlib.util.find_spec("sam2") is not None
 
 
+_POSITIVE = {
+    "n_segments": "--n-segments",
+    "scale": "--scale",
+    "min_size": "--min-size",
+    "points_per_side": "--points-per-side",
+    "points_per_batch": "--points-per-batch",
+}
+_UNIT_RANGE = {"pred_iou_thresh": "--pred-iou-thresh", "stability_thresh": "--stability-thresh"}
+
+
+def check_mask_options(sam2_options: dict, fallback: dict) -> None:
+    """Segmenter settings in range, before any model loads: one line naming the flag."""
+    import math
+
+    values = {**sam2_options, **fallback}
+    for key, flag in _POSITIVE.items():
+        v = values.get(key)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{flag} must be positive, got {v}")
+    for key, flag in _UNIT_RANGE.items():
+        v = values.get(key)
+        if v is not None and not 0 <= v <= 1:
+            raise ValueError(f"{flag} must be in [0, 1], got {v}")
+    sigma = values.get("sigma")
+    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"--sigma must be >= 0, got {sigma}")
+
+
 def make_instance_maps(
     images_dir: str | Path,
     out_dir: str | Path,
@@ -246,6 +274,12 @@ def make_instance_maps(
     <stem>.npy (two levels) per image; returns {"method", "written", "skipped"}."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_mask_options(sam2_options or {}, fallback_kwargs)
+    if Path(out_dir).resolve() == Path(images_dir).resolve():
+        raise ValueError(
+            f"{out_dir}: --out is the image folder; label maps there would replace (or sit "
+            "beside) the photos: choose another folder, e.g. <data>/instances"
+        )
     if method == "auto":
         package = sam2_available() and sam2_checkpoint and sam2_config
         method = "sam2" if model is not None or package else "felzenszwalb"

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from westar.model import load_depth_model
+from westar.model import check_adapter, load_adapter, load_depth_model
 from westar.outputs import check_output_folder, replace_dir
 
 __all__ = ["merge_adapter"]
@@ -23,21 +23,14 @@ def merge_adapter(
     is either the old folder or the complete new one. An existing non-empty `output` is
     only replaced with `overwrite`; the base model's and the adapter's folders never.
     """
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
     adapter, output = Path(adapter), Path(output)
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    check_adapter(adapter)
     protected = {"adapter": adapter}
     if Path(model).expanduser().exists():
         protected["base model"] = Path(model).expanduser()
     check_output_folder(output, overwrite, protected)
     depth_model = load_depth_model(model)
-    try:
-        merged = PeftModel.from_pretrained(depth_model.model, str(adapter)).merge_and_unload()
-    except SafetensorError as err:
-        raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
+    merged = load_adapter(depth_model.model, adapter).merge_and_unload()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
     if tmp.exists():
@@ -56,6 +49,9 @@ def merge_adapter(
             except Exception:  # no processor published: the model's ImageNet default applies
                 pass
         replace_dir(tmp, output)
+    except OSError as err:  # disk full: the old output stays, the folder is named
+        reason = err.strerror or str(err)
+        raise OSError(err.errno, f"cannot write the merged model ({reason})", str(output)) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

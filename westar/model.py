@@ -33,6 +33,8 @@ __all__ = [
     "add_lora",
     "lora_layers",
     "adapter_delta_sq_norm",
+    "check_adapter",
+    "load_adapter",
     "predict",
     "set_train_mode",
     "eval_mode",
@@ -297,6 +299,51 @@ def add_lora(
     peft_model = get_peft_model(model, config)
     set_train_mode(peft_model)
     return peft_model
+
+
+def check_adapter(adapter: str | Path) -> dict:
+    """The adapter_config.json of a peft adapter folder, checked before any model loads:
+    FileNotFoundError without it, a DataError naming it when it is not a LoRA config."""
+    from westar.data import DataError, read_json_file
+
+    adapter = Path(adapter)
+    config_file = adapter / "adapter_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    config = read_json_file(config_file, "adapter config")
+    if not isinstance(config, dict):
+        raise DataError(config_file, "adapter config must be a JSON object")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise DataError(
+            config_file, f"'r' (the LoRA rank) must be a positive integer, got {rank!r}"
+        )
+    if not (adapter / "adapter_model.safetensors").is_file():  # never a pickle (.bin)
+        raise FileNotFoundError(f"{adapter}: no adapter_model.safetensors in the adapter folder")
+    return config
+
+
+def load_adapter(net: nn.Module, adapter: str | Path, peft_model=None, **kwargs):
+    """PeftModel.from_pretrained(net, adapter) (or peft_model.load_adapter(adapter)), with
+    an adapter that does not fit `net` (another rank, another base model, unreadable
+    weights) as one ValueError naming the adapter folder."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    check_adapter(adapter)
+    try:
+        if peft_model is not None:
+            peft_model.load_adapter(str(adapter), **kwargs)
+            return peft_model
+        return PeftModel.from_pretrained(net, str(adapter), **kwargs)
+    except SafetensorError as err:
+        raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{adapter}: the adapter does not fit this model (trained on another base model "
+            f"or with another LoRA rank?): {first[:300]}"
+        ) from err
 
 
 def lora_layers(model: nn.Module):

@@ -12,6 +12,7 @@ Coordinates are pixel (x, y) of the depth map (= the image).
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from pathlib import Path
@@ -19,7 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from westar.data import DataError, find_depth_file, image_size, list_images, read_depth, save_pairs
+from westar.data import (
+    DataError,
+    check_depth_options,
+    find_depth_file,
+    image_size,
+    list_images,
+    read_depth,
+    save_pairs,
+)
 
 __all__ = ["relation", "sample_pairs", "make_pairs_file"]
 
@@ -74,6 +83,27 @@ def sample_pairs(
     return out
 
 
+def check_pairs_options(*, samples: int, equal_ratio: float, seed: int) -> None:
+    """--samples >= 1, --equal-ratio >= 1 (finite), --seed >= 0: one line naming the flag."""
+    if samples < 1:
+        raise ValueError(f"--samples must be a positive number of anchors per image, got {samples}")
+    if not (math.isfinite(equal_ratio) and equal_ratio >= 1):
+        raise ValueError(f"--equal-ratio must be a ratio >= 1, got {equal_ratio}")
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.is_dir():
+        raise IsADirectoryError(21, "--out is a folder; give a file name", str(output))
+    if output.is_symlink():
+        raise FileExistsError(17, "--out is a symbolic link; give a real file", str(output))
+    if output.exists() and not overwrite:
+        raise FileExistsError(
+            17, "exists (it may hold annotations); pass --overwrite to replace it", str(output)
+        )
+
+
 def make_pairs_file(
     images_dir: str | Path,
     depth_dir: str | Path,
@@ -85,6 +115,7 @@ def make_pairs_file(
     max_depth: float | None = None,
     seed: int = 0,
     skip_bad: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, int]:
     """Write a pairs JSON for every image of `images_dir` with a depth map in `depth_dir`.
 
@@ -92,7 +123,12 @@ def make_pairs_file(
     none has one); an image whose depth has fewer than 2 valid pixels gets no pairs, with a
     warning. Each image's pairs depend only on (seed, stem), not on the other files present.
     Returns {"images", "pairs", "skipped_without_depth", "without_depth", "without_pairs"}.
+    An existing `output` (e.g. answers of `westar annotate`) is replaced only with
+    `overwrite`; an input file never.
     """
+    check_pairs_options(samples=samples, equal_ratio=equal_ratio, seed=seed)
+    check_depth_options(max_depth=max_depth, depth_scale=depth_scale)
+    _check_output(Path(output), overwrite)
     images = {}
     total = 0
     without_depth: list[str] = []

@@ -1,7 +1,7 @@
 """`westar predict`: depth maps for a folder of images (or one image) at their own resolution.
 
-Each image is resized keeping its aspect ratio (shorter side to `image_size`, both sides
-rounded to the patch size, as `westar eval` does), images of the same inference size are
+Each image is resized keeping its aspect ratio (shorter side to `image_size`, the longer
+side at most 4 times that, both sides rounded to the patch size, as `westar eval` does), images of the same inference size are
 batched, and the output is resized back (bilinear) to the original H x W. Per image:
 
     <out>/<stem>.npy         float32 (H, W): the model's raw output (relative disparity for
@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from westar.data import IMAGE_EXTENSIONS, DataError, list_images, read_image
-from westar.data import image_size as read_image_size
 
 __all__ = ["FORMATS", "list_inputs", "load_for_inference", "predict_arrays", "predict_folder"]
 
@@ -48,16 +47,14 @@ def list_inputs(source: str | Path) -> list[Path]:
 def load_for_inference(model: str, adapter: str | None = None, device: str | None = None):
     """(network in eval mode on `device`, DepthModel): the base model, or base + adapter
     merged into its weights (peft's merge_and_unload)."""
-    from westar.model import load_depth_model
+    from westar.model import check_adapter, load_adapter, load_depth_model
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    if adapter is not None:
+        check_adapter(adapter)
     depth_model = load_depth_model(model)
     net = depth_model.model
     if adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+        net = load_adapter(net, adapter).merge_and_unload()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return net.to(dev).eval(), depth_model
 
@@ -110,9 +107,15 @@ def _colour(values: np.ndarray) -> np.ndarray:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """write(temporary path), then rename; a failure (disk full) names `path` and leaves
+    neither the temporary file nor a partial output."""
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(tmp)
-    tmp.replace(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write ({err.strerror or err})", str(path)) from err
 
 
 def save_outputs(values: np.ndarray, out_dir: Path, stem: str, formats: list[str]) -> None:
@@ -125,6 +128,22 @@ def save_outputs(values: np.ndarray, out_dir: Path, stem: str, formats: list[str
     if "color" in formats:
         im = Image.fromarray(_colour(values))
         _write_atomic(out_dir / FORMATS["color"].format(stem=stem), im.save)
+
+
+def _check_targets(paths: list[Path], out_dir: Path, formats: list[str], overwrite: bool):
+    """No output may be an input image (even with --overwrite) or, without --overwrite,
+    an existing file."""
+    inputs = {p.resolve() for p in paths}
+    for p in paths:
+        for f in formats:
+            target = out_dir / FORMATS[f].format(stem=p.stem)
+            if target.resolve() in inputs:
+                raise FileExistsError(
+                    17, f"output for {p.name} would replace an input image; choose another --out",
+                    str(target),
+                )  # fmt: skip
+            if target.exists() and not overwrite:
+                raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
 
 
 def predict_folder(
@@ -140,17 +159,22 @@ def predict_folder(
     overwrite: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
+    max_pixels: int | None = None,
 ) -> dict[str, object]:
     """Predict every image of `source` into `out_dir`; returns {"written", "skipped", "size"}.
 
     Checks the inputs, the adapter and that no output exists (unless `overwrite`) before
-    loading the model. `image_size`: inference shorter side (default: the model's own).
+    loading the model; every image is decoded once up front (a bad one is an error, or
+    skipped with `skip_bad`). `image_size`: inference shorter side (default: the model's
+    own; the longer side at most MAX_ASPECT times it). `max_pixels`: the largest image
+    (default westar.data.MAX_PIXELS). An input is never replaced, even with `overwrite`.
     """
     import warnings
 
     from tqdm.auto import tqdm
 
-    from westar.evaluate import inference_size
+    from westar.data import MAX_PIXELS, _map_with_progress
+    from westar.evaluate import check_inference_size, inference_size
 
     formats = list(formats)
     unknown = sorted(set(formats) - set(FORMATS))
@@ -158,27 +182,35 @@ def predict_folder(
         raise ValueError(f"--formats must be among {sorted(FORMATS)}, got {formats}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if image_size is not None and image_size < 1:
-        raise ValueError(f"--image-size must be >= 1, got {image_size}")
+    check_inference_size(image_size)
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {max_pixels}")
+    if max_pixels is not None and max_pixels > MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max(max_pixels, Image.MAX_IMAGE_PIXELS or 0)  # PIL's own check
     paths = list_inputs(source)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(out_dir, "output exists and is not a folder")
-    if not overwrite:
-        for p in paths:
-            for f in formats:
-                target = out_dir / FORMATS[f].format(stem=p.stem)
-                if target.exists():
-                    raise FileExistsError(f"{target}: exists; pass --overwrite to replace it")
-    sizes, skipped = {}, []
-    for p in paths:
+    _check_targets(paths, out_dir, formats, overwrite)
+
+    def check(p: Path) -> tuple[int, int] | DataError:
         try:
-            sizes[p] = read_image_size(p)
+            h, w, _ = read_image(p, max_pixels).shape  # a full decode: truncated files too
+            return h, w
         except DataError as err:
+            return err
+
+    sizes, skipped = {}, []
+    for p, result in zip(paths, _map_with_progress(check, paths, "checking images")):
+        if isinstance(result, DataError):
             if not skip_bad:
-                raise
-            warnings.warn(f"skipping {p.name}: {err}", stacklevel=2)
+                raise result
+            warnings.warn(f"skipping {p.name}: {result}", stacklevel=2)
             skipped.append(p.name)
+        else:
+            sizes[p] = result
+    if not sizes:
+        raise DataError(source, "no readable image (all skipped)")
     net, depth_model = load_for_inference(model, adapter, device)
     side = image_size or depth_model.input_size
     groups: dict[tuple[int, int], list[Path]] = {}
@@ -189,8 +221,18 @@ def predict_folder(
     with tqdm(total=len(sizes), desc="predict", unit="img", disable=not progress) as bar:
         for group in groups.values():
             for i in range(0, len(group), batch_size):
-                chunk = group[i : i + batch_size]
-                images = [read_image(p) for p in chunk]
+                chunk, images = [], []
+                for p in group[i : i + batch_size]:
+                    try:
+                        images.append(read_image(p, max_pixels))
+                        chunk.append(p)
+                    except DataError as err:  # changed since it was checked
+                        if not skip_bad:
+                            raise
+                        warnings.warn(f"skipping {p.name}: {err}", stacklevel=2)
+                        skipped.append(p.name)
+                if not chunk:
+                    continue
                 for p, values in zip(chunk, predict_arrays(net, depth_model, images, side)):
                     save_outputs(values, out_dir, p.stem, formats)
                     written += 1
@@ -224,6 +266,11 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest image read, width x height (default: PIL's bomb limit, about 89 M)",
+    )
 
 
 def cli_run(args: argparse.Namespace) -> int:
@@ -239,6 +286,7 @@ def cli_run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         skip_bad=args.skip_bad,
         progress=not args.no_progress,
+        max_pixels=args.max_pixels,
     )
     print(f"wrote {result['written']} depth maps to {args.out} (inference side {result['size']})")
     return 0

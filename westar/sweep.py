@@ -744,13 +744,15 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 def _read_recipe(text: str | None) -> dict | None:
     if not text:
         return None
-    source = text
-    if not text.lstrip().startswith("{"):
-        source = Path(text).read_text()
-    try:
-        recipe = json.loads(source)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--recipe is not a JSON object ({err})") from err
+    from westar.data import loads_strict, read_json_file
+
+    if text.lstrip().startswith("{"):
+        try:
+            recipe = loads_strict(text)
+        except (ValueError, RecursionError) as err:
+            raise ValueError(f"--recipe is not a JSON object ({err})") from err
+    else:
+        recipe = read_json_file(text, "--recipe")
     if not isinstance(recipe, dict):
         raise ValueError("--recipe must be a JSON object")
     return recipe

@@ -73,6 +73,11 @@ __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
 
 CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "heldout_acc", "seconds")
 ADAPTER_DIR = "adapter"  # the student adapter inside a checkpoint (peft format)
+# what a run writes in its folder besides checkpoints/ (never through a symbolic link)
+RUN_FILES = ("config.json", "metrics.csv", "adapter", "teacher")
+# the final adapters: a folder holding them and no checkpoint is a finished run whose
+# checkpoints were pruned or deleted, never trained over
+FINAL_DIRS = ("adapter", "teacher")
 # config fields holding paths: compared as absolute paths when resuming
 PATH_FIELDS = ("model", "data", "images_dir", "instances_dir", "pairs_file", "depth_dir")
 
@@ -439,7 +444,14 @@ class Trainer:
                     path = Path(input_dir) / ADAPTER_DIR / "adapter_model.safetensors"
                     state = load_file(str(path))
                     expected = {n for n, _ in self.unwrapped.named_parameters() if "lora_" in n}
-                    result = set_peft_model_state_dict(self.unwrapped, state)
+                    try:
+                        result = set_peft_model_state_dict(self.unwrapped, state)
+                    except RuntimeError as err:  # a size mismatch: another rank or model
+                        raise ValueError(
+                            f"{path}: the checkpoint's adapter does not fit this model (another "
+                            "--lora-rank, --lora-targets or --model?): "
+                            f"{str(err).strip().splitlines()[-1][:200]}"
+                        ) from err
                     missing = sorted(n for n in result.missing_keys if n in expected)
                     if missing or result.unexpected_keys:
                         raise CheckpointError(
@@ -462,6 +474,24 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
+        try:
+            self._write_checkpoint(tmp)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                replace_dir(tmp, final)
+        except Exception as err:  # disk full: no temporary folder left, the file named
+            shutil.rmtree(tmp, ignore_errors=True)
+            failed = _write_failed(err, final)
+            if failed is None:
+                raise
+            raise failed from err
+        if acc.is_main_process:
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        acc = self.accelerator
         acc.save_state(str(tmp), safe_serialization=True)
         # accelerate's own RNG file is a pickle: replaced by a safetensors one per rank
         (tmp / f"random_states_{self.rank}.pkl").unlink(missing_ok=True)
@@ -473,12 +503,6 @@ class Trainer:
             )
             state = {"step": self.step, "world_size": self.world, "config": self.cfg.to_dict()}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            replace_dir(tmp, final)
-            self._prune()
-        acc.wait_for_everyone()
-        return final
 
     def _prune(self) -> None:
         keep = self.cfg.keep_checkpoints
@@ -508,6 +532,7 @@ class Trainer:
             "scheduler.bin",
         )
         verify_checkpoint(path, required)
+        self._check_adapter_shape(path, state.get("config", {}))
         self._warn_if_config_differs(path, state.get("config", {}))
         # weights_only=True is accelerate's default; passed to make the rule explicit
         self.accelerator.load_state(str(path), load_kwargs={"weights_only": True})
@@ -515,6 +540,21 @@ class Trainer:
         if rng_file.is_file():
             set_rng_from_tensors(load_file(str(rng_file)))
         self.step = step
+
+    def _check_adapter_shape(self, path: Path, saved: dict) -> None:
+        """The LoRA settings that shape the adapter's tensors must match (not a warning: the
+        weights could not be loaded); ValueError naming the checkpoint and the flag."""
+        if not isinstance(saved, dict):
+            return
+        for key in ("lora_rank", "lora_targets"):
+            if key in saved and _comparable(key, saved[key]) != _comparable(
+                key, getattr(self.cfg, key)
+            ):
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(
+                    f"{path}: trained with {flag} {saved[key]}, this run has "
+                    f"{getattr(self.cfg, key)}: resume with the same {flag}"
+                )
 
     def _warn_if_config_differs(self, path: Path, saved: dict) -> None:
         # where the run lives and how it reports do not change its results
@@ -583,6 +623,14 @@ class Trainer:
     def _fit(self, stop_after: int | None) -> dict:
         cfg, acc = self.cfg, self.accelerator
         main = acc.is_main_process
+        check_run_folder(self.output_dir)
+        if find_latest_checkpoint(self.output_dir) is None and (
+            found := [n for n in FINAL_DIRS if (self.output_dir / n).exists()]
+        ):  # a finished run (checkpoints pruned or deleted): its outputs would be lost
+            raise FileExistsError(
+                f"{self.output_dir} holds an earlier run ({', '.join(found)}) and no checkpoint "
+                "to resume from: choose another --output-dir (or delete that one)"
+            )
         if cfg.resume:
             self.resume()
         elif find_latest_checkpoint(self.output_dir) is not None:
@@ -592,7 +640,7 @@ class Trainer:
             )
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if main:
-            (self.output_dir / "config.json").write_text(cfg.to_json())
+            _write_text_atomic(self.output_dir / "config.json", cfg.to_json())
         logger = _MetricsLogger(self.output_dir, self.step, cfg.tensorboard) if main else None
         from tqdm.auto import tqdm
 
@@ -675,12 +723,19 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             model = self.unwrapped
-            model.save_pretrained(str(tmp / "adapter"))
-            with self.teacher.swapped_in(model):
-                model.save_pretrained(str(tmp / "teacher"))
-            for name in ("adapter", "teacher"):
-                replace_dir(tmp / name, self.output_dir / name)
-            shutil.rmtree(tmp)
+            try:
+                model.save_pretrained(str(tmp / "adapter"))
+                with self.teacher.swapped_in(model):
+                    model.save_pretrained(str(tmp / "teacher"))
+                for name in ("adapter", "teacher"):
+                    replace_dir(tmp / name, self.output_dir / name)
+            except Exception as err:
+                failed = _write_failed(err, self.output_dir / "adapter")
+                if failed is None:
+                    raise
+                raise failed from err
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
 
 
@@ -738,6 +793,37 @@ def _comparable(key: str, value):
         if key != "model" or Path(value).expanduser().exists():
             return str(Path(value).expanduser().resolve())
     return json.loads(json.dumps(value))
+
+
+def check_run_folder(output_dir: Path) -> None:
+    """Refuse symbolic links among the files a run writes (they would be written through)."""
+    for name in (*RUN_FILES, "checkpoints", "tensorboard", RunLock.NAME):
+        if (output_dir / name).is_symlink():
+            raise FileExistsError(
+                f"{output_dir / name}: is a symbolic link; westar never writes through links "
+                "(remove it or choose another --output-dir)"
+            )
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _write_failed(err: BaseException, target: Path) -> OSError | None:
+    """A write error (disk full) as an OSError naming `target`; None for other errors.
+    torch.save reports a full disk as a RuntimeError ("file write failed"), safetensors
+    as its own error."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+        return OSError(err.errno, f"cannot write ({reason})", str(target))
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, SafetensorError) or (isinstance(err, RuntimeError) and "write" in text):
+        return OSError(None, f"cannot write ({text})", str(target))
+    return None
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> dict:

@@ -161,7 +161,7 @@ def test_bad_input_names_the_file(tmp_path):
     assert len(s.items) == 2 and any("broken.jpg" in n for n in s.notes)
     assert any("broken.jpg" in n for n in s.summary()["notes"])  # shown in the page
     cases = [
-        ("{not json", "cannot parse JSON"),
+        ("{not json", "is not valid JSON"),
         ('{"images": []}', '"images" mapping'),
         ('{"images": {"im0": {"width": 51, "height": 40, "pairs": []}}}', "annotated as 51x40"),
         ('{"images": {"im0": {"width": 50, "height": 40, "pairs": [{"a": [60, 1], "b": [0, 0], '
@@ -327,11 +327,11 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
         cases = [
             (["annotate", "--images", str(empty), "--out", "p.json"], f"{empty}: no images"),
             (["annotate", "--images", str(tmp_path / "x"), "--out", "p.json"], "image folder not found"),
-            (["annotate", "--images", str(images), "--out", str(bad_json)], f"{bad_json}: cannot parse"),
+            (["annotate", "--images", str(images), "--out", str(bad_json)], f"{bad_json}: pairs file is not valid JSON"),
             (base[:-2] + ["--port", str(port)], f"--port {port}: already in use"),
             (base + ["--adapter", "a"], "--adapter needs --model"),
             (base + ["--model", str(tmp_path / "nomodel")], "nomodel: model directory not found"),
-            (base + ["--samples", "0"], "--samples must be at least 1"),
+            (base + ["--samples", "0"], "--samples must be in 1..50"),
             (base[:-2] + ["--port", "70000"], "--port must be in 0..65535"),
         ]  # fmt: skip
         for args, message in cases:

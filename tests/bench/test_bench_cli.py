@@ -59,7 +59,7 @@ def test_quick_bench_writes_everything(quick):
     # the train split is what the trainer reads, plus depth/ for an oracle
     train = split_dir(quick / "data", "fog", 0, "train")
     assert {p.name for p in train.iterdir()} == {
-        "images", "instances", "depth", "pairs.json", "split.json"
+        "images", "instances", "depth", "pairs.json", "split.json", "files.json"
     }  # fmt: skip
     pairs = json.loads((train / "pairs.json").read_text())
     assert len(pairs["images"]) == D.QUICK_SIZES["train"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 __all__ = ["CLI_HELP", "cli_arguments", "cli_run"]
 
@@ -49,13 +50,45 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    from westar.annotate.server import make_server
-    from westar.annotate.store import AnnotationSession
-
     if args.adapter and not args.model:
         raise ValueError("--adapter needs --model (the base model it adapts)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    check_arguments(args)
+    lock = _lock_out(Path(args.out))
+    try:
+        return _serve(args)
+    finally:
+        lock.release()
+
+
+MAX_SAMPLES = 50  # per image: 150 pairs to answer; more makes the proposal (and the page) crawl
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """--samples, --seed and --size in range: one line naming the flag, before any work."""
+    from westar.evaluate import check_inference_size
+
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise ValueError(f"--samples must be in 1..{MAX_SAMPLES} per image, got {args.samples}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    check_inference_size(args.size, "--size")
+
+
+def _lock_out(out: Path):
+    """One `westar annotate` per --out: a second one would overwrite the first's answers."""
+    from westar.checkpoint import RunLock
+
+    if not out.parent.is_dir():
+        raise FileNotFoundError(2, "folder of --out not found", str(out.parent))
+    return RunLock(out.parent, f".{out.name}.lock", "westar annotate", "--out").acquire()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from westar.annotate.server import make_server
+    from westar.annotate.store import AnnotationSession
+
     score_fn = None
     if args.model:
         from westar.annotate.guide import make_score_fn

@@ -36,17 +36,15 @@ def make_score_fn(
 
     from westar.data import read_image
     from westar.evaluate import _predict_image
-    from westar.model import load_depth_model
+    from westar.model import check_adapter, load_adapter, load_depth_model
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")
+    if adapter is not None:
+        check_adapter(adapter)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     depth_model = load_depth_model(model)
     net = depth_model.model.to(dev).eval()
     if adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter).eval()
+        net = load_adapter(net, adapter).eval()
     infer = size or depth_model.input_size
 
     def score(path: Path, width: int, height: int) -> np.ndarray:

@@ -70,6 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
+        # other web sites may not embed (and so read) the images or the API's answers
+        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -135,6 +137,8 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ValueError("expected a JSON object")
         except ValueError as err:
             return self._error(HTTPStatus.BAD_REQUEST, f"bad request: {err}")
+        except RecursionError:
+            return self._error(HTTPStatus.BAD_REQUEST, "bad request: JSON nested too deeply")
         s = self.session
         path = urlsplit(self.path).path
         try:

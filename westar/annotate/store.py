@@ -119,6 +119,12 @@ class ImageItem:
         }
 
 
+def _check_int(value: Any, name: str) -> None:
+    """A JSON integer (true / false are not 0 / 1)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
 def _check_point(pt: Any, width: int, height: int) -> list[int]:
     if (
         not isinstance(pt, (list, tuple))
@@ -332,15 +338,27 @@ class AnnotationSession:
     def image_bytes(self, index: int) -> tuple[bytes, str]:
         """The image file's bytes and MIME type (TIFF and others re-encoded as PNG)."""
         item = self._get(index)
+        data = self._read_checked(item)
         ctype = BROWSER_TYPES.get(item.path.suffix.lower())
         if ctype is not None:
-            return item.path.read_bytes(), ctype
+            return data, ctype
         from PIL import Image
 
         buf = io.BytesIO()
-        with Image.open(item.path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.convert("RGB").save(buf, format="PNG")
         return buf.getvalue(), "image/png"
+
+    def _read_checked(self, item: ImageItem) -> bytes:
+        """The file's bytes, checked at each request: still a regular file (not replaced by
+        a symbolic link since the start) inside the image folder; opened without following
+        a link, so a swap between the check and the read fails too."""
+        path = item.path
+        if path.is_symlink() or not path.resolve().is_relative_to(self.images_dir.resolve()):
+            raise PermissionError(1, "not served: no longer a file of the image folder", str(path))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
 
     def _get(self, index: int) -> ImageItem:
         if (
@@ -362,6 +380,8 @@ class AnnotationSession:
 
     def answer(self, index: int, sample: int, slot: int, relation: str) -> None:
         """Record "point a of (sample, slot) is <relation> than point b" and save."""
+        _check_int(sample, "sample")
+        _check_int(slot, "slot")
         if relation not in RELATIONS:
             raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
         with self._lock:
@@ -374,6 +394,7 @@ class AnnotationSession:
 
     def move(self, index: int, sample: int, point: str, xy: list[int]) -> None:
         """Move one point of a sample; the answers that involve it are cleared."""
+        _check_int(sample, "sample")
         with self._lock:
             item = self._get(index)
             self._ensure_samples(item)
@@ -388,6 +409,8 @@ class AnnotationSession:
             self.save()
 
     def skip(self, index: int, skipped: bool = True) -> None:
+        if not isinstance(skipped, bool):  # "false" is not False
+            raise ValueError(f"skipped must be true or false, got {skipped!r}")
         with self._lock:
             self._change(index).skipped = bool(skipped)
             self.save()

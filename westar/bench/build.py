@@ -22,6 +22,44 @@ __all__ = ["split_dir", "build", "plan", "SPLIT_JSON", "MANIFEST"]
 
 SPLIT_JSON = "split.json"
 MANIFEST = "manifest.json"
+FILES_JSON = "files.json"  # sha256 of every file of a split folder as built
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` but FILES_JSON."""
+    import hashlib
+
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != FILES_JSON:
+            out[rel] = (
+                "symlink" if path.is_symlink() else hashlib.sha256(path.read_bytes()).hexdigest()
+            )
+    return out
+
+
+def check_contents(folder: Path) -> None:
+    """Refuse a split folder whose files differ from those it was built with (edited by
+    hand); a folder built before FILES_JSON existed gets one now."""
+    recorded = _read_json(folder / FILES_JSON)
+    current = fingerprint(folder)
+    if recorded is None:
+        write_json(folder / FILES_JSON, current)
+        return
+    if recorded != current:
+        changed = sorted(k for k in current.keys() & recorded.keys() if current[k] != recorded[k])
+        added = sorted(current.keys() - recorded.keys())
+        missing = sorted(recorded.keys() - current.keys())
+        what = "; ".join(
+            f"{name}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+            for name, files in (("changed", changed), ("added", added), ("missing", missing))
+            if files
+        )
+        raise FileExistsError(
+            f"{folder}: edited since it was built ({what}); pass --overwrite to rebuild it, "
+            "or use another --root"
+        )
 
 
 def split_dir(root: str | os.PathLike, domain: str, seed: int, split: str) -> Path:
@@ -73,7 +111,13 @@ def plan(
                     continue
                 have = _read_json(folder / SPLIT_JSON)
                 if have == want:
-                    reuse.append((domain, seed, split))
+                    try:
+                        check_contents(folder)
+                        reuse.append((domain, seed, split))
+                    except FileExistsError:
+                        if not overwrite:
+                            raise
+                        todo.append((domain, seed, split, want))
                 elif overwrite:
                     todo.append((domain, seed, split, want))
                 else:
@@ -145,6 +189,7 @@ def _write_split(root: Path, domain: str, seed: int, split: str, want: dict, sce
             seed=p["seed"],
         )
     write_json(tmp / SPLIT_JSON, want)
+    write_json(tmp / FILES_JSON, fingerprint(tmp))
     replace_dir(tmp, final)
     return len(seeds)
 
