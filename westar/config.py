@@ -214,6 +214,11 @@ class TrainConfig:
         for name in ("lambda_st", "lambda_w", "lambda_r", "lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lambda_st == 0 and self.lambda_w == 0:
+            raise ValueError(
+                "lambda_st and lambda_w are both 0: nothing to train (the regularizer alone "
+                "keeps the adapters at zero); set --lambda-st or --lambda-w above 0"
+            )
         if self.seed < 0:
             raise ValueError(f"seed (--seed) must be >= 0, got {self.seed}")
         if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1 or self.grad_accum < 1:

@@ -69,6 +69,7 @@ CLI_HELP = "the ablation ladder on the frozen benchmark: resumable runs, report,
 
 ORACLE: dict[str, Any] = {
     "pseudo_label": "depth",
+    "lambda_st": 1.0,  # its only term: a recipe's lambda_st (possibly 0) must not remove it
     "hdn": "global",
     "lambda_w": 0.0,
     "lambda_r": 0.0,

@@ -159,3 +159,21 @@ def test_dataset_uses_given_pairs_instead_of_the_file(dataset_root):
     )
     assert sum(len(full[i]["labels"]) for i in range(len(full))) > 0
     torch.testing.assert_close(ds[0]["image"], full[0]["image"])
+
+
+def test_a_config_with_nothing_to_train_is_refused():
+    from westar.config import TrainConfig
+
+    with pytest.raises(ValueError, match="nothing to train"):
+        TrainConfig(lambda_st=0.0, lambda_w=0.0)
+    TrainConfig(lambda_st=0.0, lambda_w=1.0)  # weak labels alone
+    TrainConfig(lambda_st=1.0, lambda_w=0.0)  # self-training alone
+
+
+def test_the_oracle_trains_whatever_the_recipes_lambda_st():
+    from westar.sweep import _recipe, train_config
+
+    cfg = train_config(
+        "oracle", _recipe({"lambda_st": 0.0, "lambda_w": 10.0}), "m", "d", "o", 0, "cpu"
+    )
+    assert cfg.pseudo_label == "depth" and cfg.lambda_st == 1.0 and cfg.lambda_w == 0.0
