@@ -31,7 +31,7 @@ STATS_TOL = {
 
 
 def check_saved(pred, target, inst, valid, include_global=True, eps=1e-6, min_pixels=1):
-    loss, seg, stats, median_index = forward(
+    loss, seg, stats, median_index, info = forward(
         pred, target, inst, valid, include_global, eps, min_pixels, 2
     )
     exp_loss, exp_seg, exp_stats, exp_medians = expected_forward(
@@ -45,7 +45,8 @@ def check_saved(pred, target, inst, valid, include_global=True, eps=1e-6, min_pi
     assert stats.dtype == sdt and stats.is_contiguous()
     assert median_index.dtype == torch.int64
     k = exp_stats.shape[0]
-    assert stats.shape == (k, 8) and median_index.shape == (k,)
+    assert stats.shape == (k, 8) and median_index.shape == (k,)  # exactly K rows on the CPU
+    assert info.tolist() == [k, int(exp_stats[:, 7].sum()), -1, -1]
     # canonical order: seg numbers the contexts by (level, image, id ascending)
     assert torch.equal(seg, exp_seg)
     # medians are elements of the data: exact; n and S3 are integers: exact
@@ -129,7 +130,7 @@ def test_saved_skipped_and_invalid_are_minus_one(rng):
 def test_saved_no_context(rng):
     pred = distinct_values((2, 3, 4), torch.float32, rng)
     target = target_values((2, 3, 4), torch.float32, rng)
-    loss, seg, stats, median_index = forward(pred, target, None, None, False, 1e-6, 1, 2)
+    loss, seg, stats, median_index, _info = forward(pred, target, None, None, False, 1e-6, 1, 2)
     assert seg.shape == (0, 2, 3, 4)
     assert stats.shape == (0, 8) and median_index.shape == (0,)
     assert loss.item() == 0.0
@@ -146,7 +147,7 @@ def test_backward_formula(rng, dtype, stats_grad):
     pred = distinct_values((b, h, w), dtype, rng)
     target = target_values((b, h, w), dtype, rng)
     inst = random_instances(b, 2, h, w, rng)
-    loss, seg, stats, mi = forward(pred, target, inst, None, True, 1e-6, 1, stats_grad)
+    loss, seg, stats, mi, info = forward(pred, target, inst, None, True, 1e-6, 1, stats_grad)
     g = torch.tensor(0.7, dtype=dtype)
     grad = backward(g, pred, target, seg, stats, mi, stats_grad)
     assert grad.shape == pred.shape and grad.dtype == dtype and grad.is_contiguous()
