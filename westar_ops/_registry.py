@@ -32,7 +32,9 @@ INFO_SIZE = 4
 _ID_MAX = {torch.uint8: 255, torch.int8: 127, torch.int16: 32767}
 
 
-def context_capacity(pred, instances, include_global: bool, min_pixels: int, max_contexts: int) -> int:
+def context_capacity(
+    pred, instances, include_global: bool, min_pixels: int, max_contexts: int
+) -> int:
     """Rows of the GPU kernels' stats and median_index (docs/internals.md, Capacity), from
     the shapes alone: ``max_contexts`` when > 0, else one global context per image plus,
     per instance level and image, min(H*W // max(min_pixels, 1), the dtype's largest id).

@@ -86,7 +86,8 @@ inline SaHdnMasks check_sa_hdn_forward(const at::Tensor& pred, const at::Tensor&
                    pred.scalar_type(), "), got ", target.scalar_type());
   TORCH_CHECK_VALUE(eps >= 0, "sa_hdn: eps must be >= 0, got ", eps);
   TORCH_CHECK_VALUE(min_pixels >= 0, "sa_hdn: min_pixels must be >= 0, got ", min_pixels);
-  TORCH_CHECK_VALUE(max_contexts >= 0, "sa_hdn: max_contexts must be >= 0, got ", max_contexts);
+  TORCH_CHECK_VALUE(max_contexts >= 0 && max_contexts <= kMaxMemberships,
+                    "sa_hdn: max_contexts must be in [0, 2^31 - 2], got ", max_contexts);
   TORCH_CHECK_VALUE(stats_grad >= kStatsGradNone && stats_grad <= kStatsGradFull,
                     "sa_hdn: stats_grad must be 0, 1 or 2, got ", stats_grad);
   TORCH_CHECK_VALUE(pred.size(1) * pred.size(2) < (int64_t(1) << 31), "sa_hdn: images of ", pred.size(1), "x",
