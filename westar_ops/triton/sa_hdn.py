@@ -11,8 +11,9 @@ host function here:
      of a context become one contiguous run, in ascending pixel order; runs in canonical
      order level, image, id), run boundaries, counts (``searchsorted``), min_pixels
      filter, context numbering (``cumsum``). Cost does not depend on the id values.
-  3. ``_group`` ends with **the one host sync** of the op: K and the sizes of the launch
-     grids, fetched together (bad ids raise here).
+  3. No host sync: K, the class counts and the bad-id flags stay on the device; launch
+     grids are upper bounds from the shapes (the capacity, docs/internals.md), programs
+     past the counts return at once. Bad ids or K > capacity make the loss NaN.
   4. ``_small_contexts`` (n <= a size class, 64 or 1024 by default): one program per
      context, everything in registers: gather pred/target through the sort permutation,
      exact lower median by a bitwise radix select (one reduction per key bit), mean
