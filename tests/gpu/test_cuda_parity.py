@@ -180,8 +180,8 @@ def test_opcheck_sa_hdn(rng):
     bargs = (big[0].to(DEV).requires_grad_(True), big[1].to(DEV), big[2].to(DEV), None,
              True, 1e-6, 1, 2)  # fmt: skip
     torch.library.opcheck(OPS.sa_hdn_forward.default, bargs)
-    torch.library.opcheck(OPS.sa_hdn_forward.default, (*args, 40))  # max_contexts
     loss, seg, stats, mi, info = OPS.sa_hdn_forward(*args)
+    torch.library.opcheck(OPS.sa_hdn_forward.default, (*args, int(info[0]) + 3))  # max_contexts
     for stats_grad in (0, 1, 2):
         torch.library.opcheck(
             OPS.sa_hdn_backward.default,

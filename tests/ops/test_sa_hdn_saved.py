@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import westar_ops  # noqa: F401  (loads the library that defines torch.ops.westar_ops)
+import westar_ops  # loads the library that defines torch.ops.westar_ops
 from tests.matrix import DTYPES
 from tests.ops.helpers import (
     distinct_values,
@@ -171,3 +171,39 @@ def test_backward_formula(rng, dtype, stats_grad):
     expected = (expected * 0.7 / n_total).reshape(b, h, w)
     rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7)}[dtype]
     torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=atol)
+
+
+def test_max_contexts_on_the_cpu(rng):
+    """The CPU op keeps exactly K rows; max_contexts below K raises the documented error
+    (the GPU backends make the loss NaN, or raise it with debug checks)."""
+    b, h, w = 2, 6, 7
+    pred = distinct_values((b, h, w), torch.float32, rng)
+    target = target_values((b, h, w), torch.float32, rng)
+    inst = random_instances(b, 2, h, w, rng)
+    _, _, stats, mi, info = forward(pred, target, inst, None, True, 1e-6, 1, 2)
+    k = stats.shape[0]
+    assert int(info[0]) == k and mi.shape == (k,)
+    for cap in (k, k + 5):  # enough: the same outputs
+        out = forward(pred, target, inst, None, True, 1e-6, 1, 2, cap)
+        assert torch.equal(out[2], stats) and torch.equal(out[4], info)
+    with pytest.raises(
+        ValueError, match=f"the batch has {k} contexts, more than max_contexts = {k - 1}"
+    ):
+        westar_ops.sa_hdn_loss(pred, target, inst, max_contexts=k - 1)
+    with pytest.raises(ValueError, match="max_contexts must be None or an int >= 1"):
+        westar_ops.sa_hdn_loss(pred, target, inst, max_contexts=0)
+
+
+def test_debug_checks_switch(monkeypatch):
+    from westar_ops import ops
+
+    monkeypatch.delenv("WESTAR_OPS_DEBUG", raising=False)
+    assert not ops.debug_checks()
+    monkeypatch.setenv("WESTAR_OPS_DEBUG", "1")
+    assert ops.debug_checks()
+    ops.set_debug_checks(False)
+    try:
+        assert not ops.debug_checks()
+    finally:
+        ops.set_debug_checks(None)
+    assert ops.debug_checks()
