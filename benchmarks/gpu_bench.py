@@ -1,24 +1,37 @@
-"""One-command GPU benchmark of the westar_ops losses: Triton, CUDA C++ and the
-plain-PyTorch reference, forward and forward+backward, timed with CUDA events.
+"""GPU benchmark of the westar_ops losses that reports what the hardware sees (issue 19).
 
-    python benchmarks/gpu_bench.py [--repeats 50] [--csv out.csv]
-    python benchmarks/gpu_bench.py --estimate      # no GPU needed: the byte model only
+    python benchmarks/gpu_bench.py                     # every case, PASS/FAIL at the end
+    python benchmarks/gpu_bench.py --quick             # the target cases only (~1 min)
+    python benchmarks/gpu_bench.py --csv out.csv --repeats 50
+    python benchmarks/gpu_bench.py --smoke             # tiny sizes on the CPU: checks the
+                                                       # script itself, measures nothing
 
-Workloads (benchmarks/workloads.py, the CPU benchmark's): B=4, 518x518, float32,
-64 uneven instances + global with 10% invalid pixels; classic HDN grid 4x4 + 2x2 + global;
-the ordinal loss with 4096 pairs per image. Reports the median time and the achieved
-bandwidth of each backend's byte model (bytes its kernels move through DRAM, counted
-from the code: docs/gpu_kernels.md, docs/triton_kernels.md) against the device's peak
-memory bandwidth. ``--estimate`` prints the byte model and the time it implies at the
-peak bandwidth of a few GPUs (a lower bound, before launch latency) as a Markdown table.
+Per case and implementation, forward and forward+backward:
+- median, p10 and p90 of the per-call time (CUDA events around each call, eager);
+- the CUDA-graph replay time of forward+backward (the op's step captured once with
+  ``torch.cuda.graph`` and replayed; "n/a" when capture fails, e.g. a host sync);
+- launches per call (kernels and memsets the profiler sees on the device) and host syncs
+  per call (cudaStreamSynchronize / cudaDeviceSynchronize / cudaEventSynchronize and
+  blocking cudaMemcpy calls the profiler sees on the host);
+- time as a multiple of one read of the inputs at the device's peak DRAM bandwidth
+  (pred, target, valid, ids; pred and pairs, labels for the ordinal loss);
+- ratios against the baselines: the per-context loop reference (westar_ops.reference,
+  what a researcher writes first), the vectorized PyTorch reference
+  (westar_ops.reference_vectorized: sort and segment sums, no loop over contexts) and
+  its torch.compile version.
+At the end, PASS/FAIL against the issue's targets (B=4, 518x518, int64 ids, float32).
+DRAM bytes are not measured here (the profiler cannot): run the target case under
+``ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum`` for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,12 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import westar_ops  # noqa: E402
-from westar_ops import ops, reference  # noqa: E402
+from westar_ops import ops, reference, reference_vectorized  # noqa: E402
 
 try:
-    from benchmarks.workloads import grid_workload, instance_workload, ordinal_workload
+    from benchmarks.workloads import instance_workload, ordinal_workload
 except ImportError:  # pragma: no cover - run from another directory layout
-    from workloads import grid_workload, instance_workload, ordinal_workload  # type: ignore
+    from workloads import instance_workload, ordinal_workload  # type: ignore
 
 # Peak DRAM bandwidth (GB/s) by device name, when the properties lack clock/bus width.
 KNOWN_PEAK_GBS = {
@@ -45,16 +58,28 @@ KNOWN_PEAK_GBS = {
     "RTX 4090": 1008.0,
     "L40S": 864.0,
     "L4": 300.0,
-    "A10": 600.0,
 }
 
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
-def peak_bandwidth_gbs(device: int = 0) -> tuple[float | None, str]:
-    props = torch.cuda.get_device_properties(device)
+# The issue's targets (times in microseconds), for the case they name.
+TARGETS = {
+    ("sa_hdn", "fwd", "median"): 80.0,
+    ("sa_hdn", "fwd+bwd", "median"): 150.0,
+    ("sa_hdn", "fwd+bwd", "graph"): 100.0,
+    ("ordinal", "fwd+bwd", "median"): 40.0,
+    ("normalized", "fwd+bwd", "median"): 60.0,
+}
+MAX_LAUNCHES_SA_HDN_FWD = 12
+
+
+def peak_bandwidth_gbs() -> tuple[float | None, str]:
+    if not torch.cuda.is_available():
+        return None, "no GPU"
+    props = torch.cuda.get_device_properties(0)
     clock_khz = getattr(props, "memory_clock_rate", None)
     bus_bits = getattr(props, "memory_bus_width", None)
     if clock_khz and bus_bits:
-        # DDR: two transfers per clock.
         return 2.0 * clock_khz * 1e3 * (bus_bits / 8) / 1e9, "device properties"
     for key, gbs in KNOWN_PEAK_GBS.items():
         if key in props.name:
@@ -62,277 +87,380 @@ def peak_bandwidth_gbs(device: int = 0) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def cuda_time_ms(fn, repeats: int, warmup: int = 3) -> float:
+# --------------------------------------------------------------------------- timing
+
+
+def _synchronize(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn, repeats: int, dev: str, warmup: int = 3) -> list[float]:
+    """Per-call times in microseconds (CUDA events on the GPU, perf_counter on the CPU)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _synchronize(dev)
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        if dev == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+    return times
+
+
+def quantiles(times: list[float]) -> tuple[float, float, float]:
+    """(p10, median, p90)."""
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return q[0], statistics.median(times), q[-1]
+
+
+def graph_replay_us(step, repeats: int, dev: str) -> float | None:
+    """Median replay time of ``step`` captured in a CUDA graph; None if it cannot be
+    captured (a host sync or another capture error) or without a GPU."""
+    if dev != "cuda":
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
+        print(f"    (CUDA graph capture failed: {type(err).__name__}: {str(err)[:120]})")
+        torch.cuda.synchronize()
+        return None
+    return statistics.median(time_calls(graph.replay, repeats, dev))
+
+
+def count_launches_and_syncs(fn, dev: str) -> tuple[float, float]:
+    """Device operations (kernels + memsets) and host syncs of one call, from the
+    profiler (averaged over 3 calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _synchronize(dev)
+    calls = 3
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        _synchronize(dev)
+    launches = syncs = 0
+    for ev in prof.events():
+        name = ev.name
+        on_device = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if on_device and not name.startswith("Memcpy"):
+            launches += 1  # kernels and Memset
+        elif not on_device and (
+            name in SYNC_CALLS or name == "cudaMemcpy" or name.startswith("cudaMemcpy2D")
+        ):
+            syncs += 1
+    # The profiler's own final synchronize is one of them.
+    syncs = max(syncs - (1 if dev == "cuda" else 0), 0)
+    return launches / calls, syncs / calls
+
+
+# ---------------------------------------------------------------------------- cases
 
 
 @dataclass
-class SaHdnSize:
-    """What the byte models need to know about one sa_hdn workload."""
-
-    pixels: int  # N = B*H*W
-    levels: int  # C = levels of instances + the global one
-    planes: int  # C*B
-    elem: int  # bytes of one pred/target element
-    id_bytes: int  # bytes of the ids of one pixel, all levels
-    has_valid: bool
-    small: int  # memberships in contexts of <= 1024 members (one warp / one program)
-    large: int  # memberships in larger contexts (tiled radix select)
-    acc: int  # bytes of the accumulation dtype (4, or 8 for float64)
-
-    @property
-    def memberships(self) -> int:
-        return self.levels * self.pixels
-
-    @property
-    def input_bytes(self) -> int:
-        """One read of the op's inputs: pred, target, valid, ids."""
-        return self.pixels * (2 * self.elem + int(self.has_valid) + self.id_bytes)
+class Impl:
+    name: str  # "cuda", "triton", "loop ref", "vector ref", "compiled ref"
+    loss: object  # callable(pred) -> loss
+    repeats: int
+    graph: bool = True
 
 
-def sa_hdn_size(w) -> SaHdnSize:
-    """Sizes of a workload; the context sizes come from the CPU op (same contexts)."""
-    pred = w.pred.cpu()
-    levels = 1 + (w.instances.shape[1] if w.instances is not None else 0)
-    out = torch.ops.westar_ops.sa_hdn_forward(
-        pred, w.target.cpu(),
-        None if w.instances is None else w.instances.cpu(),
-        None if w.valid is None else w.valid.cpu(),
-        True, 1e-6, 1, 2,
-    )  # fmt: skip
-    counts = out[2][:, 7].to(torch.int64)
-    small = int(counts[counts <= 1024].sum())
-    return SaHdnSize(
-        pixels=pred.numel(),
-        levels=levels,
-        planes=levels * pred.shape[0],
-        elem=pred.element_size(),
-        id_bytes=0 if w.instances is None else w.instances.shape[1] * w.instances.element_size(),
-        has_valid=w.valid is not None,
-        small=small,
-        large=int(counts.sum()) - small,
-        acc=8 if pred.dtype == torch.float64 else 4,
-    )
+@dataclass
+class Case:
+    op: str  # "sa_hdn", "ordinal", "normalized"
+    label: str
+    pred: torch.Tensor
+    input_bytes: int
+    impls: list = field(default_factory=list)
+    target: bool = False  # the case the issue's targets name
 
 
-def _key_reads(s: SaHdnSize) -> int:
-    """The keys kernel reads target, valid and the ids of every level once per pixel."""
-    return s.pixels * (s.elem + int(s.has_valid) + s.id_bytes)
+@dataclass
+class Row:
+    case: Case
+    impl: str
+    phase: str
+    p10: float
+    median: float
+    p90: float
+    graph: float | None
+    launches: float
+    syncs: float
 
 
-def cuda_sa_hdn_bytes(s: SaHdnSize) -> tuple[int, int]:
-    """(forward, backward) DRAM bytes of the CUDA kernels (csrc/cuda/sa_hdn_cuda.cu)."""
-    m = s.memberships
-    plane_bits = max(1, s.planes.bit_length())  # planes < 2^plane_bits (sentinel = planes)
-    sort_passes = -(-(31 + plane_bits) // 8)  # CUB onesweep, 8-bit digits, 35 bits: 5
-    key = s.acc  # ordered keys: uint32, or uint64 for float64
-    digits = key
-    fwd = (
-        4 * m  # seg = -1
-        + _key_reads(s) + 12 * m  # keys_kernel: 8 B key + 4 B pixel written per membership
-        + m * (8 + 24 * sort_passes)  # radix sort of (key, pixel): histogram + passes
-        + 8 * m  # run-length encoding reads the sorted keys
-        + 72 * (m + 1)  # run_flags (3 x 8 B written) + 3 exclusive scans (16 B each)
-        + s.small * (4 + 2 * s.elem + 4)  # small_kernel: pixel, pred/target gather, seg
-        + s.large * (4 + 2 * s.elem + 2 * key + 4)  # big_pass0: gather, keys written, seg
-        + s.large * 2 * key * (digits - 1)  # big_hist_kernel, digits 1..D-1
-        + s.large * 2 * key * 2  # big_mad_kernel, big_sums_kernel
-    )
-    bwd = s.pixels * (2 * s.elem + 4 * s.levels + s.elem)  # pred, target, seg per level, out
-    return fwd, bwd
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-# torch ops of the Triton grouping that run over all M memberships (westar_ops/triton/
-# sa_hdn.py, _forward step 2), bytes read + written per membership, counted from the code
-# (and checked with a TorchDispatchMode byte counter on a small case): ones 1, != 17,
-# is_start copy 3, cumsum 9, - 1 16, arange 8, searchsorted 24, counts 24, clamp 16,
-# run_key gather 24, keep (>=, !=, &) 21, keep_cs 9, big_run (>, &) 12, big_cs 9,
-# ntiles (+, //, where) 49, two size classes (>, <=, &, &, cumsum) 2 x 33, sum 8,
-# k_of_run 16.
-TRITON_GROUPING_OPS_BYTES = 348
-# torch.sort(int64 keys, stable) = CUB radix sort of 64-bit keys with int64 indices as
-# values: 8 digit passes reading and writing 16 B, plus the index iota and the histogram.
-TRITON_SORT_BYTES = 8 * 32 + 8 + 8
+def sa_hdn_cases(dev, quick, args) -> list[Case]:
+    sizes = [(4, 518)] if quick else [(4, 518), (16, 518), (4, 1036), (16, 1036)]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    id_dtypes = [torch.int64] if quick else [torch.int64, torch.int32]
+    if args.smoke:
+        sizes = [(2, 24)]
+    cases = []
+    for batch, size in sizes:
+        for dtype in dtypes:
+            for id_dtype in id_dtypes:
+                w = instance_workload(batch, size, size, 64, dtype=dtype, device=dev)
+                inst = w.instances.to(id_dtype)
+                # Known to the caller: at most 1 + 64 contexts per image.
+                cap = batch * 65
+                label = f"sa_hdn B={batch} {size}px {str(dtype)[6:]} {str(id_dtype)[6:]}"
+                case = Case("sa_hdn", label, w.pred, _nbytes(w.pred, w.target, w.valid, inst))
+                case.target = (batch, size, dtype, id_dtype) == (
+                    4, 518, torch.float32, torch.int64,
+                )  # fmt: skip
+                extra = (w.target, inst, w.valid)
+                for backend in args.backends:
+                    case.impls.append(Impl(backend, _sa_hdn(backend, extra, cap), args.repeats))
+                _add_references(case, extra, args, batch * size * size <= 4 * 518 * 518)
+                cases.append(case)
+    return cases
 
 
-def triton_sa_hdn_bytes(s: SaHdnSize) -> tuple[int, int]:
-    """(forward, backward) DRAM bytes of the Triton path (westar_ops/triton/sa_hdn.py)."""
-    m = s.memberships
-    digits = s.acc  # 8-bit digits of the 32- (64-) bit ordered keys
-    fwd = (
-        4 * m  # seg = -1 (torch.full)
-        + _key_reads(s) + 8 * m  # _keys_kernel: one int64 key per membership
-        + TRITON_SORT_BYTES * m
-        + TRITON_GROUPING_OPS_BYTES * m
-        + s.small * (8 + 2 * s.elem + 4)  # _small_kernel: order, pred/target gather, seg
-        + s.large * (8 + 2 * s.elem + 2 * s.acc + 4)  # pass 0: gather, sp/sq written, seg
-        + s.large * 2 * s.acc * (digits - 1)  # passes 1..D-1 (the last one also the MAD)
-        + s.large * 2 * s.acc  # _big_sums_kernel
-    )
-    bwd = s.pixels * (2 * s.elem + 4 * s.levels + s.elem)
-    return fwd, bwd
+def _sa_hdn(backend, extra, cap):
+    def loss(p):
+        return westar_ops.sa_hdn_loss(p, *extra, backend=backend, max_contexts=cap)
+
+    return loss
 
 
-def ordinal_bytes(w) -> tuple[int, int]:
-    """(forward, backward) bytes of the ordinal kernels (both backends, default mode):
-    labels 8 B and pairs 32 B per pair, two gathered pred values (L2-resident for
-    518x518); the backward zero-fills the gradient, counts the used pairs again and
-    adds with atomics (read-modify-write of 2 x 4 B)."""
-    pairs = w.labels.numel()
-    elem = w.pred.element_size()
-    fwd = pairs * (8 + 32 + 2 * elem)
-    bwd = w.pred.numel() * 4 + pairs * (8 + 32 + 2 * elem) * 2 + pairs * 16
-    return fwd, bwd
+def _add_references(case, extra, args, with_loop):
+    vec = reference_vectorized.sa_hdn_loss
+    case.impls.append(Impl("vector ref", lambda p: vec(p, *extra), args.ref_repeats))
+    if not args.no_compile:
+        compiled = torch.compile(vec, fullgraph=True, dynamic=False)
+        case.impls.append(Impl("compiled ref", lambda p: compiled(p, *extra), args.ref_repeats))
+    if with_loop:  # ~800 host syncs per call: only where it finishes in reasonable time
+        loop = reference.sa_hdn_loss
+        case.impls.append(Impl("loop ref", lambda p: loop(p, *extra), 2, graph=False))
 
 
-SA_HDN_MODELS = {"cuda": cuda_sa_hdn_bytes, "triton": triton_sa_hdn_bytes}
-# Peak DRAM bandwidth used for the estimate table (GB/s).
-ESTIMATE_GPUS = (("RTX 3090", 936.0), ("RTX 4090", 1008.0), ("H100 SXM", 3350.0))
+def ordinal_cases(dev, quick, args) -> list[Case]:
+    shapes = [(4, 4096)] if quick else [(4, 4096), (16, 16384)]
+    if args.smoke:
+        shapes = [(2, 64)]
+    size = 24 if args.smoke else 518
+    cases = []
+    for batch, num_pairs in shapes:
+        w = ordinal_workload(batch, size, size, num_pairs, device=dev)
+        nb = _nbytes(w.pred, w.pairs, w.labels)
+        target = (batch, num_pairs) == (4, 4096)
+        case = Case("ordinal", f"ordinal {batch}x{num_pairs} pairs", w.pred, nb, target=target)
+        for backend in args.backends:
+            case.impls.append(Impl(backend, _ordinal(backend, w.pairs, w.labels), args.repeats))
+        ref = reference.ordinal_ranking_loss
+        case.impls.append(
+            Impl("vector ref", lambda p, w=w, f=ref: f(p, w.pairs, w.labels), args.ref_repeats)
+        )
+        if not args.no_compile:
+            comp = torch.compile(ref, fullgraph=True, dynamic=False)
+            case.impls.append(
+                Impl(
+                    "compiled ref", lambda p, w=w, f=comp: f(p, w.pairs, w.labels), args.ref_repeats
+                )
+            )
+        cases.append(case)
+        # The trainer's default: normalized by the per-image median / MAD (no stats given).
+        valid = torch.isfinite(w.pred)
+        case_n = Case(
+            "normalized",
+            f"normalized ordinal {batch}x{num_pairs} pairs",
+            w.pred,
+            nb + _nbytes(valid),
+            target=target,
+        )
+        for backend in args.backends:
+            case_n.impls.append(
+                Impl(backend, _normalized(backend, w.pairs, w.labels, valid), args.repeats)
+            )
+        nref = reference.normalized_ordinal_ranking_loss
+        case_n.impls.append(
+            Impl(
+                "vector ref",
+                lambda p, w=w, v=valid, f=nref: f(p, w.pairs, w.labels, valid=v),
+                args.ref_repeats,
+            )
+        )
+        cases.append(case_n)
+    return cases
 
 
-def estimate() -> None:
-    """Byte model of every backend for the benchmark workloads, and the time it implies at
-    peak bandwidth (a lower bound, before launch latency and the host sync). No GPU."""
+def _ordinal(backend, pairs, labels):
+    def loss(p):
+        return westar_ops.ordinal_ranking_loss(p, pairs, labels, backend=backend)
+
+    return loss
+
+
+def _normalized(backend, pairs, labels, valid):
+    def loss(p):
+        return westar_ops.normalized_ordinal_ranking_loss(
+            p, pairs, labels, valid=valid, backend=backend
+        )
+
+    return loss
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def measure(case: Case, impl: Impl, dev: str) -> list[Row]:
+    pred = case.pred
+
+    def fwd():
+        with torch.no_grad():
+            impl.loss(pred)
+
+    p = pred.clone().requires_grad_(True)
+
+    def fwd_bwd():
+        loss = impl.loss(p)
+        torch.autograd.grad(loss, p)
+
     rows = []
-    for w in (instance_workload(), grid_workload()):
-        s = sa_hdn_size(w)
-        for backend, model in SA_HDN_MODELS.items():
-            fwd, bwd = model(s)
-            rows.append((w.name, s, backend, fwd, bwd))
-    print(f"torch {torch.__version__}; byte model of benchmarks/gpu_bench.py (no GPU used)")
-    gpus = " | ".join(f"fwd / bwd at {n} ({g:.0f} GB/s)" for n, g in ESTIMATE_GPUS)
-    print(f"| workload | memberships (small / large) | backend | fwd MB | fwd / input bytes "
-          f"| bwd MB | {gpus} |")
-    print("|---|---|---|---:|---:|---:|" + "---:|" * len(ESTIMATE_GPUS))
-    for name, s, backend, fwd, bwd in rows:
-        bounds = " | ".join(
-            f"{fwd / (g * 1e9) * 1e3:.2f} ms / {bwd / (g * 1e9) * 1e6:.0f} us"
-            for _, g in ESTIMATE_GPUS
-        )
-        print(
-            f"| {name} | {s.memberships / 1e6:.2f} M ({s.small / 1e6:.2f} / {s.large / 1e6:.2f}) "
-            f"| {backend} | {fwd / 1e6:.0f} | {fwd / s.input_bytes:.0f}x | {bwd / 1e6:.1f} "
-            f"| {bounds} |"
-        )
-    w = ordinal_workload()
-    fwd, bwd = ordinal_bytes(w)
-    print(f"ordinal {w.name}: fwd {fwd / 1e6:.2f} MB, bwd {bwd / 1e6:.2f} MB (both backends; "
-          "launch-bound: 2 launches forward, 3 backward)")
+    for phase, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        p10, med, p90 = quantiles(time_calls(fn, impl.repeats, dev))
+        graph = graph_replay_us(fn, impl.repeats, dev) if impl.graph else None
+        launches, syncs = count_launches_and_syncs(fn, dev)
+        rows.append(Row(case, impl.name, phase, p10, med, p90, graph, launches, syncs))
+    return rows
+
+
+def one_read_us(case: Case, peak_gbs: float | None) -> float | None:
+    if not peak_gbs:
+        return None
+    return case.input_bytes / (peak_gbs * 1e9) * 1e6
+
+
+def verdicts(rows: list[Row], peak: float | None) -> list[tuple[str, bool | None, str]]:
+    """(target, passed or None when not measured, detail) for the issue's targets."""
+    out = []
+    auto = ops.resolve_backend("auto", torch.device("cuda")) if torch.cuda.is_available() else ""
+
+    def pick(op, impl, phase):
+        for r in rows:
+            if r.case.op == op and r.case.target and r.impl == impl and r.phase == phase:
+                return r
+        return None
+
+    for (op, phase, stat), limit in TARGETS.items():
+        r = pick(op, auto, phase)
+        value = None if r is None else (r.median if stat == "median" else r.graph)
+        name = f"{op} {phase} {'eager median' if stat == 'median' else 'graph replay'}"
+        ok = None if value is None else value <= limit
+        out.append((f"{name} <= {limit:.0f} us", ok, "n/a" if value is None else f"{value:.1f}"))
+    r = pick("sa_hdn", auto, "fwd")
+    ok = None if r is None else r.launches <= MAX_LAUNCHES_SA_HDN_FWD
+    out.append((f"sa_hdn fwd <= {MAX_LAUNCHES_SA_HDN_FWD} launches", ok,
+                "n/a" if r is None else f"{r.launches:.0f}"))  # fmt: skip
+    ours = [r for r in rows if r.impl in ("cuda", "triton")]
+    if ours:
+        worst = max(r.syncs for r in ours)
+        out.append(("0 host syncs per call (all ops, backends, phases)", worst == 0,
+                    f"max {worst:.1f}"))  # fmt: skip
+    for ref, factor in (("vector ref", 10.0), ("compiled ref", 1.0)):
+        for phase in ("fwd", "fwd+bwd"):
+            r, b = pick("sa_hdn", auto, phase), pick("sa_hdn", ref, phase)
+            if r is None or b is None:
+                out.append((f"sa_hdn {phase} >= {factor:g}x {ref}", None, "n/a"))
+                continue
+            ratio = b.median / r.median
+            ok = ratio >= factor if factor > 1 else ratio > 1
+            out.append((f"sa_hdn {phase} {'>=' if factor > 1 else '>'} {factor:g}x {ref}", ok,
+                        f"{ratio:.1f}x"))  # fmt: skip
+    out.append(("sa_hdn fwd <= 10x one read in DRAM bytes", None, "needs ncu (see docstring)"))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--reference-repeats", type=int, default=5)
+    parser.add_argument("--ref-repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="the target cases only")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument(
-        "--estimate", action="store_true", help="print the byte model only (no GPU needed)"
-    )
-    parser.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="time under torch.use_deterministic_algorithms(True)",
-    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     args = parser.parse_args()
-    if args.estimate:
-        estimate()
-        return
-    if not torch.cuda.is_available():
-        print(
-            "gpu_bench: no CUDA device; nothing to measure (--estimate prints the byte model)",
-            file=sys.stderr,
-        )
+    if args.smoke:
+        dev = "cpu"
+        args.backends = ["cpu"]
+        args.repeats = args.ref_repeats = 2
+        args.quick = True
+    elif not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device; nothing to measure (--smoke checks the script)")
         sys.exit(0)
-    torch.use_deterministic_algorithms(args.deterministic)
-    dev = "cuda"
-    backends = westar_ops.available_backends(dev)
+    else:
+        dev = "cuda"
+        args.backends = [b for b in ("cuda", "triton") if b in ops.available_backends(dev)]
     peak, peak_src = peak_bandwidth_gbs()
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke run)"
     print(f"device: {name}; peak DRAM bandwidth: {peak or float('nan'):.0f} GB/s ({peak_src})")
-    print(
-        f"torch {torch.__version__}, CUDA {torch.version.cuda}; backends: {backends}; "
-        f"auto -> {ops.resolve_backend('auto', torch.device(dev))}; "
-        f"deterministic: {args.deterministic}"
-    )
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}; backends: {args.backends}")
+    cases = sa_hdn_cases(dev, args.quick, args) + ordinal_cases(dev, args.quick, args)
+    rows: list[Row] = []
+    for case in cases:
+        print(f"{case.label} (inputs {case.input_bytes / 1e6:.2f} MB)", flush=True)
+        for impl in case.impls:
+            with contextlib.suppress(KeyboardInterrupt):
+                rows.extend(measure(case, impl, dev))
 
-    sa_workloads = [instance_workload(device=dev), grid_workload(device=dev)]
-    ord_workload = ordinal_workload(device=dev)
-    rows = []
-
-    def run_case(label, make_loss, nbytes, pred, repeats):
-        """nbytes: (forward, backward) of the backend's byte model, or None."""
-
-        def fwd():
-            with torch.no_grad():
-                make_loss(pred)
-
-        p = pred.clone().requires_grad_(True)
-
-        def fwd_bwd():
-            loss = make_loss(p)
-            torch.autograd.grad(loss, p)
-
-        phases = (("fwd", fwd), ("fwd+bwd", fwd_bwd))
-        for i, (phase, fn) in enumerate(phases):
-            ms = cuda_time_ms(fn, repeats)
-            if nbytes is None:
-                gbs = float("nan")
-            else:
-                gbs = (nbytes[0] + (nbytes[1] if i == 1 else 0)) / (ms * 1e-3) / 1e9
-            pct = 100 * gbs / peak if peak else float("nan")
-            rows.append((label, phase, ms, gbs, pct))
-
-    for w in sa_workloads:
-        size = sa_hdn_size(w)
-        for backend in [b for b in ("cuda", "triton") if b in backends] + ["reference"]:
-
-            def make_loss(p, w=w, backend=backend):
-                a = (p, w.target, w.instances, w.valid)
-                if backend == "reference":
-                    return reference.sa_hdn_loss(*a)
-                return ops.sa_hdn_loss(*a, backend=backend)
-
-            reps = args.reference_repeats if backend == "reference" else args.repeats
-            model = SA_HDN_MODELS.get(backend)
-            nbytes = model(size) if model else None
-            run_case(f"sa_hdn {w.name} [{backend}]", make_loss, nbytes, w.pred, reps)
-
-    w = ord_workload
-    for backend in [b for b in ("cuda", "triton") if b in backends] + ["reference"]:
-
-        def make_loss(p, backend=backend):
-            if backend == "reference":
-                return reference.ordinal_ranking_loss(p, w.pairs, w.labels)
-            return ops.ordinal_ranking_loss(p, w.pairs, w.labels, backend=backend)
-
-        nbytes = None if backend == "reference" else ordinal_bytes(w)
-        run_case(f"ordinal {w.name} [{backend}]", make_loss, nbytes, w.pred, args.repeats)
-
-    header = f"{'case':58s} {'phase':8s} {'median ms':>10s} {'GB/s':>8s} {'% peak':>7s}"
+    header = (f"{'case':40s} {'impl':12s} {'phase':8s} {'median us':>10s} {'p10':>8s} "
+              f"{'p90':>8s} {'graph us':>9s} {'launch':>7s} {'syncs':>6s} {'x read':>7s} "
+              f"{'vs loop':>8s} {'vs vec':>7s} {'vs comp':>8s}")  # fmt: skip
     print(header)
     print("-" * len(header))
-    for label, phase, ms, gbs, pct in rows:
-        print(f"{label:58s} {phase:8s} {ms:10.3f} {gbs:8.1f} {pct:7.1f}")
-    print("GB/s: the backend's own byte model (--estimate prints it) / median time; none for")
-    print("the reference. Times include the public wrapper's checks (what users call).")
+    by_key = {(r.case.label, r.impl, r.phase): r for r in rows}
+    for r in rows:
+        read = one_read_us(r.case, peak)
+        ratios = []
+        for ref in ("loop ref", "vector ref", "compiled ref"):
+            b = by_key.get((r.case.label, ref, r.phase))
+            ratios.append(f"{b.median / r.median:.1f}x" if b else "-")
+        graph = f"{r.graph:9.1f}" if r.graph is not None else f"{'n/a':>9s}"
+        xread = f"{r.median / read:7.0f}" if read else f"{'-':>7s}"
+        print(f"{r.case.label:40s} {r.impl:12s} {r.phase:8s} {r.median:10.1f} {r.p10:8.1f} "
+              f"{r.p90:8.1f} {graph} {r.launches:7.1f} {r.syncs:6.1f} {xread} "
+              f"{ratios[0]:>8s} {ratios[1]:>7s} {ratios[2]:>8s}")  # fmt: skip
+    print("x read: median time / one read of the inputs at peak bandwidth. vs X: X's median")
+    print("time / this row's (higher is faster). Times include the public wrapper.")
+    print()
+    print(f"targets ({name}; B=4, 518x518, int64 ids, float32; backend 'auto'):")
+    failed = False
+    for target, ok, detail in verdicts(rows, peak):
+        word = "n/a " if ok is None else ("PASS" if ok else "FAIL")
+        failed |= ok is False
+        print(f"  {word}  {target}: {detail}")
     if args.csv:
         with args.csv.open("w") as f:
-            f.write("device,case,phase,median_ms,model_gbs,percent_peak,deterministic\n")
-            for label, phase, ms, gbs, pct in rows:
-                f.write(
-                    f"{name},{label},{phase},{ms:.4f},{gbs:.2f},{pct:.2f},{args.deterministic}\n"
-                )
+            f.write("device,case,impl,phase,median_us,p10_us,p90_us,graph_us,launches,syncs\n")
+            for r in rows:
+                f.write(f"{name},{r.case.label},{r.impl},{r.phase},{r.median:.2f},{r.p10:.2f},"
+                        f"{r.p90:.2f},{'' if r.graph is None else f'{r.graph:.2f}'},"
+                        f"{r.launches:.1f},{r.syncs:.1f}\n")  # fmt: skip
+    sys.exit(0 if not failed or args.smoke else 1)
 
 
 if __name__ == "__main__":

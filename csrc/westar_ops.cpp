@@ -36,24 +36,28 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(westar_ops, m) {
   // pred, target: (B, H, W) floating; instances: (B, L, H, W) integer or None;
-  // valid: (B, H, W) bool or None. Returns (loss, seg, stats, median_index).
+  // valid: (B, H, W) bool or None. Returns (loss, seg, stats, median_index, info).
   // stats_grad is not used by the forward; it is recorded for the autograd formula.
+  // max_contexts <= 0: the capacity of stats follows from the shapes (docs/internals.md).
   m.def(
       "sa_hdn_forward(Tensor pred, Tensor target, Tensor? instances, Tensor? valid, "
-      "bool include_global, float eps, int min_pixels, int stats_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "bool include_global, float eps, int min_pixels, int stats_grad, int max_contexts=0) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // stats_grad: 0 = none, 1 = scale, 2 = full. Returns d loss / d pred, (B, H, W).
+  // info: the forward's info (its N is used); None: N is summed from stats.
   m.def(
       "sa_hdn_backward(Tensor grad, Tensor pred, Tensor target, Tensor seg, Tensor stats, "
-      "Tensor median_index, int stats_grad) -> Tensor");
+      "Tensor median_index, int stats_grad, Tensor? info=None) -> Tensor");
   // pred: (B, H, W); pairs: (B, P, 2, 2) int64; labels: (B, P) int64.
   // kind: 0 = margin, 1 = logistic.
+  // Returns (loss, count): count = the used pairs (0-dim int64), kept for the backward.
   m.def(
       "ordinal_ranking_forward(Tensor pred, Tensor pairs, Tensor labels, float margin, "
-      "int kind, float equal_weight) -> Tensor");
+      "int kind, float equal_weight) -> (Tensor, Tensor)");
+  // count: the forward's count; None: counted again.
   m.def(
       "ordinal_ranking_backward(Tensor grad, Tensor pred, Tensor pairs, Tensor labels, "
-      "float margin, int kind, float equal_weight) -> Tensor");
+      "float margin, int kind, float equal_weight, Tensor? count=None) -> Tensor");
   // A: (r, d_in), B: (d_out, r).
   m.def("lora_delta_sq_norm(Tensor A, Tensor B, float scaling) -> Tensor");
   m.def(

@@ -168,14 +168,21 @@ def assert_backends_agree(op, backends, device, pred, *inputs, loss_min_rtol=1e-
 
 
 def check_forward(out, out_ref, pred, dtype):
-    """The raw outputs (loss, seg, stats, median_index) of one backend against another's
-    (usually the CPU op's)."""
-    loss_g, seg_g, stats_g, mi_g = (x.cpu() for x in out)
-    loss_c, seg_c, stats_c, mi_c = out_ref
+    """The raw outputs (loss, seg, stats, median_index, info) of one backend against
+    another's (usually the CPU op's, which has exactly K rows of stats). A GPU backend's
+    stats and median_index have the capacity's rows (docs/internals.md): K like the
+    reference's, then zeros and -1."""
+    loss_g, seg_g, stats_g, mi_g, info_g = (x.cpu() for x in out)
+    loss_c, seg_c, stats_c, mi_c, info_c = out_ref
     rtol, atol = tolerance(dtype, "backends")
     assert seg_g.dtype == torch.int32 and seg_g.is_contiguous()
     assert torch.equal(seg_g, seg_c)
-    assert stats_g.dtype == stats_c.dtype and stats_g.shape == stats_c.shape
+    assert info_g.dtype == torch.int64 and torch.equal(info_g, info_c)
+    k = stats_c.shape[0]
+    assert stats_g.dtype == stats_c.dtype and stats_g.shape[1:] == stats_c.shape[1:]
+    assert stats_g.shape[0] >= k and mi_g.shape == stats_g.shape[:1]
+    assert not stats_g[k:].any() and bool((mi_g[k:] == -1).all())
+    stats_g, mi_g = stats_g[:k], mi_g[:k]
     assert mi_g.dtype == torch.int64 and mi_g.shape == mi_c.shape
     assert loss_g.dtype == pred.dtype and loss_g.shape == ()
     # Medians, counts and S3 are exact; D is equal up to rounding of the MAD sum.
@@ -232,15 +239,18 @@ def assert_no_context_gives_zero(family, backend, pred, target, instances, devic
     loss = ops.sa_hdn_loss(p, target.to(device), instances.to(device), valid, backend=backend)
     (grad,) = torch.autograd.grad(loss, p)
     assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
-    _, seg, stats, mi = raw_forward(family, pred, target, None, valid, device)
-    assert stats.shape == (0, 8) and mi.shape == (0,) and bool((seg == -1).all())
+    _, seg, stats, mi, info = raw_forward(family, pred, target, None, valid, device)
+    assert not stats.any() and bool((mi == -1).all()) and bool((seg == -1).all())
+    assert info.tolist() == [0, 0, -1, -1]
+    if family is torch.ops.westar_ops and device == "cpu":
+        assert stats.shape == (0, 8) and mi.shape == (0,)
 
 
 def ordinal_backward_runs(family, grad, pred, pairs, labels, margin, kind, equal_weight, device,
-                          times=3):  # fmt: skip
+                          times=3, count=None):  # fmt: skip
     """``family.ordinal_ranking_backward`` ``times`` times in deterministic mode (CPU
-    tensors)."""
-    args = (pairs.to(device), labels.to(device), margin, kind, equal_weight)
+    tensors); ``count``: the forward's used-pair count (None: the op counts again)."""
+    args = (pairs.to(device), labels.to(device), margin, kind, equal_weight, count)
     with deterministic_algorithms(True):
         return [
             family.ordinal_ranking_backward(grad.to(device), pred.to(device), *args).cpu()

@@ -29,6 +29,8 @@ __all__ = [
     "lora_delta_sq_norm",
     "available_backends",
     "resolve_backend",
+    "debug_checks",
+    "set_debug_checks",
 ]
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
@@ -207,6 +209,63 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+_DEBUG_CHECKS: bool | None = None  # None: the WESTAR_OPS_DEBUG environment variable
+
+
+def set_debug_checks(enabled: bool | None) -> None:
+    """Switch the GPU backends' data checks on or off (None: follow WESTAR_OPS_DEBUG).
+
+    The CUDA and Triton kernels never wait for the host: a bad instance id, more contexts
+    than ``max_contexts`` or a used ordinal pair outside the image makes the loss NaN
+    (fast mode, the default). With debug checks on, in eager mode and outside CUDA graph
+    capture, the wrappers read the kernels' error flags back (one host sync per call) and
+    raise the errors of docs/ops.md instead. The CPU backend always raises them.
+    """
+    global _DEBUG_CHECKS
+    _DEBUG_CHECKS = None if enabled is None else bool(enabled)
+
+
+def debug_checks() -> bool:
+    """Whether the GPU backends' data checks are on (see :func:`set_debug_checks`)."""
+    if _DEBUG_CHECKS is not None:
+        return _DEBUG_CHECKS
+    return os.environ.get("WESTAR_OPS_DEBUG", "0") not in ("", "0")
+
+
+def _host_checks(backend: str) -> bool:
+    """Whether this call may read device values back to raise: the CPU backend always
+    (eager), the GPU backends only with debug checks on, never while compiling or
+    capturing a CUDA graph."""
+    if not _eager():
+        return False
+    if backend == "cpu":
+        return True
+    if not debug_checks():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _raise_sa_hdn_info(info: torch.Tensor, instances, max_contexts: int) -> None:
+    """The errors of docs/ops.md from a GPU kernel's info (K, N, first negative id,
+    first id >= 2^31; positions flat in instances (B, L, H, W))."""
+    found, _n, neg, huge = (int(v) for v in info.tolist())
+    for at, negative in ((neg, True), (huge, False)):
+        if at < 0:
+            continue
+        _b, levels, height, width = instances.shape
+        x, y, bl = at % width, (at // width) % height, at // (height * width)
+        where = f"instances[{bl // levels}, {bl % levels}, {y}, {x}]"
+        if negative:
+            raise ValueError(
+                "instances must hold ids >= 0 (0 = no instance); found a negative id at " + where
+            )
+        raise ValueError("instances must hold ids < 2^31; found a larger id at " + where)
+    if max_contexts > 0 and found > max_contexts:
+        raise ValueError(
+            f"sa_hdn: the batch has {found} contexts, more than max_contexts = {max_contexts}"
+        )
+
+
 def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad):
     pred = _check_tensor("pred", pred)
     _check_float("pred", pred)
@@ -262,7 +321,7 @@ def _prepare_sa_hdn(pred, target, instances, valid, eps, min_pixels, stats_grad)
     return pred3, target3, instances, valid
 
 
-def _prepare_ordinal(pred, pairs, labels, kind):
+def _prepare_ordinal(pred, pairs, labels, kind, check_bounds: bool):
     pred = _check_tensor("pred", pred)
     _check_float("pred", pred)
     pred3 = _image_view("pred", pred)
@@ -288,7 +347,7 @@ def _prepare_ordinal(pred, pairs, labels, kind):
         raise ValueError(f"kind must be one of {tuple(ORDINAL_KINDS)}, got {kind!r}")
     pairs = pairs.to(torch.int64).contiguous()
     labels = labels.to(torch.int64).contiguous()
-    if _eager() and pairs.numel() > 0:
+    if check_bounds and pairs.numel() > 0:
         used = ((labels >= -1) & (labels <= 1))[..., None, None]
         y, x = pairs[..., 0], pairs[..., 1]
         outside = used & ((y < 0) | (y >= height) | (x < 0) | (x >= width))[..., None]
@@ -316,6 +375,7 @@ def sa_hdn_loss(
     stats_grad: str = "full",
     backend: str = "auto",
     return_stats: bool = False,
+    max_contexts: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, NormalizationStats]:
     """Semantics-aware hierarchical depth normalization loss (docs/ops.md).
 
@@ -339,6 +399,11 @@ def sa_hdn_loss(
         return_stats: also return the global contexts' statistics that the forward
             computed anyway (`NormalizationStats`, for
             `normalized_ordinal_ranking_loss`); needs include_global=True.
+        max_contexts: None, or an upper bound on the number of contexts of the batch
+            (e.g. B * (1 + L * (largest id))): the GPU kernels size their per-context
+            arrays by it instead of the bound the shapes give (docs/ops.md, Capacity).
+            More contexts than this: ValueError on the CPU (and with debug checks), a
+            NaN loss on the GPU backends.
 
     Returns:
         0-dim tensor of pred's dtype: mean |pred_hat - target_hat| over all
@@ -353,8 +418,14 @@ def sa_hdn_loss(
             "return_stats=True needs include_global=True: the stats are those of the "
             "per-image global contexts"
         )
-    family = _family(resolve_backend(backend, pred.device))
-    loss, seg, stats, median_index = family.sa_hdn_forward(
+    if max_contexts is not None and (
+        isinstance(max_contexts, bool) or not isinstance(max_contexts, int) or max_contexts < 1
+    ):
+        raise ValueError(f"max_contexts must be None or an int >= 1, got {max_contexts!r}")
+    cap = int(max_contexts or 0)
+    resolved = resolve_backend(backend, pred.device)
+    family = _family(resolved)
+    loss, seg, stats, median_index, info = family.sa_hdn_forward(
         pred3,
         target3,
         instances,
@@ -363,7 +434,10 @@ def sa_hdn_loss(
         float(eps),
         int(min_pixels),
         STATS_GRAD_MODES[stats_grad],
+        cap,
     )
+    if resolved != "cpu" and _host_checks(resolved):
+        _raise_sa_hdn_info(info, instances, cap)
     if return_stats:
         return loss.to(pred.dtype), NormalizationStats(seg[0], stats, median_index)
     return loss.to(pred.dtype)
@@ -396,11 +470,16 @@ def ordinal_ranking_loss(
     Returns:
         0-dim tensor of pred's dtype: the mean over used pairs (0 if none).
     """
-    pred3, pairs, labels = _prepare_ordinal(pred, pairs, labels, kind)
-    family = _family(resolve_backend(backend, pred.device))
-    return family.ordinal_ranking_forward(
+    resolved = resolve_backend(backend, pred.device)
+    # The CPU kernel raises for pairs outside the image itself; the GPU kernels make the
+    # loss NaN (fast mode), so the wrapper checks here only with debug checks.
+    check = resolved != "cpu" and _host_checks(resolved)
+    pred3, pairs, labels = _prepare_ordinal(pred, pairs, labels, kind, check)
+    family = _family(resolved)
+    loss, _count = family.ordinal_ranking_forward(
         pred3, pairs, labels, float(margin), ORDINAL_KINDS[kind], float(equal_weight)
     )
+    return loss
 
 
 # ------------------------------------------------------- normalized ordinal ranking
@@ -490,8 +569,7 @@ def _torch_global_stats(pred3, usable, eps):
         # (m_b <= number of unusable pixels, for every n_b >= 1).
         below = rank - torch.div(count - 1, 2, rounding_mode="floor")
         order = torch.cumsum(~ok, 1)
-        inf = torch.tensor(float("inf"), dtype=cdt, device=x.device)
-        keyed = torch.where(ok, x, torch.where(order <= below[:, None], -inf, inf))
+        keyed = torch.where(ok, x, torch.where(order <= below[:, None], -torch.inf, torch.inf))
     t, index = keyed.kthvalue(rank + 1, dim=1)
     dev = x - t[:, None]
     absdev = dev.abs()
@@ -500,9 +578,8 @@ def _torch_global_stats(pred3, usable, eps):
         absdev = torch.where(ok, absdev, 0)
         signs = torch.where(ok, signs, 0)
     has = n > 0
-    one = torch.ones((), dtype=cdt, device=x.device)
-    n_safe = torch.where(has, n, one)
-    d = torch.where(has, absdev.sum(1) / n_safe + eps, one)
+    n_safe = torch.where(has, n, 1.0)
+    d = torch.where(has, absdev.sum(1) / n_safe + eps, 1.0)
     t = torch.where(has, t, 0)
     rows = torch.zeros((batch, 8), dtype=cdt, device=x.device)
     rows[:, 0], rows[:, 1], rows[:, 6], rows[:, 7] = t, d, signs.sum(1), n_safe
@@ -571,7 +648,11 @@ def normalized_ordinal_ranking_loss(
     ignored, like padding pairs. Returns a 0-dim tensor of pred's dtype: the mean over
     the used pairs, 0 when there are none.
     """
-    pred3, pairs, labels = _prepare_ordinal(pred, pairs, labels, kind)
+    resolved = resolve_backend(backend, pred.device)
+    # The pair pixels are gathered here, before any kernel: the bounds are checked in
+    # eager mode on the CPU (an error) and with debug checks; otherwise a used pair
+    # outside the image is clamped and makes the loss NaN (as the GPU kernels do).
+    pred3, pairs, labels = _prepare_ordinal(pred, pairs, labels, kind, _host_checks(resolved))
     if stats_grad not in STATS_GRAD_MODES:
         raise ValueError(f"stats_grad must be one of {tuple(STATS_GRAD_MODES)}, got {stats_grad!r}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -587,26 +668,30 @@ def normalized_ordinal_ranking_loss(
             )
     elif valid is not None:
         valid = _check_valid(valid, pred, pred3)
-    family = _family(resolve_backend(backend, pred.device))
+    family = _family(resolved)
     args = (float(margin), ORDINAL_KINDS[kind], float(equal_weight))
     batch, height, width = pred3.shape
     num_pairs = pairs.shape[1]
     if num_pairs == 0 or pred3.numel() == 0:  # no pair can be used: 0, zero gradient
-        return family.ordinal_ranking_forward(pred3, pairs, labels, *args)
+        return family.ordinal_ranking_forward(pred3, pairs, labels, *args)[0]
 
     cdt = acc_dtype(pred3.dtype)
     used = (labels >= -1) & (labels <= 1)  # (B, P)
-    ys = torch.where(used[..., None], pairs[..., 0], 0).reshape(batch, 2 * num_pairs)
-    xs = torch.where(used[..., None], pairs[..., 1], 0).reshape(batch, 2 * num_pairs)
+    y, x = pairs[..., 0], pairs[..., 1]  # (B, P, 2)
+    outside = ((y < 0) | (y >= height) | (x < 0) | (x >= width)).any(-1) & used
+    ys = torch.where(used[..., None], y.clamp(0, height - 1), 0).reshape(batch, 2 * num_pairs)
+    xs = torch.where(used[..., None], x.clamp(0, width - 1), 0).reshape(batch, 2 * num_pairs)
     rows_b = torch.arange(batch, device=pred3.device)[:, None]
     if stats is not None:
         member = stats.seg
         k = member[rows_b, ys, xs]  # (B, 2P) the global context of each pair pixel
         inside = k >= 0
-        k = torch.where(used.repeat_interleave(2, 1), k, -1)
-        k = torch.cat([k.new_full((batch, 1), -1), k], 1).amax(1).long()  # (B,), -1: none
+        # (B,) -1: none (also for no used pair)
+        k = torch.where(used.repeat_interleave(2, 1), k, -1).amax(1).long()
         table = stats.stats.to(cdt)
-        dummy = torch.tensor([[0, 1, 0, 1, 0, 0, 0, 1]], dtype=cdt, device=table.device)
+        dummy = table.new_zeros((1, 8))  # D = n = 1: an image without a context
+        dummy[:, 1] = 1
+        dummy[:, 7] = 1
         rows = torch.cat([table, dummy])[k]  # k = -1 picks the dummy row
         median_index = torch.cat([stats.median_index, stats.median_index.new_zeros(1)])[k]
         has = k >= 0
@@ -616,15 +701,16 @@ def normalized_ordinal_ranking_loss(
         inside = has[:, None].expand(batch, 2 * num_pairs)
         if valid is not None:
             inside = inside & valid[rows_b, ys, xs]
-    ok = inside.reshape(batch, num_pairs, 2).all(-1) & used
+    ok = (inside.reshape(batch, num_pairs, 2).all(-1) & used) | outside
     labels = torch.where(ok, labels, IGNORED_LABEL)
     ends = ok.repeat_interleave(2, dim=1)  # (B, 2P): the ends of the used pairs
     normalized = _NormalizedPairValues.apply(
         pred3, member, rows, median_index, has, ys, xs, ends, stats_grad
     )  # (B, 2P): the a and b ends of pair p at 2p and 2p + 1 (0 for unused pairs)
+    normalized = torch.where(outside.repeat_interleave(2, dim=1), float("nan"), normalized)
     flat = torch.arange(2 * num_pairs, device=pred3.device).reshape(1, num_pairs, 2)
     new_pairs = torch.stack([torch.zeros_like(flat), flat], -1).expand(batch, -1, -1, -1)
-    loss = family.ordinal_ranking_forward(
+    loss, _count = family.ordinal_ranking_forward(
         normalized.unsqueeze(1), new_pairs.contiguous(), labels.contiguous(), *args
     )
     return loss.to(pred.dtype)

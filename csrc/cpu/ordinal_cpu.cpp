@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -109,8 +110,9 @@ acc_t ordinal_loss_sum(const OrdinalInputs& in, acc_t margin, int kind, acc_t eq
   return total;
 }
 
-at::Tensor ordinal_ranking_forward_cpu(const at::Tensor& pred, const at::Tensor& pairs, const at::Tensor& labels,
-                                       double margin, int64_t kind, double equal_weight) {
+std::tuple<at::Tensor, at::Tensor> ordinal_ranking_forward_cpu(const at::Tensor& pred, const at::Tensor& pairs,
+                                                               const at::Tensor& labels, double margin, int64_t kind,
+                                                               double equal_weight) {
   const OrdinalInputs in = prepare_ordinal(pred, pairs, labels, kind);
   const int64_t used = check_and_count(in);
   at::Tensor loss = at::zeros({}, in.pred.options());
@@ -124,7 +126,7 @@ at::Tensor ordinal_ranking_forward_cpu(const at::Tensor& pred, const at::Tensor&
       loss.data_ptr<float>()[0] = sum / static_cast<float>(used);
     }
   }
-  return loss.to(pred.scalar_type());
+  return {loss.to(pred.scalar_type()), at::scalar_tensor(used, pred.options().dtype(at::kLong))};
 }
 
 template <typename acc_t>
@@ -155,7 +157,8 @@ void ordinal_scatter_grad(const OrdinalInputs& in, acc_t scale, acc_t margin, in
 
 at::Tensor ordinal_ranking_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& pairs,
                                         const at::Tensor& labels, double margin, int64_t kind,
-                                        double equal_weight) {
+                                        double equal_weight, const std::optional<at::Tensor>& /*count*/) {
+  // The pairs are checked again (CPU errors are raised eagerly), which counts them too.
   const OrdinalInputs in = prepare_ordinal(pred, pairs, labels, kind);
   check_grad("ordinal_ranking_backward", grad, pred);
   const int64_t used = check_and_count(in);

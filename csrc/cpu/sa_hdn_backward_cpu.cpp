@@ -185,7 +185,8 @@ at::Tensor to_acc(const at::Tensor& t) { return t.to(acc_dtype(t.scalar_type()))
 
 at::Tensor sa_hdn_backward_cpu(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                                const at::Tensor& seg, const at::Tensor& stats, const at::Tensor& median_index,
-                               int64_t stats_grad) {
+                               int64_t stats_grad, const std::optional<at::Tensor>& /*info*/) {
+  // N is summed from stats (exactly K rows on the CPU), so the forward's info is not needed.
   check_sa_hdn_backward(grad, pred, target, seg, stats, median_index, stats_grad);
   const bool is_double = pred.scalar_type() == at::kDouble;
   const at::Tensor p = to_acc(pred), q = to_acc(target.to(pred.scalar_type()));

@@ -537,9 +537,9 @@ class PhaseClock {
 };
 
 template <typename acc_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
     const at::Tensor& pred_in, const at::Tensor& pred, const at::Tensor& target, const at::Tensor& instances,
-    const at::Tensor& valid, bool include_global, double eps, int64_t min_pixels) {
+    const at::Tensor& valid, bool include_global, double eps, int64_t min_pixels, int64_t max_contexts) {
   Problem<acc_t> pr;
   pr.B = pred.size(0);
   pr.H = pred.size(1);
@@ -568,6 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   clock.tick("label");
   const Segments seg = number_contexts(planes, std::max<int64_t>(min_pixels, 1));
   const int64_t K = seg.count();
+  if (max_contexts > 0 && K > max_contexts) raise_too_many_contexts(K, max_contexts);
   clock.tick("number");
 
   std::vector<int64_t> sample_off;
@@ -615,21 +616,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_impl(
   if (seg.total > 0) {
     loss.data_ptr<acc_t>()[0] = static_cast<acc_t>(static_cast<acc_t>(loss_sum) / static_cast<acc_t>(seg.total));
   }
-  return {loss.to(pred_in.scalar_type()), seg_out, stats, median_index};
+  // info = {K, N, no negative id, no id >= 2^31} (bad ids raised above).
+  at::Tensor info = at::empty({4}, pred.options().dtype(at::kLong));
+  int64_t* inf = info.data_ptr<int64_t>();
+  inf[0] = K;
+  inf[1] = seg.total;
+  inf[2] = -1;
+  inf[3] = -1;
+  return {loss.to(pred_in.scalar_type()), seg_out, stats, median_index, info};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& instances,
     const std::optional<at::Tensor>& valid, bool include_global, double eps, int64_t min_pixels,
-    int64_t stats_grad) {
-  const SaHdnMasks masks =
-      check_sa_hdn_forward(pred, target, instances, valid, include_global, eps, min_pixels, stats_grad);
+    int64_t stats_grad, int64_t max_contexts) {
+  const SaHdnMasks masks = check_sa_hdn_forward(pred, target, instances, valid, include_global, eps, min_pixels,
+                                                stats_grad, max_contexts);
   const at::ScalarType acc = acc_dtype(pred.scalar_type());
   const at::Tensor p = pred.to(acc).contiguous(), q = target.to(acc).contiguous();
   if (acc == at::kDouble) {
-    return sa_hdn_forward_impl<double>(pred, p, q, masks.instances, masks.valid, include_global, eps, min_pixels);
+    return sa_hdn_forward_impl<double>(pred, p, q, masks.instances, masks.valid, include_global, eps, min_pixels,
+                                       max_contexts);
   }
-  return sa_hdn_forward_impl<float>(pred, p, q, masks.instances, masks.valid, include_global, eps, min_pixels);
+  return sa_hdn_forward_impl<float>(pred, p, q, masks.instances, masks.valid, include_global, eps, min_pixels,
+                                       max_contexts);
 }
 
 }  // namespace

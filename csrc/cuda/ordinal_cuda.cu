@@ -1,19 +1,22 @@
 // CUDA kernels of ordinal_ranking_forward / ordinal_ranking_backward (docs/internals.md,
 // docs/gpu_kernels.md).
 //
-// Forward: one thread per pair (grid-stride), per-pair loss from westar/ordinal_math.h
-// summed per block with cub::BlockReduce (fixed order), then one block adds the block
-// partials in block order: deterministic, no atomics, no host sync.
-// Backward: the same partial kernel gives M (used pairs); scale = grad / M on the device.
-//  - default: float atomics at a and b (fast; bits may vary where pairs share a pixel);
+// Forward, one kernel: one thread per pair (grid-stride), per-pair loss from
+// westar/ordinal_math.h summed per block with cub::BlockReduce (fixed order); the last
+// block to finish (an arrival counter zeroed by a 4-byte memset) adds the block
+// partials in block order and writes the loss and M, the number of used pairs (an output:
+// the backward reads it). Deterministic, no host sync, capturable in a CUDA graph.
+// Backward: scale = grad / M on the device, from the forward's M (or, without it, from
+// the partial kernels again).
+//  - default: one kernel, float atomics at a and b (bits may vary where pairs share a pixel);
 //  - under at::globalContext().deterministicAlgorithms(): every pair writes its two
 //    contributions (+g at a, -g at b) with the flat pixel as key, a stable CUB radix sort
 //    groups them by pixel keeping pair order, and the first contribution of every run
 //    adds the run serially. Same order as the CPU kernel: bitwise repeatable (and equal
 //    to the CPU result for float32/float64). We chose repeatable results over raising.
-// Used pairs outside the image are rejected by the public wrapper (eager mode); a kernel
-// cannot raise without a host sync, so these kernels skip such pairs instead of reading
-// out of bounds.
+// A used pair outside the image cannot raise here without a host sync: it adds NaN to the
+// loss (and is counted), and the backward skips it; nothing is read out of bounds. The
+// public wrapper raises the error instead with debug checks (westar_ops.set_debug_checks).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +27,7 @@
 #include <torch/library.h>
 
 #include <cub/cub.cuh>
+
 
 #include "cuda_utils.cuh"
 #include "westar/op_checks.h"
@@ -71,16 +75,74 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t label = labels[i];
     if (!ordinal_label_used(label)) continue;
     int64_t ja, jb;
-    if (!pair_pixels(pairs, i, g, &ja, &jb)) continue;
+    ++count;
+    if (!pair_pixels(pairs, i, g, &ja, &jb)) {  // the device-side error: a NaN loss
+      sum += static_cast<acc_t>(::nan(""));
+      continue;
+    }
     const acc_t d = static_cast<acc_t>(pred[ja]) - static_cast<acc_t>(pred[jb]);
     sum += ordinal_pair_loss<acc_t>(d, label, margin, kind, equal_weight);
-    ++count;
   }
   const acc_t block_sum = Reduce(tmp).Sum(sum);
   const int64_t block_count = ReduceCount(tmp_count).Sum(count);
   if (threadIdx.x == 0) {
     part_sum[blockIdx.x] = block_sum;
     part_count[blockIdx.x] = block_count;
+  }
+}
+
+// The forward in one kernel: the partials of pair_partial_kernel, then the last block to
+// arrive (counter, zeroed before the launch) adds them in block order.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    pair_forward_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ pairs,
+                        const int64_t* __restrict__ labels, PairGeom g, acc_t margin, int kind, acc_t equal_weight,
+                        acc_t* __restrict__ part_sum, int64_t* __restrict__ part_count,
+                        unsigned* __restrict__ counter, acc_t* __restrict__ loss, int64_t* __restrict__ used) {
+  using Reduce = cub::BlockReduce<acc_t, kThreads>;
+  using ReduceCount = cub::BlockReduce<int64_t, kThreads>;
+  __shared__ typename Reduce::TempStorage tmp;
+  __shared__ typename ReduceCount::TempStorage tmp_count;
+  __shared__ bool last;
+  const int64_t total = g.batch * g.num_pairs;
+  acc_t sum = 0;
+  int64_t count = 0;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t label = labels[i];
+    if (!ordinal_label_used(label)) continue;
+    int64_t ja, jb;
+    ++count;
+    if (!pair_pixels(pairs, i, g, &ja, &jb)) {
+      sum += static_cast<acc_t>(::nan(""));
+      continue;
+    }
+    const acc_t d = static_cast<acc_t>(pred[ja]) - static_cast<acc_t>(pred[jb]);
+    sum += ordinal_pair_loss<acc_t>(d, label, margin, kind, equal_weight);
+  }
+  const acc_t block_sum = Reduce(tmp).Sum(sum);
+  const int64_t block_count = ReduceCount(tmp_count).Sum(count);
+  if (threadIdx.x == 0) {
+    part_sum[blockIdx.x] = block_sum;
+    part_count[blockIdx.x] = block_count;
+    __threadfence();  // the partials are visible before the counter says so
+    last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;  // block-uniform
+  __threadfence();
+  acc_t s = 0;
+  int64_t c = 0;
+  for (int i = threadIdx.x; i < static_cast<int>(gridDim.x); i += kThreads) {
+    s += static_cast<volatile acc_t*>(part_sum)[i];
+    c += static_cast<volatile int64_t*>(part_count)[i];
+  }
+  __syncthreads();  // the shared reduce storage is reused
+  const acc_t all = Reduce(tmp).Sum(s);
+  const int64_t m = ReduceCount(tmp_count).Sum(c);
+  if (threadIdx.x == 0) {
+    loss[0] = m > 0 ? all / static_cast<acc_t>(m) : acc_t(0);
+    used[0] = m;
   }
 }
 
@@ -111,13 +173,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// scale = grad / M (0 when M == 0), as the CPU kernel computes it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_scale(const double* grad, const int64_t* used) {
+  const int64_t m = used[0];
+  return m > 0 ? static_cast<acc_t>(grad[0]) / static_cast<acc_t>(m) : acc_t(0);
+}
+
+// scale from the forward's count (used != nullptr) or from a scale kernel (scale).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pair_scatter_atomic_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ pairs,
                                const int64_t* __restrict__ labels, PairGeom g, acc_t margin, int kind,
-                               acc_t equal_weight, const acc_t* __restrict__ scale, acc_t* __restrict__ out) {
+                               acc_t equal_weight, const acc_t* __restrict__ scale, const double* __restrict__ grad,
+                               const int64_t* __restrict__ used, acc_t* __restrict__ out) {
   const int64_t total = g.batch * g.num_pairs;
-  const acc_t s = scale[0];
+  const acc_t s = used != nullptr ? grad_scale<acc_t>(grad, used) : scale[0];
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t label = labels[i];
@@ -137,10 +208,11 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     pair_contrib_kernel(const scalar_t* __restrict__ pred, const int64_t* __restrict__ pairs,
                         const int64_t* __restrict__ labels, PairGeom g, acc_t margin, int kind, acc_t equal_weight,
-                        const acc_t* __restrict__ scale, uint64_t sentinel, uint64_t* __restrict__ keys,
+                        const acc_t* __restrict__ scale, const double* __restrict__ grad,
+                        const int64_t* __restrict__ used_count, uint64_t sentinel, uint64_t* __restrict__ keys,
                         acc_t* __restrict__ vals) {
   const int64_t total = g.batch * g.num_pairs;
-  const acc_t s = scale[0];
+  const acc_t s = used_count != nullptr ? grad_scale<acc_t>(grad, used_count) : scale[0];
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t label = labels[i];
@@ -209,25 +281,43 @@ void loss_and_scale(const OrdinalArgs& a, double margin, int kind, double equal_
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor ordinal_ranking_forward_cuda(const at::Tensor& pred, const at::Tensor& pairs, const at::Tensor& labels,
-                                        double margin, int64_t kind, double equal_weight) {
+std::tuple<at::Tensor, at::Tensor> ordinal_ranking_forward_cuda(const at::Tensor& pred, const at::Tensor& pairs,
+                                                                const at::Tensor& labels, double margin,
+                                                                int64_t kind, double equal_weight) {
   const OrdinalArgs a = prepare(pred, pairs, labels, kind);
   const c10::cuda::CUDAGuard guard(pred.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor loss = at::zeros({}, pred.options().dtype(acc_dtype(pred.scalar_type())));
-  if (a.geom.batch * a.geom.num_pairs > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.pred.scalar_type(), "ordinal_ranking_forward_cuda",
-                                    [&] {
-                                      loss_and_scale<scalar_t>(a, margin, static_cast<int>(kind), equal_weight,
-                                                               nullptr, &loss, nullptr, stream);
-                                    });
+  const at::ScalarType acc = acc_dtype(pred.scalar_type());
+  const int64_t total = a.geom.batch * a.geom.num_pairs;
+  if (total == 0) {
+    return {at::zeros({}, pred.options()), at::zeros({}, pred.options().dtype(at::kLong))};
   }
-  return loss.scalar_type() == pred.scalar_type() ? loss : loss.to(pred.scalar_type());
+  at::Tensor loss = at::empty({}, pred.options().dtype(acc));
+  at::Tensor used = at::empty({}, pred.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.pred.scalar_type(), "ordinal_ranking_forward_cuda", [&] {
+        using acc_t = acc_type<scalar_t>;
+        const unsigned blocks = cuda::grid_for(total, kThreads, 4096);
+        at::Tensor part_sum = at::empty({blocks}, loss.options());
+        at::Tensor part_count = at::empty({blocks}, used.options());
+        // The arrival counter: zeroed here (a 4-byte memset, captured with the kernel),
+        // not kept between calls, so concurrent streams cannot share it.
+        at::Tensor counter = at::empty({1}, used.options().dtype(at::kInt));
+        C10_CUDA_CHECK(cudaMemsetAsync(counter.data_ptr<int32_t>(), 0, sizeof(int32_t), stream));
+        pair_forward_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
+            a.pred.data_ptr<scalar_t>(), a.pairs.data_ptr<int64_t>(), a.labels.data_ptr<int64_t>(), a.geom,
+            static_cast<acc_t>(margin), static_cast<int>(kind), static_cast<acc_t>(equal_weight),
+            part_sum.data_ptr<acc_t>(), part_count.data_ptr<int64_t>(),
+            reinterpret_cast<unsigned*>(counter.data_ptr<int32_t>()),
+            loss.data_ptr<acc_t>(), used.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return {loss.scalar_type() == pred.scalar_type() ? loss : loss.to(pred.scalar_type()), used};
 }
 
 at::Tensor ordinal_ranking_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& pairs,
                                          const at::Tensor& labels, double margin, int64_t kind,
-                                         double equal_weight) {
+                                         double equal_weight, const std::optional<at::Tensor>& count) {
   const OrdinalArgs a = prepare(pred, pairs, labels, kind);
   check_grad("ordinal_ranking_backward", grad, pred);
   const c10::cuda::CUDAGuard guard(pred.device());
@@ -242,14 +332,24 @@ at::Tensor ordinal_ranking_backward_cuda(const at::Tensor& grad, const at::Tenso
         at::kHalf, at::kBFloat16, a.pred.scalar_type(), "ordinal_ranking_backward_cuda", [&] {
           using acc_t = acc_type<scalar_t>;
           at::Tensor scale = at::empty({1}, out.options());
-          loss_and_scale<scalar_t>(a, margin, static_cast<int>(kind), equal_weight, g64.data_ptr<double>(),
-                                   nullptr, &scale, stream);
+          const int64_t* used = nullptr;
+          if (count.has_value() && count->defined()) {  // the forward's M: no recount
+            TORCH_CHECK_VALUE(count->scalar_type() == at::kLong && count->numel() == 1 &&
+                                  count->device() == pred.device(),
+                              "ordinal_ranking_backward: count must be the forward's int64 count on ",
+                              pred.device());
+            used = count->data_ptr<int64_t>();
+          } else {
+            loss_and_scale<scalar_t>(a, margin, static_cast<int>(kind), equal_weight, g64.data_ptr<double>(),
+                                     nullptr, &scale, stream);
+          }
           const unsigned blocks = cuda::grid_for(total, kThreads);
           const acc_t m = static_cast<acc_t>(margin), ew = static_cast<acc_t>(equal_weight);
           if (!deterministic) {
             pair_scatter_atomic_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
                 a.pred.data_ptr<scalar_t>(), a.pairs.data_ptr<int64_t>(), a.labels.data_ptr<int64_t>(), a.geom, m,
-                static_cast<int>(kind), ew, scale.data_ptr<acc_t>(), out.data_ptr<acc_t>());
+                static_cast<int>(kind), ew, scale.data_ptr<acc_t>(), g64.data_ptr<double>(), used,
+                out.data_ptr<acc_t>());
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             return;
           }
@@ -266,7 +366,8 @@ at::Tensor ordinal_ranking_backward_cuda(const at::Tensor& grad, const at::Tenso
           acc_t* vals_out = vals_in + n;
           pair_contrib_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
               a.pred.data_ptr<scalar_t>(), a.pairs.data_ptr<int64_t>(), a.labels.data_ptr<int64_t>(), a.geom, m,
-              static_cast<int>(kind), ew, scale.data_ptr<acc_t>(), sentinel, keys_in, vals_in);
+              static_cast<int>(kind), ew, scale.data_ptr<acc_t>(), g64.data_ptr<double>(), used, sentinel, keys_in,
+              vals_in);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           size_t temp_bytes = 0;
           C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys_in, keys_out, vals_in, vals_out,

@@ -10,7 +10,11 @@
 //     length encoding, exclusive scans: contexts come out in canonical order (level,
 //     image, id ascending), each a contiguous run of its pixels in ascending order. Ids
 //     are never used as array indices, so sparse ids up to 2^31-1 cost nothing more.
-//  3. The one host sync: K (contexts) and N (memberships of kept contexts).
+//  3. No host sync: K (contexts), N (memberships) and the bad-id positions stay on the
+//     device (info); every array and launch grid is sized by bounds known from the
+//     shapes (the capacity of stats, M memberships), and kernels read K from the device.
+//     Bad ids or more contexts than the capacity make the loss NaN (the wrapper raises
+//     from info only in debug mode).
 //  4. Small contexts (n <= kSmall): one warp each, keys in shared memory, exact lower
 //     median by bitwise radix select (warp-wide counts), MAD, S1, S2, S3, loss numerator,
 //     median index, seg — one kernel.
@@ -121,14 +125,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// summary = {K, N, first negative id position, first too-large id position}.
+// info = {K found, N of the stored contexts (the first cap), first negative id position,
+// first too-large id position} and *kst = min(K, cap), the contexts the kernels compute.
 __global__ void summary_kernel(const int64_t* __restrict__ kidx, const int64_t* __restrict__ kept_off, int64_t M,
-                               const unsigned long long* __restrict__ bad, int64_t* __restrict__ summary) {
+                               int64_t cap, const unsigned long long* __restrict__ bad, int64_t* __restrict__ info,
+                               int64_t* __restrict__ kst) {
   if (threadIdx.x == 0 && blockIdx.x == 0) {
-    summary[0] = kidx[M];
-    summary[1] = kept_off[M];
-    summary[2] = static_cast<int64_t>(bad[0] == ~0ull ? -1 : static_cast<long long>(bad[0]));
-    summary[3] = static_cast<int64_t>(bad[1] == ~0ull ? -1 : static_cast<long long>(bad[1]));
+    const int64_t K = kidx[M];
+    int64_t N = kept_off[M];
+    if (K > cap) {  // the first run r with kidx[r] >= cap follows the cap-th kept context
+      int64_t lo = 0, hi = M;
+      while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (kidx[mid] >= cap) {
+          hi = mid;
+        } else {
+          lo = mid + 1;
+        }
+      }
+      N = kept_off[lo];
+    }
+    info[0] = K;
+    info[1] = N;
+    info[2] = static_cast<int64_t>(bad[0] == ~0ull ? -1 : static_cast<long long>(bad[0]));
+    info[3] = static_cast<int64_t>(bad[1] == ~0ull ? -1 : static_cast<long long>(bad[1]));
+    *kst = K < cap ? K : cap;
   }
 }
 
@@ -141,22 +162,26 @@ struct CtxArrays {
 __global__ void __launch_bounds__(kThreads)
     ctx_info_kernel(const uint64_t* __restrict__ unique, const int64_t* __restrict__ num_runs,
                     const int64_t* __restrict__ keep, const int64_t* __restrict__ kidx,
-                    const int64_t* __restrict__ run_off, const int64_t* __restrict__ len, CtxArrays ctx) {
+                    const int64_t* __restrict__ run_off, const int64_t* __restrict__ len, int64_t cap,
+                    CtxArrays ctx) {
   const int64_t nr = *num_runs;
   for (int64_t r = global_thread(); r < nr; r += grid_stride()) {
     if (!keep[r]) continue;
     const int64_t k = kidx[r];
+    if (k >= cap) continue;  // past the capacity: not stored (the loss is NaN)
     ctx.off[k] = run_off[r];
     ctx.len[k] = len[r];
     ctx.plane[k] = static_cast<int64_t>(unique[r] >> kIdBits);
   }
 }
 
-// Entries k in [0, K]: 1 / number of tiles for large contexts, 0 otherwise (and at K).
+// Entries k in [0, cap]: 1 / number of tiles for large contexts, 0 otherwise (and for
+// k >= *kst, the contexts that do not exist).
 __global__ void __launch_bounds__(kThreads)
-    ctx_class_kernel(const int64_t* __restrict__ ctx_len, int64_t K, int64_t* __restrict__ is_big,
-                     int64_t* __restrict__ ntiles) {
-  for (int64_t k = global_thread(); k <= K; k += grid_stride()) {
+    ctx_class_kernel(const int64_t* __restrict__ ctx_len, const int64_t* __restrict__ kst, int64_t cap,
+                     int64_t* __restrict__ is_big, int64_t* __restrict__ ntiles) {
+  const int64_t K = *kst;
+  for (int64_t k = global_thread(); k <= cap; k += grid_stride()) {
     const int64_t n = k < K ? ctx_len[k] : 0;
     const bool big = n > kSmall;
     is_big[k] = big ? 1 : 0;
@@ -175,8 +200,9 @@ struct SelectState {
 
 template <typename key_t>
 __global__ void __launch_bounds__(kThreads)
-    big_init_kernel(const int64_t* __restrict__ ctx_len, int64_t K, const int64_t* __restrict__ big_rank,
-                    int64_t* __restrict__ big_k, SelectState<key_t> st) {
+    big_init_kernel(const int64_t* __restrict__ ctx_len, const int64_t* __restrict__ kst,
+                    const int64_t* __restrict__ big_rank, int64_t* __restrict__ big_k, SelectState<key_t> st) {
+  const int64_t K = *kst;
   for (int64_t k = global_thread(); k < K; k += grid_stride()) {
     const int64_t n = ctx_len[k];
     if (n <= kSmall) continue;
@@ -194,7 +220,8 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------- small contexts
 
 struct Problem {
-  int64_t B, hw, K;
+  int64_t B, hw;
+  const int64_t* K;  // contexts (on the device)
   double eps;
 };
 
@@ -208,90 +235,95 @@ __global__ void __launch_bounds__(kWarp * small_warps<typename cuda::KeyOf<acc_t
   constexpr int kKeyBits = 8 * sizeof(key_t);
   __shared__ key_t keys_sh[kWarps][2][kSmall];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (k >= pr.K) return;  // warp-uniform; this kernel uses no block-wide barrier
-  const int64_t n = ctx.len[k];
-  if (n > kSmall) return;
-  const int64_t off = ctx.off[k], plane = ctx.plane[k];
-  const int64_t base = (plane % pr.B) * pr.hw;
-  key_t* kp = keys_sh[warp][0];
-  key_t* kq = keys_sh[warp][1];
-  for (int64_t i = lane; i < n; i += kWarp) {
-    const int64_t j = pix[off + i];
-    kp[i] = ordered_key(static_cast<acc_t>(pred[base + j]));
-    kq[i] = ordered_key(static_cast<acc_t>(target[base + j]));
-    seg[plane * pr.hw + j] = static_cast<int32_t>(k);
-  }
-  __syncwarp();
-  const int64_t rank = lower_median_rank(n);
-  key_t tkey[2];
-  int64_t less[2], greater[2];
-  double abs_sum[2];
-  for (int ch = 0; ch < 2; ++ch) {
-    const key_t* keys = keys_sh[warp][ch];
-    key_t prefix = 0;
-    int64_t kr = rank;
-    for (int bit = kKeyBits - 1; bit >= 0; --bit) {
-      const key_t hmask = bit == kKeyBits - 1 ? key_t(0) : static_cast<key_t>(~key_t(0) << (bit + 1));
-      int zeros = 0;
+  // Warps loop over the contexts (a grid sized by the device count would need a host
+  // sync); warp-uniform control flow, no block-wide barrier.
+  const int64_t K = *pr.K;
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * kWarps + warp; k < K;
+       k += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const int64_t n = ctx.len[k];
+    if (n > kSmall) continue;
+    const int64_t off = ctx.off[k], plane = ctx.plane[k];
+    const int64_t base = (plane % pr.B) * pr.hw;
+    key_t* kp = keys_sh[warp][0];
+    key_t* kq = keys_sh[warp][1];
+    for (int64_t i = lane; i < n; i += kWarp) {
+      const int64_t j = pix[off + i];
+      kp[i] = ordered_key(static_cast<acc_t>(pred[base + j]));
+      kq[i] = ordered_key(static_cast<acc_t>(target[base + j]));
+      seg[plane * pr.hw + j] = static_cast<int32_t>(k);
+    }
+    __syncwarp();
+    const int64_t rank = lower_median_rank(n);
+    key_t tkey[2];
+    int64_t less[2], greater[2];
+    double abs_sum[2];
+    for (int ch = 0; ch < 2; ++ch) {
+      const key_t* keys = keys_sh[warp][ch];
+      key_t prefix = 0;
+      int64_t kr = rank;
+      for (int bit = kKeyBits - 1; bit >= 0; --bit) {
+        const key_t hmask = bit == kKeyBits - 1 ? key_t(0) : static_cast<key_t>(~key_t(0) << (bit + 1));
+        int zeros = 0;
+        for (int64_t i = lane; i < n; i += kWarp) {
+          const key_t key = keys[i];
+          zeros += (((key ^ prefix) & hmask) == 0 && ((key >> bit) & 1) == 0) ? 1 : 0;
+        }
+        const int64_t z = cuda::warp_sum(zeros);
+        if (kr >= z) {
+          prefix |= key_t(1) << bit;
+          kr -= z;
+        }
+      }
+      const acc_t t = cuda::KeyOf<acc_t>::value(prefix);
+      int lt = 0, gt = 0;
+      acc_t s = 0;
       for (int64_t i = lane; i < n; i += kWarp) {
         const key_t key = keys[i];
-        zeros += (((key ^ prefix) & hmask) == 0 && ((key >> bit) & 1) == 0) ? 1 : 0;
+        lt += key < prefix ? 1 : 0;
+        gt += key > prefix ? 1 : 0;
+        const acc_t d = cuda::KeyOf<acc_t>::value(key) - t;
+        s += d < acc_t(0) ? -d : d;
       }
-      const int64_t z = cuda::warp_sum(zeros);
-      if (kr >= z) {
-        prefix |= key_t(1) << bit;
-        kr -= z;
-      }
+      tkey[ch] = prefix;
+      less[ch] = cuda::warp_sum(lt);
+      greater[ch] = cuda::warp_sum(gt);
+      abs_sum[ch] = cuda::warp_sum(static_cast<double>(s));
     }
-    const acc_t t = cuda::KeyOf<acc_t>::value(prefix);
-    int lt = 0, gt = 0;
-    acc_t s = 0;
+    const acc_t eps = static_cast<acc_t>(pr.eps);
+    const double nd = static_cast<double>(n);
+    acc_t st[kNumStats];
+    st[kMedianPred] = cuda::KeyOf<acc_t>::value(tkey[0]);
+    st[kScalePred] = static_cast<acc_t>(abs_sum[0] / nd) + eps;
+    st[kMedianTarget] = cuda::KeyOf<acc_t>::value(tkey[1]);
+    st[kScaleTarget] = static_cast<acc_t>(abs_sum[1] / nd) + eps;
+    st[kSumSignPred] = static_cast<acc_t>(greater[0] - less[0]);
+    st[kCount] = static_cast<acc_t>(n);
+    acc_t s1 = 0, s2 = 0, ls = 0;
+    int64_t mpos = kNoPos;
     for (int64_t i = lane; i < n; i += kWarp) {
-      const key_t key = keys[i];
-      lt += key < prefix ? 1 : 0;
-      gt += key > prefix ? 1 : 0;
-      const acc_t d = cuda::KeyOf<acc_t>::value(key) - t;
-      s += d < acc_t(0) ? -d : d;
+      const acc_t p = cuda::KeyOf<acc_t>::value(kp[i]);
+      const acc_t q = cuda::KeyOf<acc_t>::value(kq[i]);
+      const acc_t ph = normalize(p, st[kMedianPred], st[kScalePred]);
+      const acc_t d = ph - normalize(q, st[kMedianTarget], st[kScaleTarget]);
+      const acc_t sg = sign(d);
+      s1 += sg;
+      s2 += sg * ph;
+      ls += d < acc_t(0) ? -d : d;
+      if (kp[i] == tkey[0] && i < mpos) mpos = i;
     }
-    tkey[ch] = prefix;
-    less[ch] = cuda::warp_sum(lt);
-    greater[ch] = cuda::warp_sum(gt);
-    abs_sum[ch] = cuda::warp_sum(static_cast<double>(s));
-  }
-  const acc_t eps = static_cast<acc_t>(pr.eps);
-  const double nd = static_cast<double>(n);
-  acc_t st[kNumStats];
-  st[kMedianPred] = cuda::KeyOf<acc_t>::value(tkey[0]);
-  st[kScalePred] = static_cast<acc_t>(abs_sum[0] / nd) + eps;
-  st[kMedianTarget] = cuda::KeyOf<acc_t>::value(tkey[1]);
-  st[kScaleTarget] = static_cast<acc_t>(abs_sum[1] / nd) + eps;
-  st[kSumSignPred] = static_cast<acc_t>(greater[0] - less[0]);
-  st[kCount] = static_cast<acc_t>(n);
-  acc_t s1 = 0, s2 = 0, ls = 0;
-  int64_t mpos = kNoPos;
-  for (int64_t i = lane; i < n; i += kWarp) {
-    const acc_t p = cuda::KeyOf<acc_t>::value(kp[i]);
-    const acc_t q = cuda::KeyOf<acc_t>::value(kq[i]);
-    const acc_t ph = normalize(p, st[kMedianPred], st[kScalePred]);
-    const acc_t d = ph - normalize(q, st[kMedianTarget], st[kScaleTarget]);
-    const acc_t sg = sign(d);
-    s1 += sg;
-    s2 += sg * ph;
-    ls += d < acc_t(0) ? -d : d;
-    if (kp[i] == tkey[0] && i < mpos) mpos = i;
-  }
-  const double S1 = cuda::warp_sum(static_cast<double>(s1));
-  const double S2 = cuda::warp_sum(static_cast<double>(s2));
-  const double LS = cuda::warp_sum(static_cast<double>(ls));
-  mpos = cuda::warp_min(mpos);
-  if (lane == 0) {
-    st[kSumSign] = static_cast<acc_t>(S1);
-    st[kSumSignHat] = static_cast<acc_t>(S2);
-    acc_t* row = stats + k * kNumStats;
-    for (int c = 0; c < kNumStats; ++c) row[c] = st[c];
-    loss_k[k] = LS;
-    median_index[k] = mpos < n ? base + pix[off + mpos] : -1;
+    const double S1 = cuda::warp_sum(static_cast<double>(s1));
+    const double S2 = cuda::warp_sum(static_cast<double>(s2));
+    const double LS = cuda::warp_sum(static_cast<double>(ls));
+    mpos = cuda::warp_min(mpos);
+    if (lane == 0) {
+      st[kSumSign] = static_cast<acc_t>(S1);
+      st[kSumSignHat] = static_cast<acc_t>(S2);
+      acc_t* row = stats + k * kNumStats;
+      for (int c = 0; c < kNumStats; ++c) row[c] = st[c];
+      loss_k[k] = LS;
+      median_index[k] = mpos < n ? base + pix[off + mpos] : -1;
+    }
+    __syncwarp();  // the next context reuses this warp's keys
   }
 }
 
@@ -577,17 +609,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block: loss = (sum of the loss numerators in context order) / N.
+// One block: loss = (sum of the loss numerators in context order) / N; NaN when info
+// flags a bad id or more contexts than the capacity (the device-side error).
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    loss_kernel(const double* __restrict__ loss_k, int64_t K, int64_t N, acc_t* __restrict__ loss) {
+    loss_kernel(const double* __restrict__ loss_k, const int64_t* __restrict__ kst,
+                const int64_t* __restrict__ info, int64_t cap, acc_t* __restrict__ loss) {
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
+  const int64_t K = *kst, N = info[1];
   double s = 0;
   for (int64_t k = threadIdx.x; k < K; k += kThreads) s += loss_k[k];
   const double total = Reduce(tmp).Sum(s);
   if (threadIdx.x == 0) {
-    loss[0] = N > 0 ? static_cast<acc_t>(static_cast<acc_t>(total) / static_cast<acc_t>(N)) : acc_t(0);
+    acc_t value = N > 0 ? static_cast<acc_t>(static_cast<acc_t>(total) / static_cast<acc_t>(N)) : acc_t(0);
+    if (info[0] > cap || info[2] >= 0 || info[3] >= 0) value = static_cast<acc_t>(::nan(""));
+    loss[0] = value;
   }
 }
 
@@ -604,11 +641,9 @@ void cub_run(const at::TensorOptions& opts, F&& f) {
 }
 
 template <typename data_t>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& pred,
-                                                                         const at::Tensor& target,
-                                                                         const at::Tensor& inst,
-                                                                         const at::Tensor& val, bool include_global,
-                                                                         double eps, int64_t min_pixels) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(
+    const at::Tensor& pred, const at::Tensor& target, const at::Tensor& inst, const at::Tensor& val,
+    bool include_global, double eps, int64_t min_pixels, int64_t cap) {
   using acc_t = acc_type<data_t>;
   using key_t = typename cuda::KeyOf<acc_t>::type;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -623,13 +658,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   // check_sa_hdn_forward bounds M by kMaxMemberships: the int casts of M and M + 1 (CUB
   // counts) and of K + 1 <= M + 1 below cannot overflow.
   TORCH_CHECK(M <= kMaxMemberships, "sa_hdn_forward: internal error, membership bound");
+  TORCH_CHECK(cap <= kMaxMemberships, "sa_hdn_forward: internal error, capacity bound");
   at::Tensor seg = at::empty({C, B, H, W}, opts.dtype(at::kInt));
-  at::Tensor loss = at::zeros({}, opts.dtype(acc));
-  auto empty_result = [&]() {
-    return std::make_tuple(loss.to(pred.scalar_type()), seg, at::empty({0, kNumStats}, opts.dtype(acc)),
-                           at::empty({0}, opts.dtype(at::kLong)));
-  };
-  if (M == 0) return empty_result();
+  at::Tensor loss = at::empty({}, opts.dtype(acc));
+  // Rows past the K contexts: zeros (n = 0) and median_index -1 (docs/internals.md).
+  at::Tensor stats = at::zeros({cap, kNumStats}, opts.dtype(acc));
+  at::Tensor median_index = at::empty({cap}, opts.dtype(at::kLong));
+  // info (K, N, bad positions) and kst = min(K, cap): written by summary_kernel.
+  at::Tensor info_t = at::empty({5}, opts.dtype(at::kLong));
+  int64_t* info = info_t.data_ptr<int64_t>();
+  int64_t* kst = info + 4;
+  if (cap > 0) {
+    C10_CUDA_CHECK(cudaMemsetAsync(median_index.data_ptr<int64_t>(), 0xFF, cap * sizeof(int64_t), stream));
+  }
+  if (M == 0) {
+    info_t.fill_(-1);
+    info_t.narrow(0, 0, 2).zero_();
+    loss.zero_();
+    return std::make_tuple(loss.to(pred.scalar_type()), seg, stats, median_index, info_t.narrow(0, 0, 4));
+  }
   C10_CUDA_CHECK(cudaMemsetAsync(seg.data_ptr<int32_t>(), 0xFF, M * sizeof(int32_t), stream));
 
   // 1. Keys.
@@ -677,9 +724,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   int64_t* run_off = runs[5].data_ptr<int64_t>();
   int64_t* kidx = runs[6].data_ptr<int64_t>();
   int64_t* kept_off = runs[7].data_ptr<int64_t>();
-  at::Tensor scalars = at::empty({6}, opts.dtype(at::kLong));  // num_runs, summary[4], num_big
+  at::Tensor scalars = at::empty({1}, opts.dtype(at::kLong));
   int64_t* num_runs = scalars.data_ptr<int64_t>();
-  int64_t* summary = num_runs + 1;
   cub_run(opts, [&](void* temp, size_t& bytes) {
     return cub::DeviceRunLengthEncode::Encode(temp, bytes, keys_sorted, unique, counts, num_runs, m32, stream);
   });
@@ -697,71 +743,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   cub_run(opts, [&](void* temp, size_t& bytes) {
     return cub::DeviceScan::ExclusiveSum(temp, bytes, kept_len, kept_off, m1, stream);
   });
-  summary_kernel<<<1, 32, 0, stream>>>(kidx, kept_off, M, reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()),
-                                       summary);
+  summary_kernel<<<1, 32, 0, stream>>>(kidx, kept_off, M, cap,
+                                       reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()), info, kst);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // 3. The host sync.
-  int64_t host[4];
-  C10_CUDA_CHECK(cudaMemcpyAsync(host, summary, sizeof(host), cudaMemcpyDeviceToHost, stream));
-  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const int64_t K = host[0], N = host[1];
-  for (int which = 0; which < 2; ++which) {  // negative ids first, then ids >= 2^31
-    const int64_t at = host[2 + which];
-    if (at < 0) continue;
-    const int64_t j = at % hw, bl = at / hw;
-    raise_bad_id(which == 0, bl / L, bl % L, j / W, j % W);
+  // 3. No host sync: from here every size is a bound from the shapes (cap contexts at
+  // most, M memberships); the kernels read K (kst) and the counts from the device.
+  if (cap == 0) {  // no context can be stored (e.g. min_pixels above H * W)
+    loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(nullptr, kst, info, cap, loss.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return std::make_tuple(loss.to(pred.scalar_type()), seg, stats, median_index, info_t.narrow(0, 0, 4));
   }
-  TORCH_CHECK(K < (int64_t(1) << 31), "sa_hdn_forward: too many contexts");
-  if (K == 0) return empty_result();
 
   // 4. Context arrays.
-  at::Tensor stats = at::empty({K, kNumStats}, opts.dtype(acc));
-  at::Tensor median_index = at::empty({K}, opts.dtype(at::kLong));
-  at::Tensor loss_k = at::empty({K}, opts.dtype(at::kDouble));
-  at::Tensor ctx_t = at::empty({5, K + 1}, opts.dtype(at::kLong));
+  at::Tensor loss_k = at::empty({cap}, opts.dtype(at::kDouble));
+  at::Tensor ctx_t = at::empty({5, cap + 1}, opts.dtype(at::kLong));
   CtxArrays ctx{ctx_t[0].data_ptr<int64_t>(), ctx_t[1].data_ptr<int64_t>(), ctx_t[2].data_ptr<int64_t>()};
   ctx_info_kernel<<<cuda::grid_for(M, kThreads), kThreads, 0, stream>>>(unique, num_runs, keep, kidx, run_off, len,
-                                                                        ctx);
+                                                                        cap, ctx);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const Problem pr{B, hw, K, eps};
+  const Problem pr{B, hw, kst, eps};
   constexpr int kWarps = small_warps<key_t>();
-  small_kernel<data_t, acc_t><<<cuda::grid_for(K, kWarps, int64_t(1) << 30), kWarp * kWarps, 0, stream>>>(
+  // Warps loop over the contexts: enough blocks to fill the device, not one per context.
+  small_kernel<data_t, acc_t><<<cuda::grid_for(cap, kWarps, 4096), kWarp * kWarps, 0, stream>>>(
       pred.data_ptr<data_t>(), target.data_ptr<data_t>(), pix_sorted, ctx, pr, seg.data_ptr<int32_t>(),
       stats.data_ptr<acc_t>(), median_index.data_ptr<int64_t>(), loss_k.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // 5. Large contexts (bounds known on the host; exact numbers stay on the device).
-  const int64_t max_big = std::min<int64_t>(K, N / (kSmall + 1));
+  // 5. Large contexts (grids are bounds; dead tiles and warps return at once).
+  const int64_t max_big = std::min<int64_t>(cap, M / (kSmall + 1));
   if (max_big > 0) {
     int64_t* is_big = ctx_t[3].data_ptr<int64_t>();
     int64_t* ntiles = ctx_t[4].data_ptr<int64_t>();
-    ctx_class_kernel<<<cuda::grid_for(K + 1, kThreads), kThreads, 0, stream>>>(ctx.len, K, is_big, ntiles);
+    ctx_class_kernel<<<cuda::grid_for(cap + 1, kThreads), kThreads, 0, stream>>>(ctx.len, kst, cap, is_big,
+                                                                                 ntiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor scans = at::empty({3, K + 1}, opts.dtype(at::kLong));
+    at::Tensor scans = at::empty({3, cap + 1}, opts.dtype(at::kLong));
     int64_t* big_rank = scans[0].data_ptr<int64_t>();
     int64_t* tile_first = scans[1].data_ptr<int64_t>();
     int64_t* big_k = scans[2].data_ptr<int64_t>();
-    const int k1 = static_cast<int>(K + 1);
+    const int k1 = static_cast<int>(cap + 1);
     cub_run(opts, [&](void* temp, size_t& bytes) {
       return cub::DeviceScan::ExclusiveSum(temp, bytes, is_big, big_rank, k1, stream);
     });
     cub_run(opts, [&](void* temp, size_t& bytes) {
       return cub::DeviceScan::ExclusiveSum(temp, bytes, ntiles, tile_first, k1, stream);
     });
-    const int64_t* num_big = big_rank + K;
+    const int64_t* num_big = big_rank + cap;
     at::Tensor state = at::empty({4, 2 * max_big}, opts.dtype(at::kLong));
     SelectState<key_t> st{reinterpret_cast<key_t*>(state[0].data_ptr<int64_t>()), state[1].data_ptr<int64_t>(),
                           state[2].data_ptr<int64_t>(), state[3].data_ptr<int64_t>()};
-    big_init_kernel<key_t><<<cuda::grid_for(K, kThreads), kThreads, 0, stream>>>(ctx.len, K, big_rank, big_k, st);
+    big_init_kernel<key_t><<<cuda::grid_for(cap, kThreads), kThreads, 0, stream>>>(ctx.len, kst, big_rank, big_k,
+                                                                                    st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     at::Tensor hist_t = at::zeros({max_big, 2, kBins}, opts.dtype(at::kInt));
     unsigned* hist = reinterpret_cast<unsigned*>(hist_t.data_ptr<int32_t>());
     at::Tensor big_keys = at::empty({2, M}, opts.dtype(sizeof(key_t) == 4 ? at::kInt : at::kLong));
     key_t* keys_p = reinterpret_cast<key_t*>(big_keys.data_ptr());
     key_t* keys_q = keys_p + M;
-    const Tiles tl{tile_first, big_rank, K};
-    const int64_t max_tiles = N / kTile + max_big + 1;
+    const Tiles tl{tile_first, big_rank, cap};
+    const int64_t max_tiles = M / kTile + max_big + 1;
     const unsigned tile_grid = static_cast<unsigned>(max_tiles);
     const unsigned scan_grid = cuda::grid_for(2 * max_big * kWarp, kThreads, int64_t(1) << 30);
     const unsigned fin_grid = cuda::grid_for(max_big * kWarp, kThreads, int64_t(1) << 30);
@@ -798,38 +839,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_impl(const at
   }
 
   // 6. Loss.
-  loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(loss_k.data_ptr<double>(), K, N, loss.data_ptr<acc_t>());
+  loss_kernel<acc_t><<<1, kThreads, 0, stream>>>(loss_k.data_ptr<double>(), kst, info, cap, loss.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return std::make_tuple(loss.to(pred.scalar_type()), seg, stats, median_index);
+  return std::make_tuple(loss.to(pred.scalar_type()), seg, stats, median_index, info_t.narrow(0, 0, 4));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sa_hdn_forward_cuda(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& instances,
     const std::optional<at::Tensor>& valid, bool include_global, double eps, int64_t min_pixels,
-    int64_t stats_grad) {
-  const SaHdnMasks masks =
-      check_sa_hdn_forward(pred, target, instances, valid, include_global, eps, min_pixels, stats_grad);
+    int64_t stats_grad, int64_t max_contexts) {
+  const SaHdnMasks masks = check_sa_hdn_forward(pred, target, instances, valid, include_global, eps, min_pixels,
+                                                stats_grad, max_contexts);
+  const int64_t cap = context_capacity(pred, masks.instances, include_global, min_pixels, max_contexts);
   const c10::cuda::CUDAGuard guard(pred.device());
   const at::Tensor p = pred.contiguous(), q = target.contiguous();
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sa_hdn_forward_cuda", [&] {
-    out = forward_impl<scalar_t>(p, q, masks.instances, masks.valid, include_global, eps, min_pixels);
+    out = forward_impl<scalar_t>(p, q, masks.instances, masks.valid, include_global, eps, min_pixels, cap);
   });
   return out;
 }
 
 // ----------------------------------------------------------------------- backward
 
-// scale[0] = grad / N (N = sum of stats[:, 7], in context order), scale[1] = N > 0.
+// scale[0] = grad / N, scale[1] = N > 0; N = info[1] (the forward's), or without info
+// the sum of stats[:, 7] in context order.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     grad_scale_kernel(const double* __restrict__ grad, const acc_t* __restrict__ stats, int64_t K,
-                      acc_t* __restrict__ scale) {
+                      const int64_t* __restrict__ info, acc_t* __restrict__ scale) {
   using Reduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename Reduce::TempStorage tmp;
   double s = 0;
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) s += static_cast<double>(stats[k * kNumStats + kCount]);
-  const double count = Reduce(tmp).Sum(s);
+  if (info == nullptr) {
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) s += static_cast<double>(stats[k * kNumStats + kCount]);
+  }
+  const double count = info != nullptr ? static_cast<double>(info[1]) : Reduce(tmp).Sum(s);
   if (threadIdx.x == 0) {
     scale[0] = count > 0 ? static_cast<acc_t>(grad[0] / count) : acc_t(0);
     scale[1] = count > 0 ? acc_t(1) : acc_t(0);
@@ -862,8 +907,14 @@ __global__ void __launch_bounds__(kThreads)
 
 at::Tensor sa_hdn_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, const at::Tensor& target,
                                 const at::Tensor& seg, const at::Tensor& stats, const at::Tensor& median_index,
-                                int64_t stats_grad) {
+                                int64_t stats_grad, const std::optional<at::Tensor>& info) {
   check_sa_hdn_backward(grad, pred, target, seg, stats, median_index, stats_grad);
+  at::Tensor inf;
+  if (info.has_value() && info->defined()) {
+    TORCH_CHECK_VALUE(info->scalar_type() == at::kLong && info->numel() == 4 && info->device() == pred.device(),
+                      "sa_hdn_backward: info must be the forward's (4,) int64 info on ", pred.device());
+    inf = info->contiguous();
+  }
   const at::ScalarType acc = acc_dtype(pred.scalar_type());
   const c10::cuda::CUDAGuard guard(pred.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -878,6 +929,7 @@ at::Tensor sa_hdn_backward_cuda(const at::Tensor& grad, const at::Tensor& pred, 
     using acc_t = acc_type<scalar_t>;
     at::Tensor scale = at::empty({2}, p.options().dtype(acc));
     grad_scale_kernel<acc_t><<<1, kThreads, 0, stream>>>(g64.data_ptr<double>(), st.data_ptr<acc_t>(), K,
+                                                         inf.defined() ? inf.data_ptr<int64_t>() : nullptr,
                                                          scale.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     backward_kernel<scalar_t, acc_t><<<cuda::grid_for(npix, kThreads), kThreads, 0, stream>>>(

@@ -98,13 +98,15 @@ def test_backward_raw_matches_cpu(stats_grad, dtype, rng):
     pred, target, instances, valid = _case("levels", rng, dtype=dtype)
     out_c = _forward(pred, target, instances, valid, "cpu")
     grad = torch.tensor(0.75, dtype=dtype)
-    g_c = OPS.sa_hdn_backward(grad, pred, target, *out_c[1:], stats_grad)
-    g_g = OPS.sa_hdn_backward(
-        grad.to(DEV), pred.to(DEV), target.to(DEV), *(x.to(DEV) for x in out_c[1:]), stats_grad
-    )
-    assert g_g.shape == pred.shape and g_g.dtype == pred.dtype and g_g.device.type == "cuda"
-    rtol = 1e-12 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(g_g.cpu(), g_c, rtol=rtol, atol=1e-9)
+    g_c = OPS.sa_hdn_backward(grad, pred, target, *out_c[1:4], stats_grad)
+    saved = [x.to(DEV) for x in out_c[1:]]
+    for info in (None, saved[3]):  # N summed from stats, or the forward's info
+        g_g = OPS.sa_hdn_backward(
+            grad.to(DEV), pred.to(DEV), target.to(DEV), *saved[:3], stats_grad, info
+        )
+        assert g_g.shape == pred.shape and g_g.dtype == pred.dtype and g_g.device.type == "cuda"
+        rtol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(g_g.cpu(), g_c, rtol=rtol, atol=1e-9)
 
 
 def test_huge_sparse_ids_and_id_dtypes(rng):
@@ -120,11 +122,20 @@ def test_huge_sparse_ids_and_id_dtypes(rng):
         _check_forward(_forward(pred, target, inst, valid, DEV), out_c, pred, torch.float32)
 
 
-def test_negative_id_raises(rng):
+def test_negative_id_flagged_without_sync(rng):
+    """No host sync: the loss is NaN and info holds the position; debug checks raise."""
     pred, target, instances, _ = _case("levels", rng)
     instances[1, 2, 3, 4] = -3
-    with pytest.raises(ValueError, match="negative id"):
-        _forward(pred, target, instances, None, DEV)
+    loss, *_, info = _forward(pred, target, instances, None, DEV)
+    assert torch.isnan(loss) and int(info[2]) >= 0 and int(info[3]) == -1
+    dev = [x.to(DEV) for x in (pred, target, instances)]
+    assert torch.isnan(ops.sa_hdn_loss(*dev, backend="cuda"))
+    ops.set_debug_checks(True)
+    try:
+        with pytest.raises(ValueError, match=r"negative id at instances\[1, 2, 3, 4\]"):
+            ops.sa_hdn_loss(*dev, backend="cuda")
+    finally:
+        ops.set_debug_checks(None)
 
 
 def test_min_pixels_no_context_and_empty(rng):
@@ -136,9 +147,10 @@ def test_min_pixels_no_context_and_empty(rng):
     # Empty batch and empty images.
     for shape in ((0, 4, 5), (2, 0, 5)):
         e = torch.zeros(shape, device=DEV)
-        loss, seg, stats, mi = _forward(e, e, None, None, DEV)
-        assert loss.item() == 0.0 and seg.shape == (1, *shape) and stats.shape == (0, 8)
-        g = OPS.sa_hdn_backward(torch.ones((), device=DEV), e, e, seg, stats, mi, 2)
+        loss, seg, stats, mi, info = _forward(e, e, None, None, DEV)
+        assert loss.item() == 0.0 and seg.shape == (1, *shape) and not stats.any()
+        assert info.tolist() == [0, 0, -1, -1]
+        g = OPS.sa_hdn_backward(torch.ones((), device=DEV), e, e, seg, stats, mi, 2, info)
         assert g.shape == shape
 
 
@@ -168,11 +180,12 @@ def test_opcheck_sa_hdn(rng):
     bargs = (big[0].to(DEV).requires_grad_(True), big[1].to(DEV), big[2].to(DEV), None,
              True, 1e-6, 1, 2)  # fmt: skip
     torch.library.opcheck(OPS.sa_hdn_forward.default, bargs)
-    loss, seg, stats, mi = OPS.sa_hdn_forward(*args)
+    loss, seg, stats, mi, info = OPS.sa_hdn_forward(*args)
+    torch.library.opcheck(OPS.sa_hdn_forward.default, (*args, int(info[0]) + 3))  # max_contexts
     for stats_grad in (0, 1, 2):
         torch.library.opcheck(
             OPS.sa_hdn_backward.default,
-            (torch.ones((), device=DEV), pred.detach(), args[1], seg, stats, mi, stats_grad),
+            (torch.ones((), device=DEV), pred.detach(), args[1], seg, stats, mi, stats_grad, info),
         )
 
 
@@ -213,7 +226,9 @@ def test_ordinal_deterministic_mode(kind, dtype, rng):
     args = (pairs, labels, 0.1, kind, 1.3)
     grad = torch.tensor(1.7, dtype=dtype)
     g_c = OPS.ordinal_ranking_backward(grad, pred, *args)
+    _, count = OPS.ordinal_ranking_forward(pred.to(DEV), pairs.to(DEV), labels.to(DEV), *args[2:])
     runs = ordinal_backward_runs(OPS, grad, pred, *args, DEV)
+    runs += ordinal_backward_runs(OPS, grad, pred, *args, DEV, count=count)  # forward's count
     for r in runs[1:]:
         assert torch.equal(r, runs[0])
     if kind == 0:  # same operations in the same order as the CPU kernel: same bits
@@ -231,7 +246,8 @@ def test_ordinal_no_used_pairs_and_empty(rng):
     assert loss.item() == 0.0 and torch.count_nonzero(grad) == 0
     e_pairs = torch.zeros(3, 0, 2, 2, dtype=torch.int64, device=DEV)
     e_labels = torch.zeros(3, 0, dtype=torch.int64, device=DEV)
-    loss = OPS.ordinal_ranking_forward(pred.to(DEV), e_pairs, e_labels, 0.0, 0, 1.0)
+    loss, count = OPS.ordinal_ranking_forward(pred.to(DEV), e_pairs, e_labels, 0.0, 0, 1.0)
+    assert int(count) == 0
     g = OPS.ordinal_ranking_backward(torch.ones((), device=DEV), pred.to(DEV), e_pairs, e_labels,
                                      0.0, 0, 1.0)  # fmt: skip
     assert loss.item() == 0.0 and g.shape == pred.shape and torch.count_nonzero(g) == 0
@@ -245,3 +261,5 @@ def test_opcheck_ordinal(rng):
         torch.library.opcheck(OPS.ordinal_ranking_forward.default, args)
         bargs = (torch.ones((), device=DEV), pred.detach(), *args[1:])
         torch.library.opcheck(OPS.ordinal_ranking_backward.default, bargs)
+        _, count = OPS.ordinal_ranking_forward(*args)
+        torch.library.opcheck(OPS.ordinal_ranking_backward.default, (*bargs, count))

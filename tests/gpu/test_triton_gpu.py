@@ -74,7 +74,7 @@ def test_backward_raw_matches_cpu(stats_grad, rng):
     pred, target, instances, valid = case("uneven", rng)
     out_c = _cpu_forward(pred, target, instances, valid)
     grad = torch.tensor(0.75)
-    g_c = torch.ops.westar_ops.sa_hdn_backward(grad, pred, target, *out_c[1:], stats_grad)
+    g_c = torch.ops.westar_ops.sa_hdn_backward(grad, pred, target, *out_c[1:4], stats_grad)
     g_t = TRITON.sa_hdn_backward(
         grad.to(DEV), pred.to(DEV), target.to(DEV), *(x.to(DEV) for x in out_c[1:]), stats_grad
     )
@@ -104,10 +104,10 @@ def test_opcheck_default_thresholds(rng):
     args = (pred.to(DEV).requires_grad_(True), target.to(DEV), instances.to(DEV),
             valid.to(DEV), True, 1e-6, 1, 2)  # fmt: skip
     torch.library.opcheck(TRITON.sa_hdn_forward.default, args)
-    _, seg, stats, mi = TRITON.sa_hdn_forward(*args)
+    _, seg, stats, mi, info = TRITON.sa_hdn_forward(*args)
     torch.library.opcheck(
         TRITON.sa_hdn_backward.default,
-        (torch.ones((), device=DEV), args[0].detach(), args[1], seg, stats, mi, 2),
+        (torch.ones((), device=DEV), args[0].detach(), args[1], seg, stats, mi, 2, info),
         test_utils=("test_schema", "test_faketensor"),
     )
 

@@ -51,10 +51,14 @@ def test_opcheck_sa_hdn_forward(rng, i):
 def test_opcheck_sa_hdn_backward(rng, stats_grad):
     pred, target, inst, valid, *rest = sa_hdn_samples(rng)[1]
     pred = pred.detach()
-    _, seg, stats, median_index = OPS.sa_hdn_forward(pred, target, inst, valid, *rest)
+    _, seg, stats, median_index, info = OPS.sa_hdn_forward(pred, target, inst, valid, *rest)
     grad = torch.tensor(0.5)
     torch.library.opcheck(
         OPS.sa_hdn_backward.default, (grad, pred, target, seg, stats, median_index, stats_grad)
+    )
+    torch.library.opcheck(
+        OPS.sa_hdn_backward.default,
+        (grad, pred, target, seg, stats, median_index, stats_grad, info),
     )
 
 
@@ -87,6 +91,13 @@ def test_opcheck_ordinal_backward(rng, i):
     torch.library.opcheck(
         OPS.ordinal_ranking_backward.default,
         (grad, pred.detach(), pairs, labels, margin, kind, ew),
+    )
+    _, count = OPS.ordinal_ranking_forward(pred.detach(), pairs, labels, margin, kind, ew)
+    assert count.dtype == torch.int64 and count.dim() == 0
+    assert int(count) == int(((labels >= -1) & (labels <= 1)).sum())
+    torch.library.opcheck(
+        OPS.ordinal_ranking_backward.default,
+        (grad, pred.detach(), pairs, labels, margin, kind, ew, count),
     )
 
 

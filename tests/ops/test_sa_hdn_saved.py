@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import westar_ops  # noqa: F401  (loads the library that defines torch.ops.westar_ops)
+import westar_ops  # loads the library that defines torch.ops.westar_ops
 from tests.matrix import DTYPES
 from tests.ops.helpers import (
     distinct_values,
@@ -31,7 +31,7 @@ STATS_TOL = {
 
 
 def check_saved(pred, target, inst, valid, include_global=True, eps=1e-6, min_pixels=1):
-    loss, seg, stats, median_index = forward(
+    loss, seg, stats, median_index, info = forward(
         pred, target, inst, valid, include_global, eps, min_pixels, 2
     )
     exp_loss, exp_seg, exp_stats, exp_medians = expected_forward(
@@ -45,7 +45,8 @@ def check_saved(pred, target, inst, valid, include_global=True, eps=1e-6, min_pi
     assert stats.dtype == sdt and stats.is_contiguous()
     assert median_index.dtype == torch.int64
     k = exp_stats.shape[0]
-    assert stats.shape == (k, 8) and median_index.shape == (k,)
+    assert stats.shape == (k, 8) and median_index.shape == (k,)  # exactly K rows on the CPU
+    assert info.tolist() == [k, int(exp_stats[:, 7].sum()), -1, -1]
     # canonical order: seg numbers the contexts by (level, image, id ascending)
     assert torch.equal(seg, exp_seg)
     # medians are elements of the data: exact; n and S3 are integers: exact
@@ -129,7 +130,7 @@ def test_saved_skipped_and_invalid_are_minus_one(rng):
 def test_saved_no_context(rng):
     pred = distinct_values((2, 3, 4), torch.float32, rng)
     target = target_values((2, 3, 4), torch.float32, rng)
-    loss, seg, stats, median_index = forward(pred, target, None, None, False, 1e-6, 1, 2)
+    loss, seg, stats, median_index, _info = forward(pred, target, None, None, False, 1e-6, 1, 2)
     assert seg.shape == (0, 2, 3, 4)
     assert stats.shape == (0, 8) and median_index.shape == (0,)
     assert loss.item() == 0.0
@@ -146,7 +147,7 @@ def test_backward_formula(rng, dtype, stats_grad):
     pred = distinct_values((b, h, w), dtype, rng)
     target = target_values((b, h, w), dtype, rng)
     inst = random_instances(b, 2, h, w, rng)
-    loss, seg, stats, mi = forward(pred, target, inst, None, True, 1e-6, 1, stats_grad)
+    loss, seg, stats, mi, info = forward(pred, target, inst, None, True, 1e-6, 1, stats_grad)
     g = torch.tensor(0.7, dtype=dtype)
     grad = backward(g, pred, target, seg, stats, mi, stats_grad)
     assert grad.shape == pred.shape and grad.dtype == dtype and grad.is_contiguous()
@@ -170,3 +171,39 @@ def test_backward_formula(rng, dtype, stats_grad):
     expected = (expected * 0.7 / n_total).reshape(b, h, w)
     rtol, atol = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-7)}[dtype]
     torch.testing.assert_close(grad.double(), expected, rtol=rtol, atol=atol)
+
+
+def test_max_contexts_on_the_cpu(rng):
+    """The CPU op keeps exactly K rows; max_contexts below K raises the documented error
+    (the GPU backends make the loss NaN, or raise it with debug checks)."""
+    b, h, w = 2, 6, 7
+    pred = distinct_values((b, h, w), torch.float32, rng)
+    target = target_values((b, h, w), torch.float32, rng)
+    inst = random_instances(b, 2, h, w, rng)
+    _, _, stats, mi, info = forward(pred, target, inst, None, True, 1e-6, 1, 2)
+    k = stats.shape[0]
+    assert int(info[0]) == k and mi.shape == (k,)
+    for cap in (k, k + 5):  # enough: the same outputs
+        out = forward(pred, target, inst, None, True, 1e-6, 1, 2, cap)
+        assert torch.equal(out[2], stats) and torch.equal(out[4], info)
+    with pytest.raises(
+        ValueError, match=f"the batch has {k} contexts, more than max_contexts = {k - 1}"
+    ):
+        westar_ops.sa_hdn_loss(pred, target, inst, max_contexts=k - 1)
+    with pytest.raises(ValueError, match="max_contexts must be None or an int >= 1"):
+        westar_ops.sa_hdn_loss(pred, target, inst, max_contexts=0)
+
+
+def test_debug_checks_switch(monkeypatch):
+    from westar_ops import ops
+
+    monkeypatch.delenv("WESTAR_OPS_DEBUG", raising=False)
+    assert not ops.debug_checks()
+    monkeypatch.setenv("WESTAR_OPS_DEBUG", "1")
+    assert ops.debug_checks()
+    ops.set_debug_checks(False)
+    try:
+        assert not ops.debug_checks()
+    finally:
+        ops.set_debug_checks(None)
+    assert ops.debug_checks()

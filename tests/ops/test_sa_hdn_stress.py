@@ -41,7 +41,7 @@ def test_one_context_per_pixel_huge_random_ids(rng):
     loss_g, grad_g = loss_and_grad(westar_ops.sa_hdn_loss, pred, target)
     torch.testing.assert_close(loss, loss_g / 2, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, grad_g / 2, rtol=1e-6, atol=1e-12)
-    _, seg, stats, median_index = forward(pred, target, inst, None, True, 1e-6, 1, 2)
+    _, seg, stats, median_index, _info = forward(pred, target, inst, None, True, 1e-6, 1, 2)
     assert stats.shape == (b + b * h * w, 8)
     assert (stats[b:, 7] == 1).all() and (stats[:b, 7] == h * w).all()
     # canonical order: within an image, context numbers sorted like the ids

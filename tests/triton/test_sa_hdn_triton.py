@@ -73,13 +73,14 @@ def test_backward_raw_matches_cpu(stats_grad, rng, device, big_path):
     pred, target, instances, valid = _case("levels", rng)
     out_c = _cpu_forward(pred, target, instances, valid)
     grad = torch.tensor(0.75)
-    g_c = torch.ops.westar_ops.sa_hdn_backward(grad, pred, target, *out_c[1:], stats_grad)
-    g_t = torch.ops.westar_triton.sa_hdn_backward(
-        grad.to(device), pred.to(device), target.to(device),
-        *(x.to(device) for x in out_c[1:]), stats_grad,
-    )  # fmt: skip
-    assert g_t.shape == pred.shape and g_t.dtype == pred.dtype
-    torch.testing.assert_close(g_t.cpu(), g_c, rtol=1e-5, atol=1e-8)
+    g_c = torch.ops.westar_ops.sa_hdn_backward(grad, pred, target, *out_c[1:4], stats_grad)
+    saved = [x.to(device) for x in out_c[1:]]
+    for info in (None, saved[3]):  # N summed from stats, or read from the forward's info
+        g_t = torch.ops.westar_triton.sa_hdn_backward(
+            grad.to(device), pred.to(device), target.to(device), *saved[:3], stats_grad, info
+        )
+        assert g_t.shape == pred.shape and g_t.dtype == pred.dtype
+        torch.testing.assert_close(g_t.cpu(), g_c, rtol=1e-5, atol=1e-8)
 
 
 def test_min_pixels_skips_and_no_context(rng, device):
@@ -116,43 +117,75 @@ def test_opcheck(rng, device):
     pred = pred.to(device).requires_grad_(True)
     args = (pred, target.to(device), instances.to(device), valid.to(device), True, 1e-6, 1, 2)
     torch.library.opcheck(torch.ops.westar_triton.sa_hdn_forward.default, args)
-    loss, seg, stats, mi = torch.ops.westar_triton.sa_hdn_forward(*args)
+    loss, seg, stats, mi, info = torch.ops.westar_triton.sa_hdn_forward(*args)
+    # max_contexts above K (below it the loss is NaN, which opcheck cannot compare)
+    torch.library.opcheck(torch.ops.westar_triton.sa_hdn_forward.default, (*args, int(info[0]) + 3))
     bargs = (torch.ones((), device=device), pred.detach(), args[1], seg, stats, mi, 2)
-    torch.library.opcheck(
-        torch.ops.westar_triton.sa_hdn_backward.default,
-        bargs,
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    for extra in ((), (info,)):
+        torch.library.opcheck(
+            torch.ops.westar_triton.sa_hdn_backward.default,
+            (*bargs, *extra),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.mark.parametrize(
-    ("bad_id", "message"),
-    [(-3, r"negative id at instances\[1, 1, 2, 4\]"), (2**31, r"< 2\^31.*instances\[1, 1, 2, 4\]")],
+    ("bad_id", "message", "slot"),
+    [
+        (-3, r"negative id at instances\[1, 1, 2, 4\]", 2),
+        (2**31, r"< 2\^31.*instances\[1, 1, 2, 4\]", 3),
+    ],
 )
-def test_bad_ids_raise_in_the_kernel(bad_id, message, rng, device):
-    """The raw op finds negative ids and ids >= 2^31 itself (also at an invalid pixel),
-    as the C++ kernels do, and names the first one; no extra pass in the wrapper."""
+def test_bad_ids_flagged_in_the_kernel(bad_id, message, slot, rng, device):
+    """The raw op finds negative ids and ids >= 2^31 itself (also at an invalid pixel)
+    without a host sync: the loss is NaN and info holds the first one's flat position.
+    With debug checks the public op raises the CPU op's error, word for word."""
     pred, target, instances, _ = _case("levels", rng)
     instances[1, 1, 2, 4] = bad_id
     instances[1, 2, 5, 6] = bad_id  # a later one is not the one named
     valid = torch.ones(pred.shape, dtype=torch.bool)
     valid[1, 2, 4] = False
-    with pytest.raises(ValueError, match=message):
-        torch.ops.westar_triton.sa_hdn_forward(
-            pred.to(device), target.to(device), instances.to(device), valid.to(device),
-            True, 1e-6, 1, 2,
-        )  # fmt: skip
-    # The C++ op raises the same error at the same position, for both kinds.
+    dev = [x.to(device) for x in (pred, target, instances, valid)]
+    loss, *_, info = torch.ops.westar_triton.sa_hdn_forward(*dev, True, 1e-6, 1, 2)
+    assert torch.isnan(loss)
+    assert int(info[slot]) == ((1 * instances.shape[1] + 1) * 6 + 2) * 7 + 4
+    assert int(info[5 - slot]) == -1
     with pytest.raises(ValueError, match=message):
         _cpu_forward(pred, target, instances, valid)
     with pytest.raises(ValueError) as cpu_err:
         ops.sa_hdn_loss(pred, target, instances, valid, backend="cpu")
-    with pytest.raises(ValueError) as triton_err:
-        ops.sa_hdn_loss(
-            pred.to(device), target.to(device), instances.to(device), valid.to(device),
-            backend="triton",
-        )  # fmt: skip
+    assert torch.isnan(ops.sa_hdn_loss(*dev, backend="triton"))  # fast mode: no raise
+    ops.set_debug_checks(True)
+    try:
+        with pytest.raises(ValueError) as triton_err:
+            ops.sa_hdn_loss(*dev, backend="triton")
+    finally:
+        ops.set_debug_checks(None)
     assert str(triton_err.value) == str(cpu_err.value)
+
+
+def test_max_contexts(rng, device):
+    """max_contexts sizes stats; more contexts than that: NaN loss on the GPU backends,
+    the same ValueError on the CPU and with debug checks."""
+    pred, target, instances, _ = _case("levels", rng)
+    valid = torch.rand(pred.shape, generator=rng) > 0.2
+    dev = [x.to(device) for x in (pred, target, instances, valid)]
+    out_c = _cpu_forward(pred, target, instances, valid)
+    k = out_c[2].shape[0]
+    out_t = TRITON.sa_hdn_forward(*dev, True, 1e-6, 1, 2, k + 3)
+    assert out_t[2].shape == (k + 3, 8)
+    check_forward(out_t, out_c, pred, torch.float32)
+    loss = ops.sa_hdn_loss(*dev, backend="triton", max_contexts=k - 1)
+    assert torch.isnan(loss)
+    message = f"the batch has {k} contexts, more than max_contexts = {k - 1}"
+    with pytest.raises(ValueError, match=message):
+        ops.sa_hdn_loss(pred, target, instances, valid, backend="cpu", max_contexts=k - 1)
+    ops.set_debug_checks(True)
+    try:
+        with pytest.raises(ValueError, match=message):
+            ops.sa_hdn_loss(*dev, backend="triton", max_contexts=k - 1)
+    finally:
+        ops.set_debug_checks(None)
 
 
 def test_too_many_memberships(device):

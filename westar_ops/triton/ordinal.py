@@ -2,24 +2,26 @@
 
 Contract: docs/internals.md; per-pair math of csrc/include/westar/ordinal_math.h.
 
-Forward (2 launches): ``_pair_loss_kernel`` gathers d = pred[a] - pred[b] for a block of
-pairs and writes the block's loss sum and used-pair count; ``_mean_kernel`` (one
-program) adds the block partials in block order and divides: deterministic.
+Forward (one kernel after a 4-byte zero fill): ``_pair_loss_kernel`` gathers
+d = pred[a] - pred[b] for a block of pairs and writes the block's loss sum and used-pair
+count; the last program to arrive (an atomic counter) adds the block partials in block
+order and writes the loss and M, the number of used pairs: deterministic. M is an output
+(the backward reads it).
 
-Backward:
-- default (2 launches): ``_count_kernel`` counts the used pairs M; ``_scatter_kernel``
-  adds grad/M * g to grad_pred[a] and subtracts it at b with atomics (the order in which
-  pairs sharing a pixel add up is not fixed, so the last bits may vary run to run);
-- when ``torch.are_deterministic_algorithms_enabled()``: ``_count_kernel``,
+Backward, with the forward's M (without it, ``_count_kernel`` counts the pairs again):
+- default (1 launch): ``_scatter_kernel`` adds grad/M * g to grad_pred[a] and subtracts
+  it at b with atomics (the order in which pairs sharing a pixel add up is not fixed, so
+  the last bits may vary run to run);
+- when ``torch.are_deterministic_algorithms_enabled()``:
   ``_contrib_kernel`` writes the signed contribution and the target pixel of both ends
   of every pair, ``torch.sort(stable=True)`` groups the contributions by pixel (pair
   order kept inside a pixel), and ``_segment_sum_kernel`` lets the first contribution of
   every pixel add the pixel's run serially in pair order and store it: no atomics, the
   gradient is bitwise repeatable (and adds in the CPU kernel's order).
 
-Coordinates outside the image are checked by the public wrapper in eager mode; the
-kernels mask such pairs' loads (they read 0) rather than fault, since a Triton kernel
-cannot raise.
+A used pair outside the image cannot raise without a host sync: its loads are masked, it
+adds NaN to the loss (the device-side error) and no gradient; the public wrapper raises
+the error instead with debug checks (westar_ops.set_debug_checks).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def _pair_d(pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc: 
     pb = tl.load(pred_ptr + b * psb + yb * psh + xb * psw, mask=ld, other=0.0).to(acc)
     ja = b * H * W + ya * W + xa
     jb = b * H * W + yb * W + xb
-    return lab, used, ja, jb, pa - pb
+    return lab, used, ld, ja, jb, pa - pb
 
 
 @triton.jit
@@ -98,6 +100,10 @@ def _pair_loss_kernel(
     labels_ptr,
     part_loss_ptr,
     part_cnt_ptr,
+    counter_ptr,
+    out_ptr,
+    count_ptr,
+    NBLK,
     NP,
     P,
     H,
@@ -109,34 +115,34 @@ def _pair_loss_kernel(
     KIND: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     acc = tl.float64 if F64 else tl.float32
     pid = tl.program_id(0).to(tl.int64)
     i = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = i < NP
-    lab, used, _ja, _jb, d = _pair_d(
+    lab, used, inside, _ja, _jb, d = _pair_d(
         pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc
     )
     per = _pair_loss(d, lab, tl.load(params_ptr), tl.load(params_ptr + 1), KIND)
+    per = tl.where(inside, per, float("nan"))  # a used pair outside the image: NaN
     tl.store(part_loss_ptr + pid, tl.sum(tl.where(used, per, 0.0), 0))
     tl.store(part_cnt_ptr + pid, tl.sum(used.to(tl.int64), 0))
-
-
-@triton.jit
-def _mean_kernel(
-    part_loss_ptr, part_cnt_ptr, out_ptr, NBLK, F64: tl.constexpr, BLOCK: tl.constexpr
-):
-    acc = tl.float64 if F64 else tl.float32
-    vs = tl.zeros([BLOCK], acc)
-    vn = tl.zeros([BLOCK], tl.int64)
-    for s in range(0, NBLK, BLOCK):
-        i = s + tl.arange(0, BLOCK)
-        mk = i < NBLK
-        vs += tl.load(part_loss_ptr + i, mask=mk, other=0.0)
-        vn += tl.load(part_cnt_ptr + i, mask=mk, other=0)
-    total = tl.sum(vs, 0)
-    count = tl.sum(vn, 0)
-    tl.store(out_ptr, tl.where(count > 0, total / tl.maximum(count, 1).to(acc), 0.0))
+    tl.debug_barrier()
+    # acq_rel: this program's partials are visible to the program that arrives last.
+    arrived = tl.atomic_add(counter_ptr, 1)
+    if arrived == NBLK - 1:
+        vs = tl.zeros([BLOCK_R], acc)
+        vn = tl.zeros([BLOCK_R], tl.int64)
+        for s in range(0, NBLK, BLOCK_R):
+            j = s + tl.arange(0, BLOCK_R)
+            mk = j < NBLK
+            vs += tl.load(part_loss_ptr + j, mask=mk, other=0.0, volatile=True)
+            vn += tl.load(part_cnt_ptr + j, mask=mk, other=0, volatile=True)
+        total = tl.sum(vs, 0)
+        count = tl.sum(vn, 0)
+        tl.store(out_ptr, tl.where(count > 0, total / tl.maximum(count, 1).to(acc), 0.0))
+        tl.store(count_ptr, count)
 
 
 @triton.jit
@@ -154,11 +160,21 @@ def _count_kernel(labels_ptr, grad_ptr, scale_ptr, NP, F64: tl.constexpr, BLOCK:
 
 
 @triton.jit
+def _scale(grad_ptr, count_ptr, acc: tl.constexpr):
+    """grad / M from the forward's count M (0 when M == 0)."""
+    count = tl.load(count_ptr)
+    g = tl.load(grad_ptr).to(acc)
+    return tl.where(count > 0, g / tl.maximum(count, 1).to(acc), 0.0)
+
+
+@triton.jit
 def _scatter_kernel(
     pred_ptr,
     pairs_ptr,
     labels_ptr,
     scale_ptr,
+    grad_ptr,
+    count_ptr,
     out_ptr,
     NP,
     P,
@@ -171,17 +187,21 @@ def _scatter_kernel(
     KIND: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     acc = tl.float64 if F64 else tl.float32
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = i < NP
-    lab, used, ja, jb, d = _pair_d(
+    lab, used, inside, ja, jb, d = _pair_d(
         pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc
     )
-    scale = tl.load(scale_ptr)
+    if HAS_COUNT:
+        scale = _scale(grad_ptr, count_ptr, acc)
+    else:
+        scale = tl.load(scale_ptr)
     g = scale * _pair_grad(d, lab, tl.load(params_ptr), tl.load(params_ptr + 1), KIND)
-    tl.atomic_add(out_ptr + ja, g, mask=used)
-    tl.atomic_add(out_ptr + jb, -g, mask=used)
+    tl.atomic_add(out_ptr + ja, g, mask=inside)
+    tl.atomic_add(out_ptr + jb, -g, mask=inside)
 
 
 @triton.jit
@@ -190,6 +210,8 @@ def _contrib_kernel(
     pairs_ptr,
     labels_ptr,
     scale_ptr,
+    grad_ptr,
+    count_ptr,
     vals_ptr,
     idx_ptr,
     NP,
@@ -203,15 +225,20 @@ def _contrib_kernel(
     KIND: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
-    """vals[2i] = +g_i, vals[2i+1] = -g_i; idx = target pixel, or -1 for unused pairs."""
+    """vals[2i] = +g_i, vals[2i+1] = -g_i; idx = target pixel, or -1 for unused pairs
+    (and for used pairs outside the image)."""
     acc = tl.float64 if F64 else tl.float32
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = i < NP
-    lab, used, ja, jb, d = _pair_d(
+    lab, _used, used, ja, jb, d = _pair_d(
         pred_ptr, pairs_ptr, labels_ptr, i, m, P, H, W, psb, psh, psw, acc
     )
-    scale = tl.load(scale_ptr)
+    if HAS_COUNT:
+        scale = _scale(grad_ptr, count_ptr, acc)
+    else:
+        scale = tl.load(scale_ptr)
     g = scale * _pair_grad(d, lab, tl.load(params_ptr), tl.load(params_ptr + 1), KIND)
     tl.store(vals_ptr + 2 * i, g, mask=m)
     tl.store(vals_ptr + 2 * i + 1, -g, mask=m)
@@ -275,12 +302,15 @@ def ordinal_ranking_forward(
     NP = B * P
     adt = acc_dtype(pred.dtype)
     f64 = adt == torch.float64
-    out = torch.zeros((), dtype=pred.dtype, device=pred.device)
     if NP == 0:
-        return out
+        zero = torch.zeros((), dtype=pred.dtype, device=pred.device)
+        return zero, torch.zeros((), dtype=torch.int64, device=pred.device)
+    out = torch.empty((), dtype=adt, device=pred.device)
+    count = torch.empty((), dtype=torch.int64, device=pred.device)
     nblk = triton.cdiv(NP, BLOCK_PAIRS)
     part_loss = torch.empty((nblk,), dtype=adt, device=pred.device)
     part_cnt = torch.empty((nblk,), dtype=torch.int64, device=pred.device)
+    counter = torch.zeros((1,), dtype=torch.int32, device=pred.device)
     with device_guard(pred):
         _pair_loss_kernel[(nblk,)](
             pred,
@@ -288,6 +318,10 @@ def ordinal_ranking_forward(
             labels,
             part_loss,
             part_cnt,
+            counter,
+            out,
+            count,
+            nblk,
             NP,
             P,
             H,
@@ -297,10 +331,10 @@ def ordinal_ranking_forward(
             KIND=int(kind),
             F64=f64,
             BLOCK=BLOCK_PAIRS,
+            BLOCK_R=BLOCK_REDUCE,
             num_warps=4,
         )
-        _mean_kernel[(1,)](part_loss, part_cnt, out, nblk, F64=f64, BLOCK=BLOCK_REDUCE, num_warps=4)
-    return out
+    return (out if out.dtype == pred.dtype else out.to(pred.dtype)), count
 
 
 def ordinal_ranking_backward(
@@ -311,6 +345,7 @@ def ordinal_ranking_backward(
     margin: float,
     kind: int,
     equal_weight: float,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     pairs, labels = _check(pred, pairs, labels, kind)
     B, H, W = pred.shape
@@ -325,17 +360,19 @@ def ordinal_ranking_backward(
     nblk = triton.cdiv(NP, BLOCK_PAIRS)
     scale = torch.empty((1,), dtype=adt, device=dev)
     args = (NP, P, H, W, *pred.stride(), _params(margin, equal_weight, adt, dev))
-    meta = dict(KIND=int(kind), F64=f64, BLOCK=BLOCK_PAIRS, num_warps=4)
+    has_count = count is not None
+    meta = dict(KIND=int(kind), F64=f64, BLOCK=BLOCK_PAIRS, HAS_COUNT=has_count, num_warps=4)
+    g1 = grad.reshape(1)
+    cnt = count.reshape(1) if has_count else scale
     with device_guard(pred):
-        _count_kernel[(1,)](
-            labels, grad.reshape(1), scale, NP, F64=f64, BLOCK=BLOCK_REDUCE, num_warps=4
-        )
+        if not has_count:  # counted again (a direct call of the op without the forward's M)
+            _count_kernel[(1,)](labels, g1, scale, NP, F64=f64, BLOCK=BLOCK_REDUCE, num_warps=4)
         if not torch.are_deterministic_algorithms_enabled():
-            _scatter_kernel[(nblk,)](pred, pairs, labels, scale, out, *args, **meta)
+            _scatter_kernel[(nblk,)](pred, pairs, labels, scale, g1, cnt, out, *args, **meta)
         else:
             vals = torch.empty((2 * NP,), dtype=adt, device=dev)
             idx = torch.empty((2 * NP,), dtype=torch.int64, device=dev)
-            _contrib_kernel[(nblk,)](pred, pairs, labels, scale, vals, idx, *args, **meta)
+            _contrib_kernel[(nblk,)](pred, pairs, labels, scale, g1, cnt, vals, idx, *args, **meta)
             sidx, perm = torch.sort(idx, stable=True)
             _segment_sum_kernel[(2 * NP,)](
                 sidx, perm.contiguous(), vals, out, 2 * NP, F64=f64, num_warps=1

@@ -11,8 +11,9 @@ host function here:
      of a context become one contiguous run, in ascending pixel order; runs in canonical
      order level, image, id), run boundaries, counts (``searchsorted``), min_pixels
      filter, context numbering (``cumsum``). Cost does not depend on the id values.
-  3. ``_group`` ends with **the one host sync** of the op: K and the sizes of the launch
-     grids, fetched together (bad ids raise here).
+  3. No host sync: K, the class counts and the bad-id flags stay on the device; launch
+     grids are upper bounds from the shapes (the capacity, docs/internals.md), programs
+     past the counts return at once. Bad ids or K > capacity make the loss NaN.
   4. ``_small_contexts`` (n <= a size class, 64 or 1024 by default): one program per
      context, everything in registers: gather pred/target through the sort permutation,
      exact lower median by a bitwise radix select (one reduction per key bit), mean
@@ -42,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from westar_ops._registry import NUM_STATS, acc_dtype
+from westar_ops._registry import NUM_STATS, acc_dtype, context_capacity
 from westar_ops.triton._common import device_guard, from_skey, sign, skey
 
 __all__ = ["sa_hdn_forward", "sa_hdn_backward"]
@@ -155,8 +156,11 @@ def _small_kernel(
     """One context per program, all in registers."""
     acc = tl.float64 if BITS == 64 else tl.float32
     k = tl.load(ks_ptr + tl.program_id(0)).to(tl.int64)
+    if k < 0:  # the grid is an upper bound: programs past the class's count are dead
+        return
+    live = k >= 0
     start = tl.load(seg_off_ptr + k)
-    n = tl.load(seg_len_ptr + k)
+    n = tl.where(live, tl.load(seg_len_ptr + k), 0)
     idx = tl.arange(0, BLOCK)
     m = idx < n
     jf = tl.load(order_ptr + start + idx, mask=m, other=0)
@@ -188,16 +192,16 @@ def _small_kernel(
     s3 = (n.to(tl.int32) - less_p - eq_p) - less_p
     med = tl.min(tl.where(m & (kp == tkp), pix, 0x7FFFFFFFFFFFFFFF), 0)
     row = stats_ptr + k * 8
-    tl.store(row + 0, tp)
-    tl.store(row + 1, dp)
-    tl.store(row + 2, tq)
-    tl.store(row + 3, dq)
-    tl.store(row + 4, s1)
-    tl.store(row + 5, s2)
-    tl.store(row + 6, s3.to(acc))
-    tl.store(row + 7, nf)
-    tl.store(median_ptr + k, med)
-    tl.store(loss_part_ptr + k, ls)
+    tl.store(row + 0, tp, mask=live)
+    tl.store(row + 1, dp, mask=live)
+    tl.store(row + 2, tq, mask=live)
+    tl.store(row + 3, dq, mask=live)
+    tl.store(row + 4, s1, mask=live)
+    tl.store(row + 5, s2, mask=live)
+    tl.store(row + 6, s3.to(acc), mask=live)
+    tl.store(row + 7, nf, mask=live)
+    tl.store(median_ptr + k, med, mask=live)
+    tl.store(loss_part_ptr + k, ls, mask=live)
 
 
 @triton.jit
@@ -312,6 +316,8 @@ def _big_pass_kernel(
     bi = tl.load(tile_seg_ptr + t).to(tl.int64)
     start = tl.load(tile_start_ptr + t)
     end = tl.load(tile_end_ptr + t)
+    if start >= end:  # a dead tile (the grid is an upper bound)
+        return
     offs = start + tl.arange(0, TILE_SIZE).to(tl.int64)
     m = offs < end
     if R == 0:
@@ -362,6 +368,8 @@ def _scan_kernel(
     pid = tl.program_id(0).to(tl.int64)
     bi = pid // 2
     w = pid % 2
+    if tl.load(big_k_ptr + bi) < 0:  # past the number of large contexts
+        return
     bins = tl.arange(0, 256)
     h = tl.load(hist_ptr + ((R * NB + bi) * 2 + w) * 256 + bins).to(tl.int64)
     kr = tl.load(rank_ptr + pid)
@@ -406,12 +414,13 @@ def _scan_kernel(
         abs_sum += tl.where(ng > 0, ng.to(acc) * (hi - t), 0.0)
         n = tl.load(big_len_ptr + bi)
         k = tl.load(big_k_ptr + bi)
-        row = stats_ptr + k * 8
-        tl.store(row + 2 * w, t)
-        tl.store(row + 2 * w + 1, abs_sum / n.to(acc) + eps)
+        live = k >= 0  # bi past the number of large contexts (the grid is a bound)
+        row = stats_ptr + tl.maximum(k, 0) * 8
+        tl.store(row + 2 * w, t, mask=live)
+        tl.store(row + 2 * w + 1, abs_sum / tl.maximum(n, 1).to(acc) + eps, mask=live)
         s3 = (ng + above) - (nl + below)
-        tl.store(row + 6, s3.to(acc), mask=w == 0)
-        tl.store(row + 7, n.to(acc), mask=w == 0)
+        tl.store(row + 6, s3.to(acc), mask=live & (w == 0))
+        tl.store(row + 7, n.to(acc), mask=live & (w == 0))
 
 
 @triton.jit
@@ -432,10 +441,12 @@ def _big_sums_kernel(
     bi = tl.load(tile_seg_ptr + t).to(tl.int64)
     start = tl.load(tile_start_ptr + t)
     end = tl.load(tile_end_ptr + t)
+    if start >= end:  # a dead tile
+        return
     offs = start + tl.arange(0, TILE_SIZE).to(tl.int64)
     m = offs < end
     k = tl.load(big_k_ptr + bi)
-    row = stats_ptr + k * 8
+    row = stats_ptr + tl.maximum(k, 0) * 8  # k < 0: a dead tile (empty range)
     tp = tl.load(row + 0)
     dp = tl.load(row + 1)
     tq = tl.load(row + 2)
@@ -470,6 +481,8 @@ def _big_finish_kernel(
     """Per large context: combine the per-tile sums in tile order."""
     acc = tl.float64 if BITS == 64 else tl.float32
     bi = tl.program_id(0).to(tl.int64)
+    if tl.load(big_k_ptr + bi) < 0:  # past the number of large contexts
+        return
     t0 = tl.load(tile0_ptr + bi)
     nt = tl.load(ntile_ptr + bi)
     v1 = tl.zeros([BLOCK_T], acc)
@@ -485,13 +498,15 @@ def _big_finish_kernel(
         v3 += tl.load(base + 2, mask=mt, other=0.0)
         vm = tl.minimum(vm, tl.load(part_med_ptr + t0 + ti, mask=mt, other=0x7FFFFFFFFFFFFFFF))
     k = tl.load(big_k_ptr + bi)
+    live = k >= 0  # bi past the number of large contexts (the grid is a bound)
+    k = tl.maximum(k, 0)
     row = stats_ptr + k * 8
-    tl.store(row + 4, tl.sum(v1, 0))
-    tl.store(row + 5, tl.sum(v2, 0))
-    tl.store(loss_part_ptr + k, tl.sum(v3, 0))
-    pos = tl.min(vm, 0)
+    tl.store(row + 4, tl.sum(v1, 0), mask=live)
+    tl.store(row + 5, tl.sum(v2, 0), mask=live)
+    tl.store(loss_part_ptr + k, tl.sum(v3, 0), mask=live)
+    pos = tl.where(live, tl.min(vm, 0), 0)
     jf = tl.load(order_ptr + pos)
-    tl.store(median_ptr + k, jf % N)
+    tl.store(median_ptr + k, jf % N, mask=live)
 
 
 @triton.jit
@@ -603,28 +618,13 @@ def check_memberships(levels: int, pred: torch.Tensor) -> None:
         )
 
 
-def _raise_bad_ids(bad_neg: int, bad_huge: int, L: int, H: int, W: int) -> None:
-    """The errors of the C++ kernels for ids found by _keys_kernel (flat positions into
-    instances (B, L, H, W), or the sentinel when there is none)."""
-
-    def where(at: int) -> str:
-        x, y, bl = at % W, (at // W) % H, at // (H * W)
-        return f"instances[{bl // L}, {bl % L}, {y}, {x}]"
-
-    if bad_neg != _SENTINEL:
-        raise ValueError(
-            "instances must hold ids >= 0 (0 = no instance); found a negative id at "
-            + where(bad_neg)
-        )
-    if bad_huge != _SENTINEL:
-        raise ValueError("instances must hold ids < 2^31; found a larger id at " + where(bad_huge))
-
-
-def _first_true(mask_cumsum: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the first `count` True entries, given the inclusive cumsum of a mask
-    (searchsorted, so no host sync: `count` is already known)."""
-    want = torch.arange(1, count + 1, device=mask_cumsum.device, dtype=mask_cumsum.dtype)
-    return torch.searchsorted(mask_cumsum, want)
+def _first_true(mask_cumsum: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the first ``bound`` True entries of a mask, given its inclusive cumsum
+    (searchsorted: no host sync), and whether each exists (``bound`` is an upper bound
+    known from the shapes; the missing ones get index 0)."""
+    want = torch.arange(1, bound + 1, device=mask_cumsum.device, dtype=mask_cumsum.dtype)
+    found = want <= mask_cumsum[-1]
+    return torch.searchsorted(mask_cumsum, want).masked_fill_(~found, 0), found
 
 
 @dataclass
@@ -646,6 +646,7 @@ class _Problem:
     bits: int  # 64 for float64 inputs, else 32
     sdt: torch.dtype  # stats / accumulation dtype
     seg: torch.Tensor  # (C, B, H, W) int32 output, -1 where no context
+    cap: int  # rows of stats (context_capacity)
 
     @property
     def n_tot(self) -> int:
@@ -655,22 +656,21 @@ class _Problem:
 @dataclass
 class _Groups:
     """Step 2's result: sorted memberships grouped into runs (one run per context
-    candidate), and the kept contexts in canonical order."""
+    candidate), and the stored contexts (the first ``cap`` kept ones) in canonical order.
+    Counts stay on the device; the host only knows bounds from the shapes."""
 
     order: torch.Tensor  # sorted position -> flat membership index (level * N + pixel)
     starts: torch.Tensor  # run r covers sorted positions [starts[r], starts[r + 1])
     counts: torch.Tensor  # members of run r
     k_of_run: torch.Tensor  # context number of a kept run
     keep_cs: torch.Tensor  # inclusive cumsum of "run r is a kept context"
-    big_cs: torch.Tensor  # ... of "run r is a large context"
-    class_cs: list  # ... of "run r is in small size class i"
+    big_cs: torch.Tensor  # ... of "run r is a stored large context"
+    class_cs: list  # ... of "run r is a stored context of small size class i"
+    class_bound: list  # upper bound of the number of contexts of each small class
     ntiles_run: torch.Tensor  # tiles of a large run, else 0
-    K: int  # contexts
-    NB: int  # large contexts
-    T: int  # tiles of the large contexts
-    n_class: list  # contexts per small size class
-    seg_off: torch.Tensor | None = None  # (K,) first sorted position of context k
-    seg_len: torch.Tensor | None = None  # (K,) its number of members
+    nb_bound: int  # upper bound of the number of large contexts
+    seg_off: torch.Tensor | None = None  # (cap,) first sorted position of context k
+    seg_len: torch.Tensor | None = None  # (cap,) its number of members (0 past K)
 
 
 def _keys(pr: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -704,10 +704,9 @@ def _keys(pr: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
     return keys, bad
 
 
-def _group(pr: _Problem, keys: torch.Tensor, bad: torch.Tensor, min_pixels: int) -> _Groups:
-    """Steps 2 and 3: stable sort of the keys, runs, min_pixels filter, numbering (torch
-    ops on the device), then the one host sync of the forward (K sizes the outputs, the
-    rest the launch grids); raises for bad ids."""
+def _group(pr: _Problem, keys: torch.Tensor, min_pixels: int) -> _Groups:
+    """Steps 2 and 3: stable sort of the keys, runs, min_pixels filter, numbering, all
+    with torch ops on the device; launch grids use bounds from the shapes (no sync)."""
     n_tot, dev = pr.n_tot, pr.pred.device
     small_sizes = tuple(sorted(SMALL_SIZES))
     sorted_keys, order = torch.sort(keys, stable=True)
@@ -720,20 +719,17 @@ def _group(pr: _Problem, keys: torch.Tensor, bad: torch.Tensor, min_pixels: int)
     run_key = sorted_keys[starts[:-1].clamp(max=n_tot - 1)]
     keep = (counts >= max(int(min_pixels), 1)) & (run_key != _SENTINEL)
     keep_cs = torch.cumsum(keep, 0)
-    big_run = keep & (counts > small_sizes[-1])
+    stored = keep & (keep_cs <= pr.cap)  # contexts past the capacity are dropped (NaN loss)
+    big_run = stored & (counts > small_sizes[-1])
     big_cs = torch.cumsum(big_run, 0)
     ntiles_run = torch.where(big_run, (counts + TILE - 1) // TILE, 0)
-    class_cs = []
+    class_cs, class_bound = [], []
     lower = 0
     for size in small_sizes:
-        cls = keep & (counts > lower) & (counts <= size)
+        cls = stored & (counts > lower) & (counts <= size)
         class_cs.append(torch.cumsum(cls, 0))
+        class_bound.append(min(pr.cap, n_tot // (lower + 1)))
         lower = size
-    totals = torch.stack(
-        [bad[0], bad[1], keep_cs[-1], big_cs[-1], ntiles_run.sum()] + [c[-1] for c in class_cs]
-    )
-    bad_neg, bad_huge, K, NB, T, *n_class = (int(v) for v in totals.tolist())
-    _raise_bad_ids(bad_neg, bad_huge, pr.L, pr.H, pr.W)
     return _Groups(
         order=order.contiguous(),
         starts=starts,
@@ -742,23 +738,23 @@ def _group(pr: _Problem, keys: torch.Tensor, bad: torch.Tensor, min_pixels: int)
         keep_cs=keep_cs,
         big_cs=big_cs,
         class_cs=class_cs,
+        class_bound=class_bound,
         ntiles_run=ntiles_run,
-        K=K,
-        NB=NB,
-        T=T,
-        n_class=n_class,
+        nb_bound=min(pr.cap, n_tot // (small_sizes[-1] + 1)),
     )
 
 
 def _small_contexts(pr: _Problem, g: _Groups, out: dict) -> None:
     """Step 4: contexts of at most max(SMALL_SIZES) members, one launch per size class,
-    one program (all in registers) per context."""
-    for size, cs, count in zip(sorted(SMALL_SIZES), g.class_cs, g.n_class):
-        if count == 0:
+    one program (all in registers) per context; the grid is the class's bound, programs
+    past its count do nothing."""
+    for size, cs, bound in zip(sorted(SMALL_SIZES), g.class_cs, g.class_bound):
+        if bound == 0:
             continue
-        ks = g.k_of_run[_first_true(cs, count)].contiguous()
+        runs, found = _first_true(cs, bound)
+        ks = torch.where(found, g.k_of_run[runs], -1)
         block = triton.next_power_of_2(size)
-        _small_kernel[(count,)](
+        _small_kernel[(bound,)](
             pr.pred,
             pr.target,
             g.order,
@@ -784,19 +780,24 @@ def _small_contexts(pr: _Problem, g: _Groups, out: dict) -> None:
 def _large_contexts(pr: _Problem, g: _Groups, out: dict) -> None:
     """Step 5: the other contexts in tiles of TILE members, by a multi-pass radix select
     on 8-bit digits (pass 0 also gathers), then the sums pass and a per-context finish
-    that combines the tiles in tile order."""
-    dev, NB, T, bits = pr.pred.device, g.NB, g.T, pr.bits
-    big_runs = _first_true(g.big_cs, NB)
-    big_k = g.k_of_run[big_runs].contiguous()
-    big_len = g.counts[big_runs].contiguous()
+    that combines the tiles in tile order. Grids are bounds from the shapes: NB large
+    contexts at most, T tiles at most; the dead ones have no members."""
+    dev, NB, bits = pr.pred.device, g.nb_bound, pr.bits
+    T = pr.n_tot // TILE + NB
+    big_runs, found = _first_true(g.big_cs, NB)
+    big_k = torch.where(found, g.k_of_run[big_runs], -1).contiguous()
+    big_len = torch.where(found, g.counts[big_runs], 0).contiguous()
     big_off = g.starts[big_runs]
-    ntile = g.ntiles_run[big_runs].contiguous()
+    ntile = torch.where(found, g.ntiles_run[big_runs], 0).contiguous()
     tile_cs = torch.cumsum(ntile, 0)
     tile0 = (tile_cs - ntile).contiguous()
     tiles = torch.arange(T, device=dev)
     tile_seg = torch.searchsorted(tile_cs, tiles, right=True)
-    tile_start = (big_off[tile_seg] + (tiles - tile0[tile_seg]) * TILE).contiguous()
-    tile_end = (big_off + big_len)[tile_seg].contiguous()
+    live = tile_seg < NB  # tiles past the last large context's are dead (empty range)
+    tile_seg = tile_seg.clamp_(max=NB - 1)
+    tile_start = big_off[tile_seg] + (tiles - tile0[tile_seg]) * TILE
+    tile_end = torch.where(live, (big_off + big_len)[tile_seg], 0).contiguous()
+    tile_start = torch.where(live, tile_start, 0).contiguous()
     tile_seg = tile_seg.contiguous()
     sp = torch.empty(pr.n_tot, dtype=pr.sdt, device=dev)
     sq = torch.empty(pr.n_tot, dtype=pr.sdt, device=dev)
@@ -895,21 +896,25 @@ def sa_hdn_forward(
     eps: float,
     min_pixels: int,
     stats_grad: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    max_contexts: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if pred.dim() != 3 or target.shape != pred.shape:
         raise ValueError(
             f"sa_hdn: pred and target must have shape (B, H, W), got {tuple(pred.shape)} "
             f"and {tuple(target.shape)}"
         )
+    if max_contexts < 0:
+        raise ValueError(f"sa_hdn: max_contexts must be >= 0, got {max_contexts}")
     levels = int(bool(include_global)) + (instances.shape[1] if instances is not None else 0)
     check_memberships(levels, pred)
     if target.dtype != pred.dtype:
         target = target.to(pred.dtype)
+    cap = context_capacity(pred, instances, include_global, min_pixels, max_contexts)
     with device_guard(pred):
-        return _forward(pred, target, instances, valid, include_global, eps, min_pixels)
+        return _forward(pred, target, instances, valid, include_global, eps, min_pixels, cap)
 
 
-def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
+def _forward(pred, target, instances, valid, include_global, eps, min_pixels, cap):
     """Steps 1-6 of the module docstring."""
     dev = pred.device
     B, H, W = pred.shape
@@ -932,32 +937,42 @@ def _forward(pred, target, instances, valid, include_global, eps, min_pixels):
         bits=64 if sdt == torch.float64 else 32,
         sdt=sdt,
         seg=torch.full((G + L, B, H, W), -1, dtype=torch.int32, device=dev),
+        cap=cap,
     )
-    loss = torch.zeros((), dtype=pred.dtype, device=dev)
+    # Rows past the K contexts: zeros (n = 0) and median_index -1.
+    stats = torch.zeros((cap, NUM_STATS), dtype=sdt, device=dev)
+    median_index = torch.full((cap,), -1, dtype=torch.int64, device=dev)
     if pr.n_tot == 0:
-        empty_stats = torch.empty((0, NUM_STATS), dtype=sdt, device=dev)
-        return loss, pr.seg, empty_stats, torch.empty((0,), dtype=torch.int64, device=dev)
+        info = torch.full((4,), -1, dtype=torch.int64, device=dev)
+        info[:2] = 0
+        return torch.zeros((), dtype=pred.dtype, device=dev), pr.seg, stats, median_index, info
 
     keys, bad = _keys(pr)
-    g = _group(pr, keys, bad, min_pixels)
+    g = _group(pr, keys, min_pixels)
     out = {
-        "stats": torch.empty((g.K, NUM_STATS), dtype=sdt, device=dev),
-        "median_index": torch.empty((g.K,), dtype=torch.int64, device=dev),
-        "loss_part": torch.empty((g.K,), dtype=sdt, device=dev),
+        "stats": stats,
+        "median_index": median_index,
+        "loss_part": torch.zeros((cap,), dtype=sdt, device=dev),
     }
-    if g.K == 0:
-        return loss, pr.seg, out["stats"], out["median_index"]
-    kept_runs = _first_true(g.keep_cs, g.K)
+    kept_runs, found = _first_true(g.keep_cs, cap)
     g.seg_off = g.starts[kept_runs].contiguous()
-    g.seg_len = g.counts[kept_runs].contiguous()
+    g.seg_len = torch.where(found, g.counts[kept_runs], 0).contiguous()
     _small_contexts(pr, g, out)
-    if g.NB > 0:
+    if g.nb_bound > 0:
         _large_contexts(pr, g, out)
     # 6. Loss.
+    loss = torch.empty((), dtype=pred.dtype, device=dev)
     _loss_kernel[(1,)](
-        out["loss_part"], g.seg_len, loss, g.K, BITS=pr.bits, BLOCK=BLOCK_REDUCE, num_warps=4
+        out["loss_part"], g.seg_len, loss, cap, BITS=pr.bits, BLOCK=BLOCK_REDUCE, num_warps=4
     )
-    return loss, pr.seg, out["stats"], out["median_index"]
+    # info: K found, N stored, first bad ids (-1: none). Bad ids or more contexts than
+    # the capacity make the loss NaN: the kernels cannot raise without a host sync.
+    found_k = g.keep_cs[-1]
+    bad = torch.where(bad == _SENTINEL, -1, bad)
+    info = torch.stack([found_k, g.seg_len.sum(), bad[0], bad[1]])
+    error = (bad >= 0).any() | (found_k > cap)
+    loss = torch.where(error, torch.nan, loss)
+    return loss, pr.seg, stats, median_index, info
 
 
 def sa_hdn_backward(
@@ -968,6 +983,7 @@ def sa_hdn_backward(
     stats: torch.Tensor,
     median_index: torch.Tensor,
     stats_grad: int,
+    info: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if pred.dim() != 3 or target.shape != pred.shape:
         raise ValueError("sa_hdn_backward: pred and target must have shape (B, H, W)")
@@ -994,10 +1010,14 @@ def sa_hdn_backward(
         seg = seg.contiguous()
         stats = stats.contiguous()
         median_index = median_index.contiguous()
-        scale = torch.empty((1,), dtype=sdt, device=pred.device)
-        _count_kernel[(1,)](
-            stats, grad.reshape(1), scale, K, BITS=bits, BLOCK=BLOCK_REDUCE, num_warps=4
-        )
+        if info is not None:  # N from the forward: no pass over the (capacity) rows
+            n = info[1].to(sdt)
+            scale = torch.where(n > 0, grad.reshape(1).to(sdt) / n.clamp_min(1), 0.0)
+        else:
+            scale = torch.empty((1,), dtype=sdt, device=pred.device)
+            _count_kernel[(1,)](
+                stats, grad.reshape(1), scale, K, BITS=bits, BLOCK=BLOCK_REDUCE, num_warps=4
+            )
         _backward_kernel[(triton.cdiv(N, BLOCK_PIXELS),)](
             pred,
             target,

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -23,6 +24,26 @@ constexpr int64_t kIdLimit = int64_t(1) << 31;
 
 // float64 for float64 inputs, else float32: the dtype of stats and of every sum.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Rows of stats / median_index that the GPU kernels allocate (docs/internals.md,
+// "Capacity"): max_contexts when > 0, else a bound from the shapes alone: one global
+// context per image, and per instance level and image at most min(H*W / max(min_pixels,
+// 1), largest id of the dtype) contexts. The CPU kernel returns exactly K rows.
+inline int64_t context_capacity(const at::Tensor& pred, const at::Tensor& instances, bool include_global,
+                                int64_t min_pixels, int64_t max_contexts) {
+  if (max_contexts > 0) return max_contexts;
+  const int64_t B = pred.size(0), hw = pred.size(1) * pred.size(2);
+  int64_t cap = include_global ? B : 0;
+  if (instances.defined() && instances.size(1) > 0) {
+    int64_t id_max = kIdLimit - 1;
+    if (instances.scalar_type() == at::kByte) id_max = 255;
+    if (instances.scalar_type() == at::kShort) id_max = 32767;
+    if (instances.scalar_type() == at::kChar) id_max = 127;
+    const int64_t per_plane = std::min<int64_t>(hw / std::max<int64_t>(min_pixels, 1), id_max);
+    cap += instances.size(1) * B * per_plane;
+  }
+  return cap;
+}
 
 // A (B, H, W) tensor that must have pred's shape and device.
 inline void check_image(const char* name, const at::Tensor& t, const at::Tensor& pred) {
@@ -42,6 +63,11 @@ inline void raise_bad_id(bool negative, int64_t b, int64_t l, int64_t y, int64_t
                     ", ", x, "]");
 }
 
+// A batch with more contexts than the capacity that max_contexts asked for.
+inline void raise_too_many_contexts(int64_t found, int64_t max_contexts) {
+  TORCH_CHECK_VALUE(false, "sa_hdn: the batch has ", found, " contexts, more than max_contexts = ", max_contexts);
+}
+
 // instances / valid of sa_hdn_forward, checked and contiguous (undefined when absent).
 struct SaHdnMasks {
   at::Tensor instances;  // (B, L, H, W) integer
@@ -51,7 +77,7 @@ struct SaHdnMasks {
 inline SaHdnMasks check_sa_hdn_forward(const at::Tensor& pred, const at::Tensor& target,
                                        const std::optional<at::Tensor>& instances,
                                        const std::optional<at::Tensor>& valid, bool include_global, double eps,
-                                       int64_t min_pixels, int64_t stats_grad) {
+                                       int64_t min_pixels, int64_t stats_grad, int64_t max_contexts = 0) {
   TORCH_CHECK_TYPE(at::isFloatingType(pred.scalar_type()), "sa_hdn: pred must be a floating tensor, got ",
                    pred.scalar_type());
   TORCH_CHECK_VALUE(pred.dim() == 3, "sa_hdn: pred must have shape (B, H, W), got ", pred.sizes());
@@ -60,6 +86,8 @@ inline SaHdnMasks check_sa_hdn_forward(const at::Tensor& pred, const at::Tensor&
                    pred.scalar_type(), "), got ", target.scalar_type());
   TORCH_CHECK_VALUE(eps >= 0, "sa_hdn: eps must be >= 0, got ", eps);
   TORCH_CHECK_VALUE(min_pixels >= 0, "sa_hdn: min_pixels must be >= 0, got ", min_pixels);
+  TORCH_CHECK_VALUE(max_contexts >= 0 && max_contexts <= kMaxMemberships,
+                    "sa_hdn: max_contexts must be in [0, 2^31 - 2], got ", max_contexts);
   TORCH_CHECK_VALUE(stats_grad >= kStatsGradNone && stats_grad <= kStatsGradFull,
                     "sa_hdn: stats_grad must be 0, 1 or 2, got ", stats_grad);
   TORCH_CHECK_VALUE(pred.size(1) * pred.size(2) < (int64_t(1) << 31), "sa_hdn: images of ", pred.size(1), "x",
