@@ -18,7 +18,7 @@
 #    more than 2 % of the step or westar's step is not the faster);
 # 5. runs compute-sanitizer memcheck and racecheck on small cases of every kernel of both
 #    GPU backends (scripts/gpu_sanitize_cases.py);
-# 6. runs benchmarks/gpu_bench.py (Triton vs CUDA vs reference, CUDA events).
+# 6. runs benchmarks/gpu_bench.py --quick (the target cases: p10/median/p90, graph replay, launches, syncs, PASS/FAIL).
 #
 # Every step writes its log to OUTDIR (env.txt, build.log, pytest_gpu.log / .xml,
 # pytest_triton.log, train.log and train/ (the trainer stage's logs, runs and
@@ -136,7 +136,7 @@ else
   echo "sanitizer  skipped: compute-sanitizer not on PATH" | tee -a "$SUMMARY"
 fi
 
-step bench "${T_BENCH:-80}" bench.log "$PY" benchmarks/gpu_bench.py --repeats 30 --csv "$OUTDIR/bench.csv"
+step bench "${T_BENCH:-80}" bench.log "$PY" benchmarks/gpu_bench.py --quick --repeats 30 --csv "$OUTDIR/bench.csv"
 
 echo "gpu_check: $( [ $status -eq 0 ] && echo passed || echo FAILED ) ($SECONDS s); logs in $OUTDIR" | tee -a "$SUMMARY"
 exit $status
