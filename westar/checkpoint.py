@@ -228,7 +228,7 @@ class RunLock:
         if holder and holder[1] != socket.gethostname():
             who += f" on {holder[1]}"
         return RunLockedError(
-            f"{self.path.parent}: another westar train ({who}) is using this --output-dir; "
+            f"{self.path.parent}: another westar train ({who}) is using this --out folder; "
             f"wait for it or choose another folder (if none runs, delete {self.path})"
         )
 

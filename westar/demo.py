@@ -449,11 +449,16 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
+    from westar.cli_flags import DEVICE_HELP, MODEL_HELP, deprecated_alias, model_name
+
     d = DEFAULTS
-    p.add_argument("--output", default=d.output, help=f"output folder (default: {d.output})")
+    p.add_argument("--out", default=d.output, help=f"output folder (default: {d.output})")
+    deprecated_alias(p, "--output", "--out", "out")
     p.add_argument(
         "--corruption",
         default=d.corruptions[0],
+        choices=[*_corruptions(), "all"],
+        metavar="NAME",
         help=f"one of {', '.join(_corruptions())}, or 'all' (default: {d.corruptions[0]})",
     )
     p.add_argument("--severity", type=int, choices=range(1, 6),
@@ -469,35 +474,39 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-size", type=int, help=f"image side, multiple of 14 (default: {d.image_size})"
     )
-    p.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"(default: {d.lr:g})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default: {d.lr:g})")
     p.add_argument("--lambda-w", type=float, help=f"ordinal loss weight (default: {d.lambda_w:g})")
     p.add_argument(
         "--lambda-r", type=float, help=f"LoRA regularizer weight (default: {d.lambda_r:g})"
     )
     p.add_argument(
-        "--ablation",
-        action="store_true",
-        help="train the whole ladder: " + ", ".join(LADDER),
+        "--methods",
+        nargs="+",
+        choices=[*LADDER, "all"],
+        metavar="METHOD",
+        help=f"rungs of the ablation ladder to train: {' '.join(LADDER)}, or all "
+        f"(default: {' '.join(d.variants)})",
     )
+    deprecated_alias(p, "--ablation", "--methods all", "methods", nargs=0, const=["all"])
     p.add_argument("--quick", action="store_true", help="CI's shortened version (< 1 minute)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--model", help="source model directory (default: the shipped one)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--model", type=model_name, help=MODEL_HELP + " (default: source)")
     p.add_argument("--teacher", action="store_true", help="report the EMA teacher, not the student")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """DEFAULTS (QUICK with --quick), then the flags that were given."""
-    changes: dict[str, Any] = {"output": args.output, "corruptions": args.corruption}
+    changes: dict[str, Any] = {"output": args.out, "corruptions": args.corruption}
     for name in ("severity", "seed", "train_images", "eval_images", *DemoConfig.RECIPE):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     for name in ("device", "model"):
         if getattr(args, name):
             changes[name] = getattr(args, name)
-    if args.ablation:
-        changes["variants"] = tuple(LADDER)
+    if args.methods:
+        changes["variants"] = tuple(LADDER) if "all" in args.methods else tuple(args.methods)
     if args.teacher:
         changes["adapted_weights"] = "teacher"
     if args.no_progress:

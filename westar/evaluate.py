@@ -315,12 +315,12 @@ def evaluate(
 
 
 def _check_writable(output: str | Path | None, pictures_dir: str | Path | None) -> None:
-    """Refuse an --output that is a folder and unwritable targets before any work."""
+    """Refuse an --out that is a folder and unwritable targets before any work."""
     targets = []
     if output is not None:
         output = Path(output)
         if output.is_dir():
-            raise IsADirectoryError(21, "--output is a folder; give a file name", str(output))
+            raise IsADirectoryError(21, "--out is a folder; give a file name", str(output))
         targets.append(output)
     if pictures_dir is not None:
         pictures_dir = Path(pictures_dir)

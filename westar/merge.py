@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from westar.model import load_depth_model
+from westar.model import load_depth_model, resolve_model_name
 from westar.outputs import check_output_folder, replace_dir
 
 __all__ = ["merge_adapter"]
@@ -26,6 +26,7 @@ def merge_adapter(
     from peft import PeftModel
     from safetensors import SafetensorError
 
+    model = resolve_model_name(model)
     adapter, output = Path(adapter), Path(output)
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter}: not a peft adapter (no adapter_config.json)")

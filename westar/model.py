@@ -27,6 +27,7 @@ __all__ = [
     "IMAGENET_STD",
     "DepthModel",
     "load_depth_model",
+    "resolve_model_name",
     "model_patch_size",
     "model_input_size",
     "find_attention_projections",
@@ -156,10 +157,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
+SOURCE_MODEL_NAME = "source"  # --model source: the small model shipped with the package
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """The name "source" -> the shipped model's folder (westar/assets/source_model); any other hub
+    id or path unchanged."""
+    if str(name_or_path) == SOURCE_MODEL_NAME:
+        from westar.synth.source import source_model_path
+
+        return str(source_model_path())
+    return str(name_or_path)
+
+
 def load_depth_model(
     name_or_path: str, *, local_files_only: bool = False, dtype: torch.dtype | None = None
 ) -> DepthModel:
-    """Load a depth-estimation checkpoint by hub id or local directory (no peft yet).
+    """Load a depth-estimation checkpoint by hub id, local directory or "source" (the
+    shipped model, `resolve_model_name`); no peft yet.
 
     A missing directory, a directory without config.json, or a hub id that cannot be
     loaded (offline and not cached, or not a depth model) raise FileNotFoundError /
@@ -168,7 +183,7 @@ def load_depth_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForDepthEstimation
 
-    name_or_path = str(name_or_path)
+    name_or_path = resolve_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():

@@ -184,7 +184,7 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(
-                f"{self.output_dir}: --output-dir is an existing file, not a folder"
+                f"{self.output_dir}: --out is an existing file, not a folder"
             )
         images_dir = cfg.resolved_images_dir()
         if not images_dir.is_dir():  # before anything else: the likeliest user error
@@ -570,7 +570,7 @@ class Trainer:
         elif find_latest_checkpoint(self.output_dir) is not None:
             raise FileExistsError(
                 f"{self.output_dir} already holds checkpoints: pass --resume to continue "
-                "the run, or choose another --output-dir"
+                "the run, or choose another --out"
             )
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if main:

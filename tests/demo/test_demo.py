@@ -70,7 +70,7 @@ def test_demo_quick_cli(tmp_path):
             "westar",
             "demo",
             "--quick",
-            "--output",
+            "--out",
             str(out),
             "--device",
             "cpu",

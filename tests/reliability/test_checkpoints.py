@@ -245,5 +245,5 @@ def test_output_dir_that_is_a_file(tiny_model, dataset_root, tmp_path, capsys):
     out.write_text("mine")
     assert main(train_cli(tiny_model, dataset_root, out)) == 2
     err = error_line(capsys.readouterr().err)
-    assert f"{out}: --output-dir is an existing file, not a folder" in err
+    assert f"{out}: --out is an existing file, not a folder" in err
     assert out.read_text() == "mine"

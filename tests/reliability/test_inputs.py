@@ -185,7 +185,7 @@ def test_eval_output_folder_is_refused_before_evaluation(tiny_model, data, monke
     folder.mkdir()
     args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output", str(folder)]
     assert main(args) == 2
-    assert f"{folder}: --output is a folder" in error_line(capsys.readouterr().err)
+    assert f"{folder}: --out is a folder" in error_line(capsys.readouterr().err)
     blocker = data / "a_file"
     blocker.write_text("")
     assert main(args[:-1] + [str(blocker / "eval.json")]) == 2

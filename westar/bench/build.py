@@ -80,7 +80,7 @@ def plan(
                     what = "another benchmark definition" if have else "an unknown content"
                     raise FileExistsError(
                         f"{folder}: built under {what} (split.json differs from this "
-                        f"benchmark's); pass --overwrite to rebuild it, or use another --root"
+                        f"benchmark's); pass --overwrite to rebuild it, or use another --data"
                     )
     return todo, reuse
 
@@ -177,7 +177,7 @@ def build(
     seeds = list(D.QUICK_SEEDS if quick else D.SEEDS) if seeds is None else list(seeds)
     domains = list(D.QUICK_DOMAINS if quick else D.DOMAINS) if domains is None else list(domains)
     if root.exists() and not root.is_dir():
-        raise NotADirectoryError(20, "--root exists and is not a folder", str(root))
+        raise NotADirectoryError(20, "--data exists and is not a folder", str(root))
     todo, reuse = plan(root, seeds, domains, quick, overwrite)
     groups: dict[tuple, list] = {}
     for job in todo:
