@@ -21,7 +21,8 @@ or, without touching this file, in a module of the package listed in PLUGIN_COMM
 A plugin module that does not exist (yet) is simply not offered. Errors about the user's
 input (DataError, missing, unreadable or unwritable files, truncated weights, bad values, a
 missing optional package) are printed as one line naming the file or argument and exit
-with 2; set WESTAR_DEBUG=1 to see the traceback.
+with 2; warnings print as one line each. Set WESTAR_DEBUG=1 to see the traceback (and
+Python's own warning format).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +41,7 @@ from westar.cli_flags import (
     DEVICE_HELP,
     MODEL_HELP,
     HelpFormatter,
+    counted,
     deprecated_alias,
     model_name,
 )
@@ -181,9 +184,36 @@ def _train(args: argparse.Namespace) -> int:
             "'source' for the small shipped model (synthetic rooms only)"
         )
     last = train(cfg)
-    if last:
-        print(json.dumps({k: last[k] for k in ("step", "loss", "st", "weak", "reg")}))
+    print(train_summary(cfg, last))
     return 0
+
+
+def train_summary(cfg, last: dict) -> str:
+    """What `westar train` prints at the end: steps, final losses, where the adapter is,
+    and the command that evaluates it (`last`: the metrics of the last logged step)."""
+    import shlex
+    from pathlib import Path
+
+    out = Path(cfg.output_dir)
+    lines = []
+    if last:
+        lines.append(
+            f"trained to step {last['step']} of {cfg.steps} in {last['seconds']:.0f} s: "
+            f"loss {last['loss']:.4g} (self-training {last['st']:.4g}, ordinal "
+            f"{last['weak']:.4g}, LoRA regularizer {last['reg']:.4g})"
+        )
+    if "heldout_acc" in last:
+        lines.append(f"held-out pair accuracy: {last['heldout_acc']:.1%}")
+    if not (out / "adapter").is_dir():  # stopped early: resumable
+        lines.append(f"no final adapter yet; continue with --resume --out {out}")
+        return "\n".join(lines)
+    lines.append(f"adapter (student): {out / 'adapter'}; EMA teacher: {out / 'teacher'}")
+    words = ["westar", "eval", "--model", cfg.model, "--adapter", str(out / "adapter")]
+    words += ["--data", cfg.data] if cfg.data else ["--images", str(cfg.resolved_images_dir())]
+    if not cfg.data:
+        words += ["--depth", "DEPTH_DIR"]
+    lines.append("next: " + shlex.join(words + ["--out", str(out / "eval.json")]))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- eval
@@ -272,8 +302,14 @@ def _eval(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         limit=args.limit,
     )
+    _say_skipped(report["without_depth"])
     for name, r in report["results"].items():
-        print(f"{name}: AbsRel {r['abs_rel']} delta1 {r['delta1']} ({r['images']} images)")
+        if r["abs_rel"] is None:
+            raise ValueError(f"{name}: no image has valid ground truth within --max-depth")
+        print(
+            f"{name}: AbsRel {r['abs_rel']:.4f} delta1 {r['delta1']:.4f} "
+            f"({counted(r['images'], 'image')})"
+        )
     print(f"metrics written to {args.out}")
     return 0
 
@@ -351,7 +387,7 @@ def _masks(args: argparse.Namespace) -> int:
         },
         **fallback,
     )
-    print(f"{result['method']}: wrote {result['written']} instance maps")
+    print(f"{result['method']}: wrote {counted(result['written'], 'instance map')}")
     return 0
 
 
@@ -385,14 +421,23 @@ def _pairs(args: argparse.Namespace) -> int:
         seed=args.seed,
         skip_bad=args.skip_bad,
     )
-    print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
-    if result["skipped_without_depth"]:
-        names = result["without_depth"]
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        print(f"skipped {len(names)} images without a depth map ({', '.join(names[:3])}{more})")
+    print(
+        f"wrote {counted(result['pairs'], 'pair')} for {counted(result['images'], 'image')} to {out}"
+    )
+    _say_skipped(result["without_depth"])
     if result["without_pairs"]:
-        print(f"{len(result['without_pairs'])} images without valid depth got no pairs")
+        print(f"{counted(len(result['without_pairs']), 'image')} without valid depth got no pairs")
     return 0
+
+
+def _say_skipped(names: list[str]) -> None:
+    """One line naming (the first 3 of) the images skipped for want of a depth map."""
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        print(
+            f"skipped {counted(len(names), 'image')} without a depth map "
+            f"({', '.join(names[:3])}{more})"
+        )
 
 
 # --------------------------------------------------------------------------- merge
@@ -459,6 +504,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    if not os.environ.get("WESTAR_DEBUG"):  # "westar eval: warning: skipping x.png: ..."
+        warnings.formatwarning = lambda message, *_, **__: (
+            f"westar {args.command}: warning: {' '.join(str(message).split())}\n"
+        )
     try:
         code = args._run(args)
     except (DataError, OSError, ValueError, ImportError, SafetensorError) as err:
@@ -468,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"westar {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
     return int(code or 0)
 
 

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from westar.model import load_depth_model, resolve_model_name
+from westar.model import load_adapter, load_depth_model, resolve_model_name
 from westar.outputs import check_output_folder, replace_dir
 
 __all__ = ["merge_adapter"]
@@ -23,7 +23,6 @@ def merge_adapter(
     is either the old folder or the complete new one. An existing non-empty `output` is
     only replaced with `overwrite`; the base model's and the adapter's folders never.
     """
-    from peft import PeftModel
     from safetensors import SafetensorError
 
     model = resolve_model_name(model)
@@ -36,7 +35,7 @@ def merge_adapter(
     check_output_folder(output, overwrite, protected)
     depth_model = load_depth_model(model)
     try:
-        merged = PeftModel.from_pretrained(depth_model.model, str(adapter)).merge_and_unload()
+        merged = load_adapter(depth_model.model, adapter).merge_and_unload()
     except SafetensorError as err:
         raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
     output.parent.mkdir(parents=True, exist_ok=True)

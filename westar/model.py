@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ __all__ = [
     "model_input_size",
     "find_attention_projections",
     "add_lora",
+    "load_adapter",
     "lora_layers",
     "adapter_delta_sq_norm",
     "predict",
@@ -170,6 +172,22 @@ def resolve_model_name(name_or_path: str) -> str:
     return str(name_or_path)
 
 
+@contextlib.contextmanager
+def _no_loading_bar(local: bool) -> Iterator[None]:
+    """Without transformers' "Loading weights" bar for a local model (a fraction of a
+    second of noise on every command); a download from the hub keeps its bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if local and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if local and was:
+            hf_logging.enable_progress_bar()
+
+
 def load_depth_model(
     name_or_path: str, *, local_files_only: bool = False, dtype: torch.dtype | None = None
 ) -> DepthModel:
@@ -198,7 +216,8 @@ def load_depth_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForDepthEstimation.from_pretrained(name_or_path, **kwargs)
+        with _no_loading_bar(local):
+            model = AutoModelForDepthEstimation.from_pretrained(name_or_path, **kwargs)
     except OSError as err:  # not on the hub / offline and not cached / unreadable weights
         if path.exists():
             what = ""
@@ -299,9 +318,31 @@ def add_lora(
     )
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, config)
+    with _peft_reads_deprecated_property():
+        peft_model = get_peft_model(model, config)
     set_train_mode(peft_model)
     return peft_model
+
+
+@contextlib.contextmanager
+def _peft_reads_deprecated_property() -> Iterator[None]:
+    """peft (0.21) builds a PeftModel by reading `model.is_gradient_checkpointing`, which
+    transformers 5 deprecated for `is_activation_checkpointing` with a FutureWarning on
+    every read: the warning users saw on every train, eval and merge. Only that warning
+    is silenced, only while peft wraps a model; the property's value is still used."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def load_adapter(model: nn.Module, adapter: str | Path, **kwargs):
+    """`PeftModel.from_pretrained(model, adapter, **kwargs)` (a peft adapter folder)."""
+    from peft import PeftModel
+
+    with _peft_reads_deprecated_property():
+        return PeftModel.from_pretrained(model, str(adapter), **kwargs)
 
 
 def lora_layers(model: nn.Module):

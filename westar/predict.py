@@ -55,9 +55,9 @@ def load_for_inference(model: str, adapter: str | None = None, device: str | Non
     depth_model = load_depth_model(model)
     net = depth_model.model
     if adapter is not None:
-        from peft import PeftModel
+        from westar.model import load_adapter
 
-        net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+        net = load_adapter(net, adapter).merge_and_unload()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return net.to(dev).eval(), depth_model
 

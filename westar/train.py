@@ -49,6 +49,7 @@ from westar.checkpoint import (
     UnsafeCheckpointError,
     find_checkpoints,
     find_latest_checkpoint,
+    refuse_existing_run,
     rng_tensors,
     set_rng_from_tensors,
     verify_checkpoint,
@@ -179,13 +180,15 @@ class Trainer:
         if launched > 1 and self.world != launched:
             raise RuntimeError(
                 f"launched as {launched} processes but Accelerate set up {self.world}: each "
-                "process would train alone (on CPU, pass --cpu)"
+                "process would train alone (on CPU, pass --device cpu)"
             )
         self.output_dir = Path(cfg.output_dir)
         if self.output_dir.exists() and not self.output_dir.is_dir():
             raise FileExistsError(
                 f"{self.output_dir}: --out is an existing file, not a folder"
             )
+        if not cfg.resume:  # before the model is loaded (minutes for a large one)
+            refuse_existing_run(self.output_dir)
         images_dir = cfg.resolved_images_dir()
         if not images_dir.is_dir():  # before anything else: the likeliest user error
             raise DataError(images_dir, "image folder not found (--data ROOT needs ROOT/images)")
@@ -567,11 +570,8 @@ class Trainer:
         main = acc.is_main_process
         if cfg.resume:
             self.resume()
-        elif find_latest_checkpoint(self.output_dir) is not None:
-            raise FileExistsError(
-                f"{self.output_dir} already holds checkpoints: pass --resume to continue "
-                "the run, or choose another --out"
-            )
+        else:  # again under the lock: another run may have written meanwhile
+            refuse_existing_run(self.output_dir)
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         if main:
             (self.output_dir / "config.json").write_text(cfg.to_json())

@@ -110,7 +110,7 @@ def test_pairs_says_when_depth_is_all_invalid(data, capsys):
     np.save(data / "depth" / "img_001.npy", np.zeros((28, 28), np.float32))
     with pytest.warns(UserWarning, match=r"img_001\.npy: fewer than 2 valid depth pixels"):
         assert main(["pairs", "--data", str(data)]) == 0
-    assert "1 images without valid depth got no pairs" in capsys.readouterr().out
+    assert "1 image without valid depth got no pairs" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- early errors

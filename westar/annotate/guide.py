@@ -44,9 +44,9 @@ def make_score_fn(
     depth_model = load_depth_model(model)
     net = depth_model.model.to(dev).eval()
     if adapter is not None:
-        from peft import PeftModel
+        from westar.model import load_adapter
 
-        net = PeftModel.from_pretrained(net, adapter).eval()
+        net = load_adapter(net, adapter).eval()
     infer = size or depth_model.input_size
 
     def score(path: Path, width: int, height: int) -> np.ndarray:
