@@ -48,10 +48,15 @@ def test_train_summary_and_no_future_warning(tiny_model, four, tmp_path, capsys)
     assert f"adapter (student): {out / 'adapter'}" in text
     nxt = next(line for line in text.splitlines() if line.startswith("next: "))
     assert f"westar eval --model {tiny_model} --adapter {out / 'adapter'}" in nxt
-    # the printed next command runs as printed
+    # the printed next command runs as printed; it and merge warn no FutureWarning either
     argv = nxt.split()[2:]
-    assert main(argv + ["--image-size", "28"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv + ["--image-size", "28"]) == 0
+        merge = ["merge", "--model", str(tiny_model), "--adapter", str(out / "adapter")]
+        assert main([*merge, "--out", str(tmp_path / "merged")]) == 0
     assert (out / "eval.json").is_file()
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)]
 
 
 def test_train_refuses_an_existing_run_before_loading_the_model(
