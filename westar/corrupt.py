@@ -10,7 +10,7 @@ variation).
     corrupt_image(image, "fog", 3, seed=0, depth=depth)
     corrupt_folder("data/target", "data/target_fog3", "fog", 3, seed=0)
 
-`westar corrupt SRC DST --corruption fog --severity 3` is the command-line front end
+`westar corrupt --images SRC --out DST --corruption fog --severity 3` is the command-line front end
 (`add_corrupt_arguments` / `run_corrupt`).
 """
 

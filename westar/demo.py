@@ -17,9 +17,9 @@
 4. The adapted model is evaluated again (the protocol of `westar eval`: per image least-
    squares scale and shift in disparity space, AbsRel and delta1, averaged over images).
 5. A table is printed; ``metrics.json`` and ``demo.png`` (input | ground truth | source |
-   adapted, disparity colour-mapped after alignment) are written to --output.
+   adapted, disparity colour-mapped after alignment) are written to --out.
 
-With ``--ablation`` the ladder of the paper's ablation (`westar.config.LADDER`, the names
+With ``--methods all`` the ladder of the paper's ablation (`westar.config.LADDER`, the names
 `westar train --ablation` and the benchmark sweep use) is trained on the same data:
 plain self-training (global median/MAD) -> grid HDN -> SA-HDN (instances) -> + weak labels
 -> + regularization (= WeSTAR). Evaluation, scoring and the picture are westar.evaluate's
@@ -32,7 +32,7 @@ the demo domain and run are tiny (comment at DEFAULTS). `--lambda-w/--lambda-r` 
 the paper's weights.
 
     westar demo                                  # default job (<= 5 min on 2 CPU cores)
-    westar demo --corruption all --ablation      # every corruption, the ablation ladder
+    westar demo --corruption all --methods all  # every corruption, the ablation ladder
     westar demo --quick                          # CI's shortened version (< 1 min)
 
 Python: ``run_demo(DemoConfig(output="runs/demo", corruptions=("fog",)))`` returns the
