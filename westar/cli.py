@@ -410,17 +410,9 @@ def _pairs(args: argparse.Namespace) -> int:
     from westar.pairs import make_pairs_file
 
     out = _folder(args, args.out, "pairs.json")
-    result = make_pairs_file(
-        _folder(args, args.images, "images"),
-        _folder(args, args.depth, "depth"),
-        out,
-        samples=args.samples,
-        equal_ratio=args.equal_ratio,
-        depth_scale=args.depth_scale,
-        max_depth=args.max_depth,
-        seed=args.seed,
-        skip_bad=args.skip_bad,
-    )
+    names = ("samples", "equal_ratio", "depth_scale", "max_depth", "seed", "skip_bad")
+    images, depth = _folder(args, args.images, "images"), _folder(args, args.depth, "depth")
+    result = make_pairs_file(images, depth, out, **{k: getattr(args, k) for k in names})
     print(
         f"wrote {counted(result['pairs'], 'pair')} for {counted(result['images'], 'image')} to {out}"
     )

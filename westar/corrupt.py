@@ -36,12 +36,12 @@ __all__ = [
     "corrupt_folder",
     "add_corrupt_arguments",
     "run_corrupt",
+    "contrast",
     "fog",
     "gaussian_noise",
-    "motion_blur",
-    "low_light",
-    "contrast",
     "jpeg",
+    "low_light",
+    "motion_blur",
     "rain",
 ]
 

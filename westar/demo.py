@@ -215,7 +215,7 @@ def make_target_domain(
 
     from westar.corrupt import corrupt_image
     from westar.pairs import make_pairs_file
-    from westar.synth import SceneParams, render_scene, write_sample
+    from westar.synth import SceneParams, render_scene, write_split_scene
 
     root = Path(root)
     params = SceneParams(height=image_size, width=image_size)
@@ -236,13 +236,7 @@ def make_target_domain(
                 seed=_mix(split, seed, i),
                 depth=scene.depth,
             )
-            write_sample(
-                folder,
-                f"{split}_{scene_seed:08d}",
-                image,
-                depth=scene.depth,
-                instances=scene.instances if split == "train" else None,
-            )
+            write_split_scene(folder, split, scene_seed, scene, image)
         if split == "train":
             # The weak labels: ordinal pairs from depth (`westar pairs`), a stand-in for an
             # annotator's clicks. Then the depth goes: the training split is unlabeled.

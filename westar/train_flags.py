@@ -19,13 +19,10 @@ from westar.cli_flags import DEVICE_HELP, MODEL_HELP, deprecated_alias
 __all__ = ["FLAG_NAMES", "HELP", "add_config_flags", "flag_of"]
 
 # field -> flag, where the shared vocabulary spells it otherwise than the field
-FLAG_NAMES = {
-    "output_dir": "--out",
-    "images_dir": "--images",
-    "instances_dir": "--instances",
-    "pairs_file": "--pairs",
-    "depth_dir": "--depth",
-}
+FLAG_NAMES = dict(
+    output_dir="--out", images_dir="--images", instances_dir="--instances", pairs_file="--pairs",
+    depth_dir="--depth",
+)  # fmt: skip
 # field -> its earlier flag, kept as a hidden alias for one release
 OLD_FLAGS = {f: "--" + f.replace("_", "-") for f in FLAG_NAMES}
 

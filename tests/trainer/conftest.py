@@ -1,11 +1,8 @@
 import pytest
 
-from tests.trainer.helpers import make_dataset, make_tiny_depth_anything
+from tests.trainer.helpers import make_dataset
 
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return make_tiny_depth_anything(tmp_path_factory.mktemp("model") / "tiny-dav2")
+# tiny_model: tests/conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -110,7 +110,7 @@ def _write_split(root: Path, domain: str, seed: int, split: str, want: dict, sce
     from westar.corrupt import corrupt_image
     from westar.outputs import replace_dir
     from westar.pairs import make_pairs_file
-    from westar.synth import write_sample
+    from westar.synth import write_split_scene
 
     final = split_dir(root, domain, seed, split)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -126,13 +126,7 @@ def _write_split(root: Path, domain: str, seed: int, split: str, want: dict, sce
         if corr is not None:
             noise = D.noise_seed(corr, seed, split, i)
             image = corrupt_image(image, corr, want["severity"], seed=noise, depth=scene.depth)
-        write_sample(
-            tmp,
-            f"{split}_{scene_seed:08d}",
-            image,
-            depth=scene.depth,
-            instances=scene.instances if split == "train" else None,
-        )
+        write_split_scene(tmp, split, scene_seed, scene, image)
     if split == "train":  # the weak labels: ordinal pairs from the ground truth
         p = want["pairs"]
         make_pairs_file(
