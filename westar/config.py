@@ -26,18 +26,22 @@ ORDINAL_NORMS = ("global", "raw")
 # --ablation NAME`, `westar demo --ablation` and the benchmark sweep (westar.sweep) all
 # read it. The zeros are part of a rung (a recipe's lambda_w does not turn weak labels on
 # for plain self-training); "westar" overrides nothing: the paper's method is the default.
+# The self-training-only rungs set lambda_st = 1: alone, the term's weight only scales
+# the gradient (which AdamW undoes), and a recipe's lambda_st (its balance against the
+# weak term, possibly 0) must not switch them off.
+SELF_TRAINING_ONLY = {"lambda_st": 1.0, "lambda_w": 0.0, "lambda_r": 0.0}
 LADDER: dict[str, tuple[str, dict[str, Any]]] = {
     "self_training": (  # plain self-training: global median/MAD context only
         "plain self-training",
-        {"hdn": "global", "lambda_w": 0.0, "lambda_r": 0.0},
+        {"hdn": "global", **SELF_TRAINING_ONLY},
     ),
     "grid_hdn": (  # classic HDN: fixed grid contexts (+ the global one)
         "grid HDN",
-        {"hdn": "grid", "lambda_w": 0.0, "lambda_r": 0.0},
+        {"hdn": "grid", **SELF_TRAINING_ONLY},
     ),
     "sa_hdn": (  # SA-HDN: instance contexts (+ the global one)
         "SA-HDN",
-        {"hdn": "instances", "lambda_w": 0.0, "lambda_r": 0.0},
+        {"hdn": "instances", **SELF_TRAINING_ONLY},
     ),
     "sa_hdn_weak": ("+ weak labels", {"hdn": "instances", "lambda_r": 0.0}),
     "westar": ("+ regularization (WeSTAR)", {}),
@@ -50,6 +54,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     **{name: dict(fields) for name, (_, fields) in LADDER.items()},
     "full": {},
     "no_weak": {"lambda_w": 0.0},  # self-training + regularization, no ordinal labels
+    "weak_only": {"lambda_st": 0.0},  # weak labels + regularization, no self-training
     "no_reg": {"lambda_r": 0.0},  # self-training + weak labels, no LoRA regularizer
     "no_sa": {"hdn": "grid"},  # WeSTAR with grid contexts instead of instance contexts
 }
@@ -66,6 +71,11 @@ class TrainConfig:
     images_dir: str | None = None  # override <data>/images
     instances_dir: str | None = None  # override <data>/instances
     pairs_file: str | None = None  # override <data>/pairs.json
+    # Fraction of each image's pairs kept out of training; the student's accuracy on them
+    # (heldout_acc in metrics.csv, every holdout_every steps and at the end) tells whether
+    # training helps without ground-truth depth (westar.holdout). 0: train on every pair.
+    holdout_pairs: float = 0.0
+    holdout_every: int = 100
     # (H, W) training resolution in multiples of the model's patch size (14 for Depth
     # Anything V2, 16 for DPT); None: the model's native size (518 / 384).
     image_size: tuple[int, int] | None = None
@@ -188,6 +198,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.steps < 1 or self.batch_size < 1 or self.lora_rank < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size, grad_accum and lora_rank must be >= 1")
+        if not 0.0 <= self.holdout_pairs < 1.0:
+            raise ValueError(f"holdout_pairs must be in [0, 1), got {self.holdout_pairs}")
+        if self.holdout_every < 1:
+            raise ValueError(f"holdout_every must be >= 1, got {self.holdout_every}")
         if self.num_workers < -1:
             raise ValueError(f"num_workers must be >= 0 or -1 (auto), got {self.num_workers}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):

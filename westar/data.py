@@ -387,7 +387,8 @@ class AdaptationDataset(torch.utils.data.Dataset):
     sampler passes one per step, so crops are a function of (seed, step, rank)). Every file
     is decoded once when the dataset is built (in parallel threads, with a progress bar): a
     bad sample raises a DataError naming the file, or is dropped with a warning when
-    ``skip_bad`` is set.
+    ``skip_bad`` is set. ``pairs``, when given, is `load_pairs`'s mapping to use instead of
+    reading ``pairs_file`` (e.g. without held-out pairs; ``pairs_file`` still names it).
     """
 
     def __init__(
@@ -403,6 +404,7 @@ class AdaptationDataset(torch.utils.data.Dataset):
         patch_size: int = 14,
         crop: str = "random",
         seed: int = 0,
+        pairs: dict[str, dict[str, Any]] | None = None,
     ):
         if crop not in ("random", "center"):
             raise ValueError(f"crop must be 'random' or 'center', got {crop!r}")
@@ -413,7 +415,8 @@ class AdaptationDataset(torch.utils.data.Dataset):
         self.output_space = output_space
         self.skip_bad = skip_bad
         files = list_images(images_dir)
-        pairs = load_pairs(pairs_file) if pairs_file is not None else {}
+        if pairs is None:  # given: already loaded (and checked) from pairs_file
+            pairs = load_pairs(pairs_file) if pairs_file is not None else {}
         stems = {p.stem for p in files}
         unknown = sorted(set(pairs) - stems)
         if unknown:

@@ -73,7 +73,9 @@ ORACLE: dict[str, Any] = {
     "lambda_w": 0.0,
     "lambda_r": 0.0,
 }
-METHODS: tuple[str, ...] = ("source", *LADDER, "oracle")
+# weak_only: the recipe without self-training (lambda_st = 0), the ablation that tells
+# what the self-training term adds
+METHODS: tuple[str, ...] = ("source", *LADDER, "weak_only", "oracle")
 CLEAN = "clean"  # the reference domain of the corruptions (only "source" runs there)
 NATURAL = ("streets",)  # natural shifts: reference = the oracle
 KEYS = ("abs_rel", "delta1")
@@ -197,15 +199,30 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _final_loss(work: Path) -> float | None:
+def _metrics(work: Path) -> dict[str, Any]:
+    """From a run's metrics.csv: the final loss and the held-out pair accuracy at the
+    start (step 0, the source) and at the end (None where not measured)."""
     import csv
+
+    def number(row: dict, key: str) -> float | None:
+        try:
+            return float(row[key])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     try:
         with open(work / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        return float(rows[-1]["loss"]) if rows else None
-    except (OSError, KeyError, ValueError):
-        return None
+    except OSError:
+        rows = []
+    held = [(int(r["step"]), number(r, "heldout_acc")) for r in rows]
+    held = [(step, acc) for step, acc in held if acc is not None]
+    return {
+        "final_loss": number(rows[-1], "loss") if rows else None,
+        "heldout_acc_start": held[0][1] if held and held[0][0] == 0 else None,
+        "heldout_acc": held[-1][1] if held else None,
+        "heldout_curve": held,
+    }
 
 
 def run_file(out: str | Path, run: Run) -> Path:
@@ -270,7 +287,7 @@ def run_one(
         record["train"] = {
             "seconds": round(time.perf_counter() - t_train, 2),
             "resumed": resumed,
-            "final_loss": _final_loss(work),
+            **_metrics(work),
             "adapter_change": adapter_delta_sq_norm(work / "adapter"),
         }
     report = evaluate(
@@ -505,7 +522,8 @@ def aggregate(runs: dict, methods=None, domains=None, seeds=None) -> dict[str, A
 
 
 def _label(m: str) -> str:
-    return {"source": "source", "oracle": "oracle (GT depth)"}.get(m) or f"{m} ({LADDER[m][0]})"
+    labels = {"source": "source", "oracle": "oracle (GT depth)", "weak_only": "weak labels only"}
+    return labels.get(m) or f"{m} ({LADDER[m][0]})"
 
 
 def _fmt(x: float | None, digits: int = 4, sign: bool = False) -> str:

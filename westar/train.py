@@ -13,7 +13,7 @@ the step and the RNG states, so `resume` reproduces an uninterrupted run exactly
 Output directory:
 
     <output_dir>/config.json            the TrainConfig of the run
-    <output_dir>/metrics.csv            step, lr, loss, st, weak, reg, seconds
+    <output_dir>/metrics.csv            step, lr, loss, st, weak, reg, heldout_acc, seconds
     <output_dir>/tensorboard/           when tensorboard is installed
     <output_dir>/checkpoints/step_N/    adapter/ (student, peft format), teacher.safetensors,
                                         optimizer.bin, scheduler.bin (accelerate),
@@ -55,8 +55,9 @@ from westar.checkpoint import (
     verify_checkpoint,
 )
 from westar.config import TrainConfig
-from westar.data import AdaptationDataset, DataError, collate
+from westar.data import AdaptationDataset, DataError, collate, list_images, load_pairs
 from westar.ema import EMATeacher
+from westar.holdout import HeldOutPairs, split_pairs
 from westar.losses import westar_loss
 from westar.model import (
     add_lora,
@@ -71,7 +72,7 @@ from westar.outputs import replace_dir
 
 __all__ = ["Trainer", "train", "find_latest_checkpoint", "StepBatchSampler"]
 
-CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "seconds")
+CSV_FIELDS = ("step", "lr", "loss", "st", "weak", "reg", "heldout_acc", "seconds")
 ADAPTER_DIR = "adapter"  # the student adapter inside a checkpoint (peft format)
 # config fields holding paths: compared as absolute paths when resuming
 PATH_FIELDS = ("model", "data", "images_dir", "instances_dir", "pairs_file", "depth_dir")
@@ -193,6 +194,7 @@ class Trainer:
         if not images_dir.is_dir():  # before anything else: the likeliest user error
             raise DataError(images_dir, "image folder not found (--data ROOT needs ROOT/images)")
 
+        self.heldout: HeldOutPairs | None = None
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -221,6 +223,7 @@ class Trainer:
         self._register_checkpointing()
         self.step = 0
         self.nonfinite_step: torch.Tensor | None = None
+        self.initial_heldout_acc: float | None = None
         self._lora_layers: list | None = None
 
     # ------------------------------------------------------------------ setup
@@ -235,8 +238,8 @@ class Trainer:
                     "instance folder not found: make instance maps with `westar masks`, or "
                     "train with --hdn grid (classic HDN) / --hdn global",
                 )
-        pairs_file = None
-        if cfg.lambda_w > 0:
+        pairs_file = pairs = None
+        if cfg.lambda_w > 0 or cfg.holdout_pairs > 0:
             pairs_file = cfg.resolved_pairs_file()
             if not pairs_file.is_file():
                 raise DataError(
@@ -244,6 +247,18 @@ class Trainer:
                     "ordinal pairs file not found: make one with `westar pairs`, or train "
                     "without weak labels (--ablation no_weak or --lambda-w 0)",
                 )
+        if cfg.holdout_pairs > 0:
+            pairs, held = split_pairs(load_pairs(pairs_file), cfg.holdout_pairs, cfg.seed)
+            images = {p.stem: p for p in list_images(cfg.resolved_images_dir())}
+            self.heldout = HeldOutPairs(images, held, cfg.output_space)
+            if self.heldout.num_pairs == 0:
+                raise DataError(
+                    pairs_file,
+                    f"--holdout-pairs {cfg.holdout_pairs:g} holds out no ordered pair "
+                    "(too few pairs per image): raise it or use 0",
+                )
+            if cfg.lambda_w == 0:  # held-out pairs measured, none trained on
+                pairs_file = pairs = None
         depth_dir = None
         if cfg.pseudo_label == "depth":
             depth_dir = cfg.resolved_depth_dir()
@@ -262,6 +277,7 @@ class Trainer:
             patch_size=self.depth.patch_size,
             crop="random",
             seed=cfg.seed,
+            pairs=pairs,
         )
 
     @property
@@ -582,6 +598,9 @@ class Trainer:
             total=cfg.steps, initial=self.step, disable=not (main and cfg.progress), desc="westar"
         )
         last: dict = {}
+        if self.heldout is not None and self.step == 0 and logger is not None:
+            self.initial_heldout_acc = self.heldout_accuracy()  # the source's, before training
+            logger.log({"step": 0, "heldout_acc": self.initial_heldout_acc})
         t0 = time.perf_counter()
         log_every = max(cfg.log_every, 1)
         pending: list[dict] = []  # micro-batches of the current step
@@ -603,7 +622,12 @@ class Trainer:
                     parts = self.train_step(batches, self.step)
                     self.step += 1
                     bar.update(1)
-                    if self.step % log_every == 0 or self.step == end:
+                    held_due = self.heldout is not None and (
+                        self.step % cfg.holdout_every == 0 or self.step == end
+                    )
+                    if self.step % log_every == 0 or self.step == end or held_due:
+                        if held_due:
+                            parts = dict(parts, heldout_acc=self.heldout_accuracy())
                         last = self._log(parts, bar, logger, time.perf_counter() - t0)
                 if self.step % max(cfg.save_every, 1) == 0 or self.step == cfg.steps:
                     self.check_finite()  # never checkpoint weights a NaN step has touched
@@ -617,6 +641,13 @@ class Trainer:
             self.save_final()
         return last
 
+    def heldout_accuracy(self) -> float | None:
+        """The student's accuracy on the held-out pairs (westar.holdout; every rank
+        computes it, with no collective)."""
+        size = min(self.cfg.image_size)
+        with self.accelerator.autocast():
+            return self.heldout.accuracy(self.unwrapped, self.depth, size, self.accelerator.device)
+
     def _log(self, parts: dict, bar, logger, seconds: float) -> dict:
         """Read the step's loss parts (the one device sync of a logged step) and log them."""
         keys = ("loss", "st", "weak", "reg")
@@ -626,6 +657,8 @@ class Trainer:
         row = dict(zip(keys, vals.tolist()))
         self.check_finite()
         row.update(lr=parts["lr"], step=self.step, seconds=seconds)
+        if parts.get("heldout_acc") is not None:
+            row["heldout_acc"] = parts["heldout_acc"]
         bar.set_postfix({k: f"{row[k]:.4g}" for k in keys}, refresh=False)
         if logger is not None:
             logger.log(row)
@@ -687,8 +720,9 @@ class _MetricsLogger:
         self.writer.writerow(row)
         self.file.flush()
         if self.tb is not None:
-            for k in ("loss", "st", "weak", "reg", "lr"):
-                self.tb.add_scalar(f"train/{k}", row[k], row["step"])
+            for k in ("loss", "st", "weak", "reg", "lr", "heldout_acc"):
+                if row.get(k) is not None:
+                    self.tb.add_scalar(f"train/{k}", row[k], row["step"])
 
     def close(self) -> None:
         self.file.close()

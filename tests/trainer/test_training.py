@@ -227,17 +227,19 @@ def test_resume_refuses_to_overwrite(tiny_model, dataset_root, tmp_path):
         Trainer(make_cfg(tiny_model, dataset_root, tmp_path, steps=2)).fit()
 
 
-# name -> (no weak labels, no regularizer, hdn): what docs/trainer.md says each one does
+# name -> (no self-training, no weak labels, no regularizer, hdn): what docs/trainer.md
+# says each one does
 ABLATION_EFFECTS = {
-    "self_training": (True, True, "global"),
-    "grid_hdn": (True, True, "grid"),
-    "sa_hdn": (True, True, "instances"),
-    "sa_hdn_weak": (False, True, "instances"),
-    "westar": (False, False, "instances"),
-    "full": (False, False, "instances"),
-    "no_weak": (True, False, "instances"),
-    "no_reg": (False, True, "instances"),
-    "no_sa": (False, False, "grid"),
+    "self_training": (False, True, True, "global"),
+    "grid_hdn": (False, True, True, "grid"),
+    "sa_hdn": (False, True, True, "instances"),
+    "sa_hdn_weak": (False, False, True, "instances"),
+    "westar": (False, False, False, "instances"),
+    "full": (False, False, False, "instances"),
+    "no_weak": (False, True, False, "instances"),
+    "no_reg": (False, False, True, "instances"),
+    "no_sa": (False, False, False, "grid"),
+    "weak_only": (True, False, False, "instances"),
 }
 
 
@@ -259,19 +261,22 @@ def test_ablations_train(tiny_model, dataset_root, tmp_path, ablation):
         ["train", "--ablation", ablation, "--model", str(tiny_model), "--data", str(dataset_root)]
     )
     cfg = config_from_args(args)
-    no_weak, no_reg, hdn = ABLATION_EFFECTS[ablation]
-    assert (cfg.lambda_w == 0, cfg.lambda_r == 0, cfg.hdn) == (no_weak, no_reg, hdn)
+    no_st, no_weak, no_reg, hdn = ABLATION_EFFECTS[ablation]
+    effects = (cfg.lambda_st == 0, cfg.lambda_w == 0, cfg.lambda_r == 0, cfg.hdn)
+    assert effects == (no_st, no_weak, no_reg, hdn)
     missing = str(tmp_path / "missing")
-    kw = dict(steps=2, lambda_w=cfg.lambda_w, lambda_r=cfg.lambda_r, hdn=cfg.hdn)
+    kw = dict(steps=2, lambda_st=cfg.lambda_st, lambda_w=cfg.lambda_w, lambda_r=cfg.lambda_r,
+              hdn=cfg.hdn)  # fmt: skip
     if no_weak:
         kw["pairs_file"] = missing + ".json"  # not read
-    if hdn != "instances":
+    uses_instances = hdn == "instances" and not no_st
+    if not uses_instances:
         kw["instances_dir"] = missing  # not read
     trainer = Trainer(make_cfg(tiny_model, dataset_root, tmp_path, **kw))
     batch = fixed_batch(trainer)
-    assert batch["instances"].shape[1] == (1 if hdn == "instances" else 0)
+    assert batch["instances"].shape[1] == (1 if uses_instances else 0)
     last = trainer.fit()  # 2 steps: at step 1 lora_B is 0 and so is the regularizer
-    assert last["step"] == 2 and last["st"] > 0
+    assert last["step"] == 2 and (last["st"] == 0.0) == no_st
     assert (last["weak"] == 0.0) == no_weak and (last["reg"] == 0.0) == no_reg
 
 
