@@ -33,6 +33,9 @@ HELP: dict[str, str] = {
     "images_dir": "image folder (default: <data>/images)",
     "instances_dir": "instance map folder (default: <data>/instances)",
     "pairs_file": "ordinal pairs JSON (default: <data>/pairs.json)",
+    "holdout_pairs": "fraction of each image's pairs kept out of training to measure "
+    "heldout_acc (0: none)",
+    "holdout_every": "measure heldout_acc every N steps (and at the end)",
     "image_size": "training crop H [W] in pixels, multiples of the patch (default: the model's)",
     "output_space": "what the model predicts",
     "skip_bad": "skip unreadable or inconsistent samples with a warning",
