@@ -44,6 +44,7 @@ from westar.cli_flags import (
     counted,
     deprecated_alias,
     model_name,
+    pick,
 )
 from westar.train_flags import add_config_flags
 
@@ -202,8 +203,10 @@ def train_summary(cfg, last: dict) -> str:
             f"loss {last['loss']:.4g} (self-training {last['st']:.4g}, ordinal "
             f"{last['weak']:.4g}, LoRA regularizer {last['reg']:.4g})"
         )
-    if "heldout_acc" in last:
-        lines.append(f"held-out pair accuracy: {last['heldout_acc']:.1%}")
+    if last.get("heldout_acc") is not None:
+        start = last.get("heldout_acc_start")
+        before = f" (before training: {start:.1%})" if start is not None else ""
+        lines.append(f"held-out pair accuracy: {last['heldout_acc']:.1%}{before}")
     if not (out / "adapter").is_dir():  # stopped early: resumable
         lines.append(f"no final adapter yet; continue with --resume --out {out}")
         return "\n".join(lines)
@@ -285,22 +288,16 @@ def _eval(args: argparse.Namespace) -> int:
     which = args.which or ("both" if args.adapter else "base")
     if which != "base" and not args.adapter:
         raise ValueError(f"--which {which} needs --adapter")
+    same = ("max_depth", "min_depth", "depth_scale", "size", "output_space", "device")
     report = evaluate(
         args.model,
         _folder(args, args.images, "images"),
         _folder(args, args.depth, "depth"),
         adapters=args.adapter if which != "base" else [],
         include_base=which != "adapter",
-        max_depth=args.max_depth,
-        min_depth=args.min_depth,
-        depth_scale=args.depth_scale,
-        size=args.size,
-        output_space=args.output_space,
         output=args.out,
         pictures_dir=args.pictures,
-        device=args.device,
-        skip_bad=args.skip_bad,
-        limit=args.limit,
+        **pick(args, *same, "skip_bad", "limit"),
     )
     _say_skipped(report["without_depth"])
     for name, r in report["results"].items():
@@ -373,18 +370,10 @@ def _masks(args: argparse.Namespace) -> int:
         _folder(args, args.images, "images"),
         _folder(args, args.out, "instances"),
         method=method,
-        model=args.model,
-        sam2_checkpoint=args.sam2_checkpoint,
-        sam2_config=args.sam2_config,
-        overwrite=args.overwrite,
-        skip_bad=args.skip_bad,
-        device=args.device,
-        sam2_options={
-            "points_per_side": args.points_per_side,
-            "points_per_batch": args.points_per_batch,
-            "pred_iou_thresh": args.pred_iou_thresh,
-            "stability_thresh": args.stability_thresh,
-        },
+        **pick(args, "model", "sam2_checkpoint", "sam2_config", "overwrite", "skip_bad", "device"),
+        sam2_options=pick(
+            args, "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_thresh"
+        ),
         **fallback,
     )
     print(f"{result['method']}: wrote {counted(result['written'], 'instance map')}")
@@ -412,7 +401,7 @@ def _pairs(args: argparse.Namespace) -> int:
     out = _folder(args, args.out, "pairs.json")
     names = ("samples", "equal_ratio", "depth_scale", "max_depth", "seed", "skip_bad")
     images, depth = _folder(args, args.images, "images"), _folder(args, args.depth, "depth")
-    result = make_pairs_file(images, depth, out, **{k: getattr(args, k) for k in names})
+    result = make_pairs_file(images, depth, out, **pick(args, *names))
     print(
         f"wrote {counted(result['pairs'], 'pair')} for {counted(result['images'], 'image')} to {out}"
     )

@@ -38,6 +38,7 @@ __all__ = [
     "MODEL_HELP",
     "DEVICE_HELP",
     "counted",
+    "pick",
 ]
 
 # Said in every --model help: what the name "source" is.
@@ -112,6 +113,11 @@ def model_name(text: str) -> str:
     from westar.model import resolve_model_name
 
     return resolve_model_name(text)
+
+
+def pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """{name: args.name} for the given names: flags passed on under their own names."""
+    return {name: getattr(args, name) for name in names}
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:

@@ -230,23 +230,14 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    from westar.cli_flags import counted, legacy_positional
+    from westar.cli_flags import counted, legacy_positional, pick
 
     legacy_positional(args, "input", "images", "--images")
     if not args.images:
         raise ValueError("predict needs --images (an image file or a folder of images)")
+    names = ("adapter", "image_size", "batch_size", "formats", "device", "overwrite", "skip_bad")
     result = predict_folder(
-        args.images,
-        args.out,
-        args.model,
-        adapter=args.adapter,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        formats=args.formats,
-        device=args.device,
-        overwrite=args.overwrite,
-        skip_bad=args.skip_bad,
-        progress=not args.no_progress,
+        args.images, args.out, args.model, progress=not args.no_progress, **pick(args, *names)
     )
     maps = counted(result["written"], "depth map")
     print(f"wrote {maps} to {args.out} (inference side {result['size']})")

@@ -1,8 +1,7 @@
 import pytest
 
+from tests.conftest import tiny_model  # noqa: F401  (defined there; re-exported for importers)
 from tests.trainer.helpers import make_dataset
-
-# tiny_model: tests/conftest.py
 
 
 @pytest.fixture(scope="session")
