@@ -357,11 +357,11 @@ def _is_eval_report(path: Path) -> bool:
 
 
 def _check_not_an_input(output, pictures_dir, inputs: list) -> None:
-    """--output never replaces a file that is not an earlier eval report (e.g. pairs.json);
+    """--out never replaces a file that is not an earlier eval report (e.g. pairs.json);
     --pictures (<stem>.png per image) is never an input folder (images, depth, adapter)."""
     if output is not None and Path(output).is_file() and not _is_eval_report(Path(output)):
         raise FileExistsError(
-            17, "--output exists and is not a westar eval report; choose another file", str(output)
+            17, "--out exists and is not a westar eval report; choose another file", str(output)
         )
     if pictures_dir is not None:
         target = Path(pictures_dir).resolve()
