@@ -204,27 +204,26 @@ class Check:
                         raise
         else:
             with open(log, "w") as f:
-                f.write("$ westar " + " ".join(argv) + "\n")
-                f.flush()
-                rc = subprocess.run(
-                    [sys.executable, "-m", "westar", *argv], stdout=f, stderr=subprocess.STDOUT,
-                    env=self.env, cwd=str(ROOT), check=False,
-                ).returncode  # fmt: skip
+                rc = self._start(argv, f).wait()
         seconds = time.perf_counter() - t0
         self.line(name, rc, seconds, "" if rc == 0 else f"see {log}")
         return rc
+
+    def _start(self, argv: list[str], f, **kwargs) -> subprocess.Popen:
+        """`python -m westar ARGV` with its output (after the command line) in `f`."""
+        f.write("$ westar " + " ".join(argv) + "\n")
+        f.flush()
+        return subprocess.Popen(
+            [sys.executable, "-m", "westar", *argv], stdout=f, stderr=subprocess.STDOUT,
+            env=self.env, cwd=str(ROOT), **kwargs,
+        )  # fmt: skip
 
     def run_killed(self, name: str, argv: list[str], marker: Path, limit: float) -> dict:
         """`westar ARGV` in a process SIGKILLed as soon as `marker` exists."""
         log = self.logs / f"{name}.log"
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            f.write("$ westar " + " ".join(argv) + "\n")
-            f.flush()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "westar", *argv], stdout=f, stderr=subprocess.STDOUT,
-                env=self.env, cwd=str(ROOT), start_new_session=True,
-            )  # fmt: skip
+            proc = self._start(argv, f, start_new_session=True)
             killed = False  # by us, after the marker
             while proc.poll() is None and time.perf_counter() - t0 < limit:
                 if marker.exists():

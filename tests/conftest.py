@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random-init Depth Anything V2 saved with save_pretrained (one per session,
+    shared by the trainer, annotate and sweep tests)."""
+    from tests.trainer.helpers import make_tiny_depth_anything
+
+    return make_tiny_depth_anything(tmp_path_factory.mktemp("model") / "tiny-dav2")
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     """A fresh, seeded generator per test (the seed is printed on failure by the test id)."""

@@ -35,6 +35,7 @@ __all__ = [
     "RunLock",
     "find_checkpoints",
     "find_latest_checkpoint",
+    "refuse_existing_run",
     "verify_checkpoint",
     "rng_tensors",
     "set_rng_from_tensors",
@@ -90,6 +91,17 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- checking
+
+
+def refuse_existing_run(output_dir: str | Path) -> None:
+    """FileExistsError when `output_dir` already holds a run (a checkpoint or a final
+    adapter) and no --resume was given; checked before the model is loaded."""
+    out = Path(output_dir)
+    if find_latest_checkpoint(out) is not None or (out / "adapter").is_dir():
+        raise FileExistsError(
+            f"{out} already holds a run (checkpoints/ or adapter/): pass --resume to "
+            "continue it, or choose another --out"
+        )
 
 
 def _check_safetensors(path: Path) -> None:
@@ -216,7 +228,7 @@ class RunLock:
         folder: str | Path,
         name: str = NAME,
         what: str = "westar train",
-        flag: str = "--output-dir",
+        flag: str = "--out",
     ):
         self.path = Path(folder) / name
         self.what, self.flag = what, flag
@@ -235,7 +247,7 @@ class RunLock:
         if holder and holder[1] != socket.gethostname():
             who += f" on {holder[1]}"
         return RunLockedError(
-            f"{self.path.parent}: another {self.what} ({who}) is using this {self.flag}; "
+            f"{self.path.parent}: another {self.what} ({who}) is using this {self.flag} folder; "
             f"wait for it or choose another folder (if none runs, delete {self.path})"
         )
 

@@ -21,7 +21,8 @@ or, without touching this file, in a module of the package listed in PLUGIN_COMM
 A plugin module that does not exist (yet) is simply not offered. Errors about the user's
 input (DataError, missing, unreadable or unwritable files, truncated weights, bad values, a
 missing optional package) are printed as one line naming the file or argument and exit
-with 2; set WESTAR_DEBUG=1 to see the traceback.
+with 2; warnings print as one line each. Set WESTAR_DEBUG=1 to see the traceback (and
+Python's own warning format).
 """
 
 from __future__ import annotations
@@ -32,10 +33,20 @@ import importlib
 import json
 import os
 import sys
-import types
-import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from westar.cli_flags import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    HelpFormatter,
+    counted,
+    deprecated_alias,
+    model_name,
+    pick,
+)
+from westar.train_flags import add_config_flags
 
 __all__ = ["COMMANDS", "PLUGIN_COMMANDS", "Command", "command", "build_parser", "main"]
 
@@ -86,10 +97,6 @@ def _plugin(name: str, module_name: str) -> Command | None:
 # --------------------------------------------------------------------------- train
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     value = int(text)
@@ -98,64 +105,20 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (defaults suppressed: only given flags override).
-
-    Not transformers.HfArgumentParser: it hands a tuple field's annotation to argparse as
-    the type of one string (`--grid 4 2`, `--image-size H W`, `--blur-sigma 0.1 2`,
-    `--lora-targets` fail or split characters), and it fills every default, while
-    --config and --ablation need to know which flags were given.
-    """
-    from westar.config import ABLATIONS, HDN_MODES, ORDINAL_NORMS, PSEUDO_LABELS, TrainConfig
-
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    choices = {
-        "hdn": HDN_MODES,
-        "pseudo_label": PSEUDO_LABELS,
-        "ablation": tuple(ABLATIONS),
-        "output_space": ("disparity", "depth"),
-        "stats_grad": ("full", "scale", "none"),
-        "ordinal_kind": ("margin", "logistic"),
-        "ordinal_norm": ORDINAL_NORMS,
-        "mixed_precision": ("auto", "no", "fp16", "bf16"),
-    }
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "resume":
-            continue
-        hint = hints[f.name]
-        default = getattr(defaults, f.name)
-        kw: dict = {"default": argparse.SUPPRESS, "help": f"(default: {default})"}
-        base = hint
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None -> X
-            base = next(a for a in typing.get_args(hint) if a is not type(None))
-        origin = typing.get_origin(base)
-        if hint is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif origin is tuple:
-            targs = typing.get_args(base)
-            kw["type"] = targs[0]
-            kw["nargs"] = "+" if (len(targs) == 2 and targs[1] is Ellipsis) else len(targs)
-            if f.name == "image_size":
-                kw["nargs"] = "+"
-                kw["metavar"] = ("H", "W")
-        else:
-            kw["type"] = base
-        if f.name in choices:
-            kw["choices"] = choices[f.name]
-        p.add_argument(_flag(f.name), dest=f.name, **kw)
-
-
 def _train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TrainConfig JSON (e.g. a run's config.json); flags override")
+    p.add_argument(
+        "--config",
+        help="TrainConfig JSON, e.g. a run's config.json; flags override it (default: none)",
+    )
     p.add_argument(
         "--resume",
         nargs="?",
         const="auto",
         default=argparse.SUPPRESS,
-        help="continue from the latest checkpoint in --output-dir, or from the given one",
+        help="continue from the latest checkpoint in --out, or from the given one "
+        "(default: start from step 0; a folder with checkpoints is refused)",
     )
-    _add_config_flags(p)
+    add_config_flags(p)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -179,6 +142,14 @@ def config_from_args(args: argparse.Namespace):
         for f in dataclasses.fields(TrainConfig)
         if hasattr(args, f.name)
     }
+    device = getattr(args, "device", None)
+    if device is not None:  # --device: TrainConfig keeps its `cpu` switch (Accelerate's)
+        if device not in ("cpu", "cuda", "auto"):
+            raise ValueError(
+                f"--device {device}: train takes cpu, cuda or auto "
+                "(choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)"
+            )
+        given["cpu"] = device == "cpu"
     ablation = given.get("ablation", values.get("ablation", "full"))
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}")
@@ -193,27 +164,69 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError(f"{source}bad TrainConfig value ({err})") from err
 
 
+def _config_names_model(args: argparse.Namespace) -> bool:
+    """Whether --config's JSON (already checked by config_from_args) sets "model"."""
+    if not getattr(args, "config", None):
+        return False
+    with open(args.config) as f:
+        return "model" in json.load(f)
+
+
 @command("train", "adapt a depth model to a folder of images (WeSTAR)", _train_arguments)
 def _train(args: argparse.Namespace) -> int:
     from westar.train import train
 
     cfg = config_from_args(args)
     if not cfg.data and not cfg.images_dir:
-        raise ValueError("train needs --data (dataset root) or --images-dir")
+        raise ValueError("train needs --data (dataset root) or --images")
+    if not hasattr(args, "model") and not _config_names_model(args):
+        raise ValueError(
+            "train needs --model: a Depth Anything V2 checkpoint (hub id or folder), or "
+            "'source' for the small shipped model (synthetic rooms only)"
+        )
     last = train(cfg)
-    if last:
-        print(json.dumps({k: last[k] for k in ("step", "loss", "st", "weak", "reg")}))
+    print(train_summary(cfg, last))
     return 0
+
+
+def train_summary(cfg, last: dict) -> str:
+    """What `westar train` prints at the end: steps, final losses, where the adapter is,
+    and the command that evaluates it (`last`: the metrics of the last logged step)."""
+    import shlex
+    from pathlib import Path
+
+    out = Path(cfg.output_dir)
+    lines = []
+    if last:
+        lines.append(
+            f"trained to step {last['step']} of {cfg.steps} in {last['seconds']:.0f} s: "
+            f"loss {last['loss']:.4g} (self-training {last['st']:.4g}, ordinal "
+            f"{last['weak']:.4g}, LoRA regularizer {last['reg']:.4g})"
+        )
+    if last.get("heldout_acc") is not None:
+        start = last.get("heldout_acc_start")
+        before = f" (before training: {start:.1%})" if start is not None else ""
+        lines.append(f"held-out pair accuracy: {last['heldout_acc']:.1%}{before}")
+    if not (out / "adapter").is_dir():  # stopped early: resumable
+        lines.append(f"no final adapter yet; continue with --resume --out {out}")
+        return "\n".join(lines)
+    lines.append(f"adapter (student): {out / 'adapter'}; EMA teacher: {out / 'teacher'}")
+    words = ["westar", "eval", "--model", cfg.model, "--adapter", str(out / "adapter")]
+    words += ["--data", cfg.data] if cfg.data else ["--images", str(cfg.resolved_images_dir())]
+    if not cfg.data:
+        words += ["--depth", "DEPTH_DIR"]
+    lines.append("next: " + shlex.join(words + ["--out", str(out / "eval.json")]))
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- eval
 
 
 def _data_arguments(p: argparse.ArgumentParser, depth: bool = True) -> None:
-    p.add_argument("--data", help="dataset root holding images/ (and depth/)")
-    p.add_argument("--images", help="image folder (default <data>/images)")
+    p.add_argument("--data", help="dataset root holding images/ (and depth/) (default: none)")
+    p.add_argument("--images", help="image folder (default: <data>/images)")
     if depth:
-        p.add_argument("--depth", help="ground-truth depth folder (default <data>/depth)")
+        p.add_argument("--depth", help="ground-truth depth folder (default: <data>/depth)")
         p.add_argument(
             "--depth-scale",
             type=float,
@@ -232,8 +245,13 @@ def _folder(args, explicit: str | None, sub: str) -> str:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: hub id or local directory")
-    p.add_argument("--adapter", action="append", default=[], help="peft adapter dir (repeatable)")
+    p.add_argument("--model", required=True, type=model_name, help="base " + MODEL_HELP)
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        help="peft adapter folder (repeatable; default: none)",
+    )
     p.add_argument(
         "--which",
         choices=("base", "adapter", "both"),
@@ -241,20 +259,26 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     _data_arguments(p)
     p.add_argument("--max-depth", type=float, default=80.0, help="depth cap in meters")
-    p.add_argument("--min-depth", type=float, default=1e-3)
+    p.add_argument("--min-depth", type=float, default=1e-3, help="depth floor in meters")
     p.add_argument(
         "--image-size",
-        "--size",  # the earlier name, still accepted
         dest="size",
         type=positive_int,
         help="inference shorter side, rounded to the patch size (default: the model's own, "
         "518 for Depth Anything V2)",
     )
-    p.add_argument("--output-space", choices=("disparity", "depth"), default="disparity")
-    p.add_argument("--output", default="eval.json", help="metrics JSON path")
-    p.add_argument("--pictures", help="folder for colour-mapped before/after pictures")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    deprecated_alias(p, "--size", "--image-size", "size", type=positive_int)
+    p.add_argument(
+        "--output-space",
+        choices=("disparity", "depth"),
+        default="disparity",
+        help="what the model predicts",
+    )
+    p.add_argument("--out", default="eval.json", help="metrics JSON path")
+    deprecated_alias(p, "--output", "--out", "out")
+    p.add_argument("--pictures", help="folder for labelled before/after pictures (default: none)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--limit", type=int, help="evaluate the first N images only (default: all)")
 
 
 @command("eval", "AbsRel / delta1 of the base model and/or adapters", _eval_arguments)
@@ -264,33 +288,32 @@ def _eval(args: argparse.Namespace) -> int:
     which = args.which or ("both" if args.adapter else "base")
     if which != "base" and not args.adapter:
         raise ValueError(f"--which {which} needs --adapter")
+    same = ("max_depth", "min_depth", "depth_scale", "size", "output_space", "device")
     report = evaluate(
         args.model,
         _folder(args, args.images, "images"),
         _folder(args, args.depth, "depth"),
         adapters=args.adapter if which != "base" else [],
         include_base=which != "adapter",
-        max_depth=args.max_depth,
-        min_depth=args.min_depth,
-        depth_scale=args.depth_scale,
-        size=args.size,
-        output_space=args.output_space,
-        output=args.output,
+        output=args.out,
         pictures_dir=args.pictures,
-        device=args.device,
-        skip_bad=args.skip_bad,
-        limit=args.limit,
+        **pick(args, *same, "skip_bad", "limit"),
     )
+    _say_skipped(report["without_depth"])
     for name, r in report["results"].items():
-        print(f"{name}: AbsRel {r['abs_rel']} delta1 {r['delta1']} ({r['images']} images)")
-    print(f"metrics written to {args.output}")
-    if not any(r["images"] for r in report["results"].values()):
+        if r["abs_rel"] is None:
+            print(f"{name}: no image scored")
+            continue
         print(
-            f"westar eval: error: no image has valid depth in (--min-depth {args.min_depth}, "
-            f"--max-depth {args.max_depth}]: nothing was scored",
-            file=sys.stderr,
+            f"{name}: AbsRel {r['abs_rel']:.4f} delta1 {r['delta1']:.4f} "
+            f"({counted(r['images'], 'image')})"
         )
-        return 2
+    print(f"metrics written to {args.out}")
+    if not any(r["images"] for r in report["results"].values()):
+        raise ValueError(
+            f"no image has valid depth in (--min-depth {args.min_depth}, "
+            f"--max-depth {args.max_depth}]: nothing was scored"
+        )
     return 0
 
 
@@ -299,26 +322,43 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _masks_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p, depth=False)
-    p.add_argument("--out", help="output folder (default <data>/instances)")
-    p.add_argument("--method", choices=("auto", "sam2", "felzenszwalb", "slic"), default="auto")
+    p.add_argument("--out", help="output folder (default: <data>/instances)")
+    p.add_argument(
+        "--method",
+        choices=("auto", "sam2", "felzenszwalb", "slic"),
+        default="auto",
+        help="auto: SAM2 with --model, else felzenszwalb",
+    )
     p.add_argument(
         "--model",
         help="SAM2 through transformers: hub id (e.g. facebook/sam2.1-hiera-tiny) or local "
-        "directory; writes two levels (coarse, fine) as <stem>.npy",
+        "folder; writes two levels (coarse, fine) as <stem>.npy (default: none, scikit-image)",
     )
     p.add_argument("--points-per-side", type=int, default=16, help="SAM2: prompt grid side")
     p.add_argument("--points-per-batch", type=int, default=64, help="SAM2: prompts per pass")
     p.add_argument("--pred-iou-thresh", type=float, default=0.7, help="SAM2: keep IoU >= this")
-    p.add_argument("--stability-thresh", type=float, default=0.85, help="SAM2: keep stability")
-    p.add_argument("--device", help="SAM2: cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--sam2-checkpoint", help="local SAM2 checkpoint (.pt) for the sam2 package")
     p.add_argument(
-        "--sam2-config", help="SAM2 model config name, e.g. configs/sam2.1/sam2.1_hiera_s.yaml"
+        "--stability-thresh",
+        type=float,
+        default=0.85,
+        help="SAM2: keep masks whose stability score is >= this",
+    )
+    p.add_argument("--device", help="SAM2: " + DEVICE_HELP)
+    p.add_argument(
+        "--sam2-checkpoint", help="local SAM2 checkpoint (.pt) for the sam2 package (default: none)"
+    )
+    p.add_argument(
+        "--sam2-config",
+        help="SAM2 model config name, e.g. configs/sam2.1/sam2.1_hiera_s.yaml (default: none)",
     )
     p.add_argument("--overwrite", action="store_true", help="rewrite existing maps")
     p.add_argument("--scale", type=float, default=200.0, help="felzenszwalb: scale")
     p.add_argument("--sigma", type=float, default=0.8, help="felzenszwalb: smoothing")
-    p.add_argument("--min-size", type=int, help="felzenszwalb: minimum segment size (pixels)")
+    p.add_argument(
+        "--min-size",
+        type=int,
+        help="felzenszwalb: minimum segment size in pixels (default: from the image size)",
+    )
     p.add_argument("--n-segments", type=int, default=64, help="slic: number of segments")
 
 
@@ -336,21 +376,13 @@ def _masks(args: argparse.Namespace) -> int:
         _folder(args, args.images, "images"),
         _folder(args, args.out, "instances"),
         method=method,
-        model=args.model,
-        sam2_checkpoint=args.sam2_checkpoint,
-        sam2_config=args.sam2_config,
-        overwrite=args.overwrite,
-        skip_bad=args.skip_bad,
-        device=args.device,
-        sam2_options={
-            "points_per_side": args.points_per_side,
-            "points_per_batch": args.points_per_batch,
-            "pred_iou_thresh": args.pred_iou_thresh,
-            "stability_thresh": args.stability_thresh,
-        },
+        **pick(args, "model", "sam2_checkpoint", "sam2_config", "overwrite", "skip_bad", "device"),
+        sam2_options=pick(
+            args, "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_thresh"
+        ),
         **fallback,
     )
-    print(f"{result['method']}: wrote {result['written']} instance maps")
+    print(f"{result['method']}: wrote {counted(result['written'], 'instance map')}")
     return 0
 
 
@@ -359,11 +391,13 @@ def _masks(args: argparse.Namespace) -> int:
 
 def _pairs_arguments(p: argparse.ArgumentParser) -> None:
     _data_arguments(p)
-    p.add_argument("--out", help="pairs JSON (default <data>/pairs.json)")
+    p.add_argument("--out", help="pairs JSON (default: <data>/pairs.json)")
     p.add_argument("--samples", type=int, default=5, help="anchor samples per image")
     p.add_argument("--equal-ratio", type=float, default=1.03, help='"equal" below this ratio')
-    p.add_argument("--max-depth", type=float, help="ignore ground truth beyond this depth")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-depth", type=float, help="ignore ground truth beyond this depth (default: none)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled points")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
@@ -372,34 +406,34 @@ def _pairs(args: argparse.Namespace) -> int:
     from westar.pairs import make_pairs_file
 
     out = _folder(args, args.out, "pairs.json")
-    result = make_pairs_file(
-        _folder(args, args.images, "images"),
-        _folder(args, args.depth, "depth"),
-        out,
-        samples=args.samples,
-        equal_ratio=args.equal_ratio,
-        depth_scale=args.depth_scale,
-        max_depth=args.max_depth,
-        seed=args.seed,
-        skip_bad=args.skip_bad,
-        overwrite=args.overwrite,
+    names = ("samples", "equal_ratio", "depth_scale", "max_depth", "seed", "skip_bad", "overwrite")
+    images, depth = _folder(args, args.images, "images"), _folder(args, args.depth, "depth")
+    result = make_pairs_file(images, depth, out, **pick(args, *names))
+    print(
+        f"wrote {counted(result['pairs'], 'pair')} for {counted(result['images'], 'image')} to {out}"
     )
-    print(f"wrote {result['pairs']} pairs for {result['images']} images to {out}")
-    if result["skipped_without_depth"]:
-        names = result["without_depth"]
-        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-        print(f"skipped {len(names)} images without a depth map ({', '.join(names[:3])}{more})")
+    _say_skipped(result["without_depth"])
     if result["without_pairs"]:
-        print(f"{len(result['without_pairs'])} images without valid depth got no pairs")
+        print(f"{counted(len(result['without_pairs']), 'image')} without valid depth got no pairs")
     return 0
+
+
+def _say_skipped(names: list[str]) -> None:
+    """One line naming (the first 3 of) the images skipped for want of a depth map."""
+    if names:
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        print(
+            f"skipped {counted(len(names), 'image')} without a depth map "
+            f"({', '.join(names[:3])}{more})"
+        )
 
 
 # --------------------------------------------------------------------------- merge
 
 
 def _merge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="base model: hub id or local directory")
-    p.add_argument("--adapter", required=True, help="peft adapter directory")
+    p.add_argument("--model", required=True, type=model_name, help="base " + MODEL_HELP)
+    p.add_argument("--adapter", required=True, help="peft adapter folder")
     p.add_argument("--out", required=True, help="output directory for the merged model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
 
@@ -433,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for cmd in all_commands().values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.help, formatter_class=HelpFormatter
+        )
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
@@ -456,6 +492,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatwarning = warnings.formatwarning
+    if not os.environ.get("WESTAR_DEBUG"):  # "westar eval: warning: skipping x.png: ..."
+        warnings.formatwarning = lambda message, *_, **__: (
+            f"westar {args.command}: warning: {' '.join(str(message).split())}\n"
+        )
     try:
         code = args._run(args)
     except (
@@ -473,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"westar {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
     return int(code or 0)
 
 

@@ -26,7 +26,7 @@ ORDINAL_NORMS = ("global", "raw")
 
 # The paper's ablation ladder, one rung per row, each adding one piece to the previous:
 # name -> (label, fields it overrides). The one definition of these names: `westar train
-# --ablation NAME`, `westar demo --ablation` and the benchmark sweep (westar.sweep) all
+# --ablation NAME`, `westar demo --methods` and the benchmark sweep (westar.sweep) all
 # read it. The zeros are part of a rung (a recipe's lambda_w does not turn weak labels on
 # for plain self-training); "westar" overrides nothing: the paper's method is the default.
 # The rungs below WeSTAR set lambda_st = 1: they are self-training (alone, the term's

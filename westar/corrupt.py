@@ -10,7 +10,7 @@ variation).
     corrupt_image(image, "fog", 3, seed=0, depth=depth)
     corrupt_folder("data/target", "data/target_fog3", "fog", 3, seed=0)
 
-`westar corrupt SRC DST --corruption fog --severity 3` is the command-line front end
+`westar corrupt --images SRC --out DST --corruption fog --severity 3` is the command-line front end
 (`add_corrupt_arguments` / `run_corrupt`).
 """
 
@@ -36,12 +36,12 @@ __all__ = [
     "corrupt_folder",
     "add_corrupt_arguments",
     "run_corrupt",
+    "contrast",
     "fog",
     "gaussian_noise",
-    "motion_blur",
-    "low_light",
-    "contrast",
     "jpeg",
+    "low_light",
+    "motion_blur",
     "rain",
 ]
 
@@ -355,8 +355,12 @@ def corrupt_folder(
 
 def add_corrupt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of `westar corrupt` (register on a subparser)."""
-    parser.add_argument("src", help="image folder, or dataset folder with images/")
-    parser.add_argument("dst", help="output folder (created; see --overwrite)")
+    from westar.cli_flags import deprecated_alias
+
+    parser.add_argument("--images", help="image folder, or dataset folder with images/ (required)")
+    parser.add_argument("--out", help="output folder, created; see --overwrite (required)")
+    parser.add_argument("src", nargs="?", help=argparse.SUPPRESS)  # deprecated positionals
+    parser.add_argument("dst", nargs="?", help=argparse.SUPPRESS)
     parser.add_argument(
         "--corruption",
         "-c",
@@ -364,40 +368,62 @@ def add_corrupt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         choices=sorted(CORRUPTIONS) + ["mixed"],
         help="which corruption; 'mixed' draws one per image (default: fog)",
     )
-    parser.add_argument("--severity", "-s", type=int, default=3, choices=range(1, 6))
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--depth-dir",
-        default=None,
-        help="folder of <stem>.{npy,png,exr} metric depth for fog (default: SRC/depth if present)",
+        "--severity", "-s", type=int, default=3, choices=range(1, 6), help="severity 1..5"
     )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random corruptions")
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace an existing non-empty DST"
+        "--depth",
+        default=None,
+        help="folder of <stem>.{npy,png,exr} metric depth for fog "
+        "(default: <images>/depth if present)",
+    )
+    deprecated_alias(parser, "--depth-dir", "--depth", "depth")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty --out"
     )
     parser.add_argument("--skip-bad", action="store_true", help="skip bad files with a warning")
     return parser
 
 
 def run_corrupt(args: argparse.Namespace) -> int:
+    from westar.cli_flags import legacy_positional
+
+    legacy_positional(args, "src", "images", "--images")
+    legacy_positional(args, "dst", "out", "--out")
+    if not args.images or not args.out:
+        raise ValueError("corrupt needs --images (image or dataset folder) and --out")
     summary = corrupt_folder(
-        args.src,
-        args.dst,
+        args.images,
+        args.out,
         args.corruption,
         args.severity,
         args.seed,
-        args.depth_dir,
+        args.depth,
         overwrite=getattr(args, "overwrite", False),
         skip_bad=getattr(args, "skip_bad", False),
     )
+    from westar.cli_flags import counted
+
     note = ""
     if summary["fog_with_depth"]:
-        note = f" (fog from depth maps for {summary['fog_with_depth']} images)"
+        note = f" (fog from depth maps for {counted(summary['fog_with_depth'], 'image')})"
     if summary["skipped"]:
-        note += f"; skipped {len(summary['skipped'])} bad images"
+        note += f"; skipped {counted(len(summary['skipped']), 'bad image')}"
     print(
-        f"corrupt: {summary['n_images']} images, {args.corruption} severity {args.severity}"
-        f" -> {args.dst}{note}"
+        f"corrupt: {counted(summary['n_images'], 'image')}, {args.corruption} severity "
+        f"{args.severity} -> {args.out}{note}"
     )
+    per_image = summary["per_image"] or {}
+    fogged = (
+        summary["n_images"] if args.corruption == "fog" else list(per_image.values()).count("fog")
+    )
+    uniform = fogged - summary["fog_with_depth"]
+    if uniform:
+        print(
+            f"note: no depth map for {counted(uniform, 'fogged image')}: their fog is uniform, "
+            "not depth-dependent (give --depth, or a dataset folder with depth/)"
+        )
     return 0
 
 
@@ -407,5 +433,5 @@ cli_arguments = add_corrupt_arguments
 cli_run = run_corrupt
 
 
-if __name__ == "__main__":  # python -m westar.corrupt SRC DST ...
+if __name__ == "__main__":  # python -m westar.corrupt --images SRC --out DST ...
     raise SystemExit(run_corrupt(add_corrupt_arguments(argparse.ArgumentParser()).parse_args()))

@@ -179,6 +179,19 @@ def _open(path: Path) -> Image.Image:
         ) from err
 
 
+def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
+    """`_open` of an existing file with at most `max_pixels` pixels (`_check_pixels`)."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    im = _open(path)
+    try:
+        _check_pixels(im, path, max_pixels)
+    except DataError:
+        im.close()
+        raise
+    return im
+
+
 def _exif_orientation(im: Image.Image) -> int:
     try:
         return int(im.getexif().get(0x0112, 1))
@@ -190,11 +203,8 @@ def image_size(path: str | Path, max_pixels: int | None = None) -> tuple[int, in
     """(H, W) of an image as shown (EXIF orientation applied) from its header, checking
     that the file is intact and has at most `max_pixels` (default MAX_PIXELS) pixels."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
     try:
-        with _open(path) as im:
-            _check_pixels(im, path, max_pixels)
+        with _open_checked(path, max_pixels) as im:
             w, h = im.size
             im.verify()
         with _open(path) as im:  # verify() leaves the image unusable: the EXIF from a new open
@@ -230,11 +240,8 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """uint8 (H, W, 3) RGB as shown (EXIF orientation applied); 16-bit grayscale is scaled
     by 255/65535, not clipped; more than `max_pixels` (default MAX_PIXELS) is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
     try:
-        with _open(path) as im:
-            _check_pixels(im, path, max_pixels)
+        with _open_checked(path, max_pixels) as im:
             if _exif_orientation(im) != 1:
                 im.load()
                 return _rgb8(ImageOps.exif_transpose(im), path)

@@ -22,9 +22,9 @@
 5. A table is printed with the change in one line; ``metrics.json`` and ``demo.png``
    (input | ground truth | source | adapted, disparity colour-mapped after alignment, each
    with its AbsRel on the image | the per-pixel relative error of source and adapted) are
-   written to --output.
+   written to --out.
 
-With ``--ablation`` the ladder of the paper's ablation (`westar.config.LADDER`, the names
+With ``--methods all`` the ladder of the paper's ablation (`westar.config.LADDER`, the names
 `westar train --ablation` and the benchmark sweep use) is trained on the same data:
 plain self-training (global median/MAD) -> grid HDN -> SA-HDN (instances) -> + weak labels
 -> + regularization (= WeSTAR). Evaluation, scoring and the picture are westar.evaluate's
@@ -37,7 +37,7 @@ term), lambda_r 0.01, 20 % of the pairs held out; LoRA rank 8 / alpha 16, AdamW 
 as in the paper (comment at DEFAULTS for each deviation).
 
     westar demo                                  # default job (<= 5 min on 2 CPU cores)
-    westar demo --corruption all --ablation      # every corruption, the ablation ladder
+    westar demo --corruption all --methods all  # every corruption, the ablation ladder
     westar demo --quick                          # CI's shortened version (< 1 min)
 
 Python: ``run_demo(DemoConfig(output="runs/demo", corruptions=("streets",)))`` returns the
@@ -242,7 +242,7 @@ def make_target_domain(
 
     from westar.corrupt import corrupt_image
     from westar.pairs import make_pairs_file
-    from westar.synth import render, write_sample
+    from westar.synth import render, write_split_scene
 
     root = Path(root)
     family = "street" if corruption == STREETS else "room"
@@ -257,17 +257,11 @@ def make_target_domain(
         ):
             scene = render(family, scene_seed, image_size, image_size)
             image = scene.image
-            if corruption != STREETS:
+            if corruption != STREETS:  # streets: the scene family is the shift
                 image = corrupt_image(
                     image, corruption, severity, seed=_mix(split, seed, i), depth=scene.depth
                 )
-            write_sample(
-                folder,
-                f"{split}_{scene_seed:08d}",
-                image,
-                depth=scene.depth,
-                instances=scene.instances if split == "train" else None,
-            )
+            write_split_scene(folder, split, scene_seed, scene, image)
         if split == "train":
             # The weak labels: ordinal pairs from depth (`westar pairs`), a stand-in for an
             # annotator's clicks. Then the depth goes: the training split is unlabeled.
@@ -483,12 +477,18 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
+    from westar.cli_flags import DEVICE_HELP, MODEL_HELP, deprecated_alias, model_name
+
     d = DEFAULTS
-    p.add_argument("--output", default=d.output, help=f"output folder (default: {d.output})")
+    p.add_argument("--out", default=d.output, help=f"output folder (default: {d.output})")
+    deprecated_alias(p, "--output", "--out", "out")
     p.add_argument(
         "--corruption",
         default=d.corruptions[0],
-        help=f"the target domain: {', '.join(_shifts())}, or 'all' corruptions (default: {d.corruptions[0]})",
+        choices=[*_shifts(), "all"],
+        metavar="NAME",
+        help=f"the target domain: {', '.join(_shifts())}, or 'all' corruptions "
+        f"(default: {d.corruptions[0]})",
     )
     p.add_argument("--severity", type=int, choices=range(1, 6),
                    help=f"corruption severity 1..5 (default: {d.severity})")  # fmt: skip
@@ -503,35 +503,39 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-size", type=int, help=f"image side, multiple of 14 (default: {d.image_size})"
     )
-    p.add_argument("--batch-size", type=int, help=f"(default: {d.batch_size})")
-    p.add_argument("--lr", type=float, help=f"(default: {d.lr:g})")
+    p.add_argument("--batch-size", type=int, help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default: {d.lr:g})")
     p.add_argument("--lambda-w", type=float, help=f"ordinal loss weight (default: {d.lambda_w:g})")
     p.add_argument(
         "--lambda-r", type=float, help=f"LoRA regularizer weight (default: {d.lambda_r:g})"
     )
     p.add_argument(
-        "--ablation",
-        action="store_true",
-        help="train the whole ladder: " + ", ".join(LADDER),
+        "--methods",
+        nargs="+",
+        choices=[*LADDER, "all"],
+        metavar="METHOD",
+        help=f"rungs of the ablation ladder to train: {' '.join(LADDER)}, or all "
+        f"(default: {' '.join(d.variants)})",
     )
+    deprecated_alias(p, "--ablation", "--methods all", "methods", nargs=0, const=["all"])
     p.add_argument("--quick", action="store_true", help="CI's shortened version (< 1 minute)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--model", help="source model directory (default: the shipped one)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--model", type=model_name, help=MODEL_HELP + " (default: source)")
     p.add_argument("--teacher", action="store_true", help="report the EMA teacher, not the student")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """DEFAULTS (QUICK with --quick), then the flags that were given."""
-    changes: dict[str, Any] = {"output": args.output, "corruptions": args.corruption}
+    changes: dict[str, Any] = {"output": args.out, "corruptions": args.corruption}
     for name in ("severity", "seed", "train_images", "eval_images", *DemoConfig.RECIPE):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     for name in ("device", "model"):
         if getattr(args, name):
             changes[name] = getattr(args, name)
-    if args.ablation:
-        changes["variants"] = tuple(LADDER)
+    if args.methods:
+        changes["variants"] = tuple(LADDER) if "all" in args.methods else tuple(args.methods)
     if args.teacher:
         changes["adapted_weights"] = "teacher"
     if args.no_progress:

@@ -137,7 +137,7 @@ def colorize(
 def _predict_image(model, depth_model, rgb: np.ndarray, size: int, device) -> np.ndarray:
     h, w = rgb.shape[:2]
     ih, iw = inference_size(h, w, size, depth_model.patch_size)
-    x = torch.from_numpy(rgb).float().div(255).permute(2, 0, 1)[None].to(device)
+    x = torch.as_tensor(np.array(rgb, np.float32)).div(255).permute(2, 0, 1)[None].to(device)
     x = F.interpolate(x, size=(ih, iw), mode="bicubic", align_corners=False).clamp(0, 1)
     out = predict(model, depth_model, x).float()
     out = F.interpolate(out[:, None], size=(h, w), mode="bilinear", align_corners=False)
@@ -162,14 +162,20 @@ def load_samples(
     depth_scale: float = 1000.0,
     skip_bad: bool = False,
     limit: int | None = None,
+    without_depth: list[str] | None = None,
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """[(stem, rgb uint8 (H, W, 3), depth float32 (H, W) meters)] of a folder pair, sorted
-    by name; a sample without depth or with a mismatched size raises a DataError (or is
-    skipped with a warning when `skip_bad`)."""
+    by name. An image without a depth file is skipped (as `westar pairs` does), its file
+    name appended to `without_depth` when given, or a DataError when `without_depth` is
+    None; a broken depth file or a mismatched size raises a DataError (or is skipped with
+    a warning when `skip_bad`)."""
     samples = []
     for path in list_images(images_dir)[:limit]:
         try:
             gt_file = find_depth_file(depth_dir, path.stem)
+            if gt_file is None and without_depth is not None:
+                without_depth.append(path.name)
+                continue
             if gt_file is None:
                 raise DataError(
                     Path(depth_dir) / f"{path.stem}.npy", "ground-truth depth not found"
@@ -296,9 +302,20 @@ def evaluate(
         check_adapter(adapter)
     depth_model = load_depth_model(model)
     size = size or depth_model.input_size
+    without_depth: list[str] = []
     samples = load_samples(
-        images_dir, depth_dir, depth_scale=depth_scale, skip_bad=skip_bad, limit=limit
+        images_dir,
+        depth_dir,
+        depth_scale=depth_scale,
+        skip_bad=skip_bad,
+        limit=limit,
+        without_depth=without_depth,
     )
+    if not samples:
+        if without_depth:
+            names = ", ".join(without_depth[:3]) + (" ..." if len(without_depth) > 3 else "")
+            raise DataError(depth_dir, f"no depth map for {names}: nothing left to evaluate")
+        raise DataError(images_dir, "every image was skipped: nothing left to evaluate")
     named = dict(
         zip(["adapted"] if len(adapters) == 1 else [f"adapted:{a}" for a in adapters], adapters)
     )
@@ -319,6 +336,7 @@ def evaluate(
         "min_depth": min_depth,
         "size": size,
         "protocol": "least-squares scale+shift in disparity space, per image, then averaged",
+        "without_depth": without_depth,
         "results": results,
     }
     if output is not None:
@@ -339,11 +357,11 @@ def _is_eval_report(path: Path) -> bool:
 
 
 def _check_not_an_input(output, pictures_dir, inputs: list) -> None:
-    """--output never replaces a file that is not an earlier eval report (e.g. pairs.json);
+    """--out never replaces a file that is not an earlier eval report (e.g. pairs.json);
     --pictures (<stem>.png per image) is never an input folder (images, depth, adapter)."""
     if output is not None and Path(output).is_file() and not _is_eval_report(Path(output)):
         raise FileExistsError(
-            17, "--output exists and is not a westar eval report; choose another file", str(output)
+            17, "--out exists and is not a westar eval report; choose another file", str(output)
         )
     if pictures_dir is not None:
         target = Path(pictures_dir).resolve()
@@ -356,12 +374,12 @@ def _check_not_an_input(output, pictures_dir, inputs: list) -> None:
 
 
 def _check_writable(output: str | Path | None, pictures_dir: str | Path | None) -> None:
-    """Refuse an --output that is a folder and unwritable targets before any work."""
+    """Refuse an --out that is a folder and unwritable targets before any work."""
     targets = []
     if output is not None:
         output = Path(output)
         if output.is_dir():
-            raise IsADirectoryError(21, "--output is a folder; give a file name", str(output))
+            raise IsADirectoryError(21, "--out is a folder; give a file name", str(output))
         targets.append(output)
     if pictures_dir is not None:
         pictures_dir = Path(pictures_dir)
@@ -455,18 +473,14 @@ def comparison_grid(
             break
     if not lines:
         raise ValueError("no image with valid ground truth to show")
-    h, w = samples[0][1].shape[:2]
-    head = 14
+    w = samples[0][1].shape[1]
     titles = ["input", "ground truth", *columns]
     if error_maps:
         titles += [f"{t} error" for t in columns]
-    canvas = Image.new("RGB", (lines[0].shape[1], head + sum(x.shape[0] for x in lines)), "white")
+    canvas = titled(np.concatenate(lines, axis=0), titles, w)
     draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(titles):
-        draw.text((j * w + 3, 1), title[: max(4, w // 6)], fill=(0, 0, 0))
-    y = head
+    y = TITLE_HEIGHT
     for line, values in zip(lines, labels):
-        canvas.paste(Image.fromarray(line), (0, y))
         for j, v in enumerate(values):  # each model's AbsRel on this image, in its panel
             if v is not None:
                 xy = ((2 + j) * w + 3, y + line.shape[0] - 13)
@@ -479,8 +493,26 @@ def comparison_grid(
     return path
 
 
+TITLE_HEIGHT = 14  # pixels of the title row above the panels
+
+
+def titled(strip: np.ndarray, titles: list[str], panel_width: int) -> Image.Image:
+    """The panels `strip` (H, len(titles) * panel_width, 3) uint8 under a white title row
+    naming each panel (black text, cut to fit the panel)."""
+    from PIL import ImageDraw
+
+    h, w = strip.shape[:2]
+    canvas = Image.new("RGB", (w, TITLE_HEIGHT + h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, title in enumerate(titles):
+        draw.text((j * panel_width + 3, 1), title[: max(4, panel_width // 6)], fill=(0, 0, 0))
+    canvas.paste(Image.fromarray(strip), (0, TITLE_HEIGHT))
+    return canvas
+
+
 def _write_pictures(folder, samples, preds, names, results, max_depth, min_depth) -> None:
-    """<stem>.png: image | each model's aligned disparity | ground-truth disparity."""
+    """<stem>.png: a title row over image | each model's aligned disparity | ground-truth
+    disparity."""
     folder.mkdir(parents=True, exist_ok=True)
     for stem, rgb, gt in samples:
         scored = [n for n in names if results[n]["per_image"].get(stem) is not None]
@@ -489,6 +521,5 @@ def _write_pictures(folder, samples, preds, names, results, max_depth, min_depth
         if panels is None:
             continue
         _, gt_panel, model_panels = panels
-        Image.fromarray(np.concatenate([rgb, *model_panels, gt_panel], axis=1)).save(
-            folder / f"{stem}.png"
-        )
+        strip = np.concatenate([rgb, *model_panels, gt_panel], axis=1)
+        titled(strip, ["input", *scored, "ground truth"], rgb.shape[1]).save(folder / f"{stem}.png")

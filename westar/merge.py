@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from westar.model import check_adapter, load_adapter, load_depth_model
+from westar.model import check_adapter, load_adapter, load_depth_model, resolve_model_name
 from westar.outputs import check_output_folder, replace_dir
 
 __all__ = ["merge_adapter"]
@@ -23,6 +23,7 @@ def merge_adapter(
     is either the old folder or the complete new one. An existing non-empty `output` is
     only replaced with `overwrite`; the base model's and the adapter's folders never.
     """
+    model = resolve_model_name(model)
     adapter, output = Path(adapter), Path(output)
     check_adapter(adapter)
     protected = {"adapter": adapter}

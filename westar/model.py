@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ __all__ = [
     "IMAGENET_STD",
     "DepthModel",
     "load_depth_model",
+    "resolve_model_name",
     "model_patch_size",
     "model_input_size",
     "find_attention_projections",
@@ -168,10 +170,40 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return bool(ok)
 
 
+SOURCE_MODEL_NAME = "source"  # --model source: the small model shipped with the package
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """The name "source" -> the shipped model's folder (westar/assets/source_model); any other hub
+    id or path unchanged."""
+    if str(name_or_path) == SOURCE_MODEL_NAME:
+        from westar.synth.source import source_model_path
+
+        return str(source_model_path())
+    return str(name_or_path)
+
+
+@contextlib.contextmanager
+def _no_loading_bar(local: bool) -> Iterator[None]:
+    """Without transformers' "Loading weights" bar for a local model (a fraction of a
+    second of noise on every command); a download from the hub keeps its bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if local and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if local and was:
+            hf_logging.enable_progress_bar()
+
+
 def load_depth_model(
     name_or_path: str, *, local_files_only: bool = False, dtype: torch.dtype | None = None
 ) -> DepthModel:
-    """Load a depth-estimation checkpoint by hub id or local directory (no peft yet).
+    """Load a depth-estimation checkpoint by hub id, local directory or "source" (the
+    shipped model, `resolve_model_name`); no peft yet.
 
     A missing directory, a directory without config.json, or a hub id that cannot be
     loaded (offline and not cached, or not a depth model) raise FileNotFoundError /
@@ -180,7 +212,7 @@ def load_depth_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForDepthEstimation
 
-    name_or_path = str(name_or_path)
+    name_or_path = resolve_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -195,7 +227,8 @@ def load_depth_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
-        model = AutoModelForDepthEstimation.from_pretrained(name_or_path, **kwargs)
+        with _no_loading_bar(local):
+            model = AutoModelForDepthEstimation.from_pretrained(name_or_path, **kwargs)
     except OSError as err:  # not on the hub / offline and not cached / unreadable weights
         if path.exists():
             what = ""
@@ -296,7 +329,8 @@ def add_lora(
     )
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, config)
+    with _peft_reads_deprecated_property():
+        peft_model = get_peft_model(model, config)
     set_train_mode(peft_model)
     return peft_model
 
@@ -323,19 +357,34 @@ def check_adapter(adapter: str | Path) -> dict:
     return config
 
 
+@contextlib.contextmanager
+def _peft_reads_deprecated_property() -> Iterator[None]:
+    """peft (0.21) builds a PeftModel by reading `model.is_gradient_checkpointing`, which
+    transformers 5 deprecated for `is_activation_checkpointing` with a FutureWarning on
+    every read: the warning users saw on every train, eval and merge. Only that warning
+    is silenced, only while peft wraps a model; the property's value is still used."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def load_adapter(net: nn.Module, adapter: str | Path, peft_model=None, **kwargs):
     """PeftModel.from_pretrained(net, adapter) (or peft_model.load_adapter(adapter)), with
     an adapter that does not fit `net` (another rank, another base model, unreadable
-    weights) as one ValueError naming the adapter folder."""
+    weights) as one ValueError naming the adapter folder; peft's FutureWarning about
+    `is_gradient_checkpointing` is silenced while it wraps the model."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     check_adapter(adapter)
     try:
-        if peft_model is not None:
-            peft_model.load_adapter(str(adapter), **kwargs)
-            return peft_model
-        return PeftModel.from_pretrained(net, str(adapter), **kwargs)
+        with _peft_reads_deprecated_property():
+            if peft_model is not None:
+                peft_model.load_adapter(str(adapter), **kwargs)
+                return peft_model
+            return PeftModel.from_pretrained(net, str(adapter), **kwargs)
     except SafetensorError as err:
         raise ValueError(f"{adapter}: unreadable adapter weights ({err})") from err
     except (RuntimeError, ValueError, KeyError, TypeError) as err:

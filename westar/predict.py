@@ -244,9 +244,12 @@ def predict_folder(
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("input", help="an image file or a folder of images")
-    p.add_argument("--model", required=True, help="base (or merged) model: hub id or directory")
-    p.add_argument("--adapter", help="peft adapter directory (e.g. runs/x/adapter)")
+    from westar.cli_flags import DEVICE_HELP, MODEL_HELP, model_name
+
+    p.add_argument("--images", help="an image file or a folder of images (required)")
+    p.add_argument("input", nargs="?", help=argparse.SUPPRESS)  # deprecated positional
+    p.add_argument("--model", required=True, type=model_name, help="base or merged " + MODEL_HELP)
+    p.add_argument("--adapter", help="peft adapter folder, e.g. runs/x/adapter (default: none)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--image-size",
@@ -254,7 +257,7 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
         help="inference shorter side, rounded to the patch size (default: the model's own, "
         "518 for Depth Anything V2)",
     )
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument(
         "--formats",
         nargs="+",
@@ -262,10 +265,10 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
         default=list(FORMATS),
         help="what to write (default: all three)",
     )
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--max-pixels",
         type=int,
@@ -274,19 +277,20 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_run(args: argparse.Namespace) -> int:
+    from westar.cli_flags import counted, legacy_positional, pick
+
+    legacy_positional(args, "input", "images", "--images")
+    if not args.images:
+        raise ValueError("predict needs --images (an image file or a folder of images)")
+    names = ("adapter", "image_size", "batch_size", "formats", "device", "overwrite", "skip_bad")
     result = predict_folder(
-        args.input,
+        args.images,
         args.out,
         args.model,
-        adapter=args.adapter,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        formats=args.formats,
-        device=args.device,
-        overwrite=args.overwrite,
-        skip_bad=args.skip_bad,
         progress=not args.no_progress,
         max_pixels=args.max_pixels,
+        **pick(args, *names),
     )
-    print(f"wrote {result['written']} depth maps to {args.out} (inference side {result['size']})")
+    maps = counted(result["written"], "depth map")
+    print(f"wrote {maps} to {args.out} (inference side {result['size']})")
     return 0

@@ -366,12 +366,12 @@ def run_sweep(
     workers: int = 1,
 ) -> dict[str, int]:
     """Every planned run whose file is missing, in order; {"done", "skipped", "left"}.
-    With workers > 1, that many processes run them in parallel (cores / workers torch
+    With workers > 1 (--parallel-runs), that many processes run them in parallel (cores / workers torch
     threads each; the benchmark module is imported in each), method by method in the
     order of `methods`."""
     bench = bench or _bench()
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+        raise ValueError(f"--parallel-runs must be >= 1, got {workers}")
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
     domains = list(domains or bench.DOMAINS)
@@ -723,21 +723,28 @@ def write_report(out: str | Path, methods=None, domains=None, seeds=None) -> dic
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="the benchmark's root folder (westar.bench's layout)")
+    from westar.cli_flags import DEVICE_HELP, MODEL_HELP, deprecated_alias, model_name
+
+    p.add_argument("--data", help="the benchmark's root folder, westar.bench's layout "
+                   "(required unless --report)")  # fmt: skip
     p.add_argument("--out", required=True, help="sweep folder: runs/, work/, report")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   metavar="METHOD", help=f"(default: all: {' '.join(METHODS)})")  # fmt: skip
-    p.add_argument("--domains", nargs="+", help="(default: every domain of westar.bench)")
-    p.add_argument("--seeds", nargs="+", type=int, help="(default: westar.bench.SEEDS)")
+                   metavar="METHOD", help=f"methods to run (default: all: {' '.join(METHODS)})")  # fmt: skip
+    p.add_argument("--domains", nargs="+",
+                   help="benchmark domains to run (default: every domain of westar.bench)")  # fmt: skip
+    p.add_argument("--seeds", nargs="+", type=int,
+                   help="benchmark seeds to run (default: westar.bench.SEEDS)")  # fmt: skip
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="evaluated split: val to choose a recipe, test for results (default: val)")  # fmt: skip
     p.add_argument("--recipe", help="JSON object or file: TrainConfig fields + report "
                    "(adapter|teacher) + eval_size (default: the demo's recipe)")  # fmt: skip
-    p.add_argument("--model", help="source model directory (default: the shipped one)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--max-runs", type=int, help="stop after this many new runs (resume later)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="runs in parallel, each with cores / workers threads (default: 1)")  # fmt: skip
+    p.add_argument("--model", type=model_name, help=MODEL_HELP + " (default: source)")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--max-runs", type=int,
+                   help="stop after this many new runs, resume later (default: no limit)")  # fmt: skip
+    p.add_argument("--parallel-runs", type=int, default=1, dest="workers",
+                   help="runs in parallel, each with cores / N torch threads (default: 1)")  # fmt: skip
+    deprecated_alias(p, "--workers", "--parallel-runs", "workers", type=int)
     p.add_argument("--report", action="store_true",
                    help="only write sweep.json, SWEEP.md and ladder.png from the run files")  # fmt: skip
 

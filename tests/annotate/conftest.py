@@ -3,7 +3,6 @@ import os
 import pytest
 
 from tests.annotate.helpers import browser_available, make_driver
-from tests.trainer.helpers import make_tiny_depth_anything
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +18,3 @@ def driver(tmp_path_factory):
     drv.set_page_load_timeout(30)
     yield drv
     drv.quit()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return make_tiny_depth_anything(tmp_path_factory.mktemp("model") / "tiny-dav2")

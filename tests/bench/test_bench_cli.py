@@ -26,7 +26,7 @@ def _run(*args: str) -> int:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    assert _run("--quick", "--root", str(out / "data"), "--out", str(out)) == 0
+    assert _run("--quick", "--data", str(out / "data"), "--out", str(out)) == 0
     return out
 
 
@@ -51,7 +51,7 @@ def test_quick_bench_writes_everything(quick):
             assert math.isfinite(r["abs_rel_ratio"]["mean"])
             assert r["hurts"] == hurts(r["abs_rel_ratio"]["mean"], r["delta1_drop_points"]["mean"])
     md = (quick / "bench.md").read_text()
-    assert "westar bench --root" in md and "--quick" in md
+    assert "westar bench --data" in md and "--quick" in md
     assert all(f"| {d} |" in md for d in D.QUICK_DOMAINS)
     for name in [*D.QUICK_DOMAINS, "bars"]:
         with Image.open(quick / "figures" / f"{name}.png") as im:
@@ -97,7 +97,7 @@ def test_splits_never_share_an_image(quick):
 def test_second_run_reuses_the_built_folders(quick, capsys):
     data = quick / "data"
     before = {d: _files(data / d) for d in D.QUICK_DOMAINS}
-    assert _run("--quick", "--root", str(data), "--out", str(quick)) == 0
+    assert _run("--quick", "--data", str(data), "--out", str(quick)) == 0
     assert {d: _files(data / d) for d in D.QUICK_DOMAINS} == before
 
 
@@ -106,13 +106,13 @@ def test_changed_definition_is_refused_without_overwrite(quick, tmp_path, monkey
     shutil.copytree(quick / "data", data)
     monkeypatch.setitem(D.SEVERITIES, "fog", 2)
     capsys.readouterr()
-    assert _run("--quick", "--root", str(data), "--out", str(tmp_path)) == 2
+    assert _run("--quick", "--data", str(data), "--out", str(tmp_path)) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--overwrite" in err
     assert str(split_dir(data, "fog", 0, "train")) in err
     assert not (tmp_path / "bench.json").exists()  # refused before any work
     untouched = _files(data / "clean")
-    assert _run("--quick", "--root", str(data), "--out", str(tmp_path), "--overwrite") == 0
+    assert _run("--quick", "--data", str(data), "--out", str(tmp_path), "--overwrite") == 0
     fog = json.loads((split_dir(data, "fog", 0, "test") / "split.json").read_text())
     assert fog["severity"] == 2
     assert _files(data / "clean") == untouched  # only the changed domain was rebuilt
@@ -132,16 +132,16 @@ def test_build_refuses_an_incomplete_folder(tmp_path):
         (["--seeds", "7"], "--seeds"),
         (["--seeds", "one"], "--seeds"),
         (["--domains", "clean", "snow"], "--domains"),
-        (["--workers", "0"], "--workers"),
+        (["--num-workers", "0"], "--num-workers"),
         (["--model", "{tmp}/no-model"], "--model"),
-        (["--root", "{tmp}/file"], "--root"),
+        (["--data", "{tmp}/file"], "--data"),
         (["--out", "{tmp}/file"], "--out"),
     ],
 )
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys, args, named):
     (tmp_path / "file").write_text("x")
     args = [a.format(tmp=tmp_path) for a in args]
-    base = ["--quick", "--root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    base = ["--quick", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
     rc = _run(*base, *args)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and named in err and "Traceback" not in err

@@ -1,6 +1,6 @@
 """`westar demo --quick` end to end: the CI test of the whole path (data, source eval,
 WeSTAR training, eval, table, picture). Whether adaptation helps is measured in
-RESULTS.md (scripts/demo_sweep.py, docs/sweep.md), not here; that training did something
+RESULTS.md (`westar sweep`, docs/sweep.md), not here; that training did something
 is (`assert_adapted`: the adapter moved the weights and changed the predictions), and a
 no-op adaptation fails that check (`test_noop_adaptation_fails_the_check`)."""
 
@@ -77,7 +77,7 @@ def test_demo_quick_cli(tmp_path):
             "westar",
             "demo",
             "--quick",
-            "--output",
+            "--out",
             str(out),
             "--device",
             "cpu",

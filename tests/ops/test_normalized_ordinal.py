@@ -101,6 +101,15 @@ def test_gradcheck(rng, kind):
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-7, atol=1e-6, rtol=1e-5)
 
 
+def _normalized(p, target, valid, pairs, labels, source, **kw):
+    """normalized_ordinal_ranking_loss with the statistics of sa_hdn_loss (source
+    "sa_hdn") or computed by the op itself (source "torch")."""
+    if source == "sa_hdn":
+        _, stats = westar_ops.sa_hdn_loss(p, target, None, valid, return_stats=True)
+        return westar_ops.normalized_ordinal_ranking_loss(p, pairs, labels, stats=stats, **kw)
+    return westar_ops.normalized_ordinal_ranking_loss(p, pairs, labels, valid=valid, **kw)
+
+
 def _invariance_case(rng):
     """Positive disparity-like values with a mean absolute deviation of about 2, so that
     eps = 1e-6 stays far below the deviation of the scaled predictions."""
@@ -122,11 +131,7 @@ def test_scale_and_shift_invariance(rng, kind, source):
 
     def run(p):
         x = p.clone().requires_grad_(True)
-        if source == "sa_hdn":
-            _, stats = westar_ops.sa_hdn_loss(x, target, None, valid, return_stats=True)
-            loss = westar_ops.normalized_ordinal_ranking_loss(x, pairs, labels, stats=stats, **kw)
-        else:
-            loss = westar_ops.normalized_ordinal_ranking_loss(x, pairs, labels, valid=valid, **kw)
+        loss = _normalized(x, target, valid, pairs, labels, source, **kw)
         (grad,) = torch.autograd.grad(loss, x)
         return loss.detach(), grad
 
@@ -154,12 +159,7 @@ def test_non_contiguous_and_4d_pred(rng, source):
     outs = []
     for view in (lambda x: x.transpose(1, 2), lambda x: x.transpose(1, 2).contiguous()[:, None]):
         x = leaf.clone().requires_grad_(True)
-        p = view(x)
-        if source == "sa_hdn":
-            _, stats = westar_ops.sa_hdn_loss(p, target, None, valid, return_stats=True)
-            loss = westar_ops.normalized_ordinal_ranking_loss(p, pairs, labels, stats=stats, **kw)
-        else:
-            loss = westar_ops.normalized_ordinal_ranking_loss(p, pairs, labels, valid=valid, **kw)
+        loss = _normalized(view(x), target, valid, pairs, labels, source, **kw)
         (grad,) = torch.autograd.grad(loss, x)
         outs.append((loss.detach(), grad))
     assert not leaf.transpose(1, 2).is_contiguous()
@@ -187,11 +187,7 @@ def test_nothing_to_use_gives_zero(rng, case, source):
     else:
         pred, target, valid, pairs, labels = (t[:0] for t in (pred, target, valid, pairs, labels))
     x = pred.clone().requires_grad_(True)
-    if source == "sa_hdn":
-        _, stats = westar_ops.sa_hdn_loss(x, target, None, valid, return_stats=True)
-        loss = westar_ops.normalized_ordinal_ranking_loss(x, pairs, labels, stats=stats)
-    else:
-        loss = westar_ops.normalized_ordinal_ranking_loss(x, pairs, labels, valid=valid)
+    loss = _normalized(x, target, valid, pairs, labels, source)
     (grad,) = torch.autograd.grad(loss, x)
     assert loss.item() == 0.0 and loss.dtype == pred.dtype
     assert grad.shape == pred.shape and torch.count_nonzero(grad) == 0

@@ -455,6 +455,13 @@ def test_big_adversarial_patterns(rng, pattern):
     assert stats[0, 0].item() == pred.flatten().median().item()
 
 
+def _loss_and_grad(pred, target, inst, valid=None):
+    x = pred.clone().requires_grad_(True)
+    loss = westar_ops.sa_hdn_loss(x, target, inst, valid)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
 def test_deterministic_multithreaded(rng):
     """Two runs on a size that the kernels split over threads are bitwise identical."""
     b, h, w = 2, 128, 160
@@ -465,12 +472,7 @@ def test_deterministic_multithreaded(rng):
     old = torch.get_num_threads()
     torch.set_num_threads(max(2, old))
     try:
-        outs = []
-        for _ in range(2):
-            x = pred.clone().requires_grad_(True)
-            loss = westar_ops.sa_hdn_loss(x, target, inst, valid)
-            loss.backward()
-            outs.append((loss.detach(), x.grad))
+        outs = [_loss_and_grad(pred, target, inst, valid) for _ in range(2)]
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0][0], outs[1][0])
@@ -489,10 +491,7 @@ def test_independent_of_thread_count(rng):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            x = pred.clone().requires_grad_(True)
-            loss = westar_ops.sa_hdn_loss(x, target, inst)
-            loss.backward()
-            outs.append((loss.detach(), x.grad))
+            outs.append(_loss_and_grad(pred, target, inst))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0][0], outs[1][0])

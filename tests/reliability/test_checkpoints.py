@@ -19,6 +19,7 @@ import torch
 from tests.trainer.helpers import train_config
 from westar.cli import main
 from westar.train import Trainer, find_latest_checkpoint
+from westar.training.metrics import CSV_FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
@@ -233,11 +234,12 @@ def test_broken_metrics_rows_do_not_survive_resume(
     metrics = out / "metrics.csv"
     lines = metrics.read_text().splitlines()
     lines[2] = lines[2][: len(lines[2]) // 2]  # a row cut short, as by a crash or a 2nd writer
-    metrics.write_text("\n".join(lines[:3] + ["2,0.001,0.5,0.5,0.1,0.1,9.0,extra", "x,y"]) + "\n")
+    too_long = ",".join(["2"] + ["0.1"] * (len(CSV_FIELDS) - 1) + ["extra"])  # a field too many
+    metrics.write_text("\n".join(lines[:3] + [too_long, "x,y"]) + "\n")
     with pytest.warns(UserWarning, match=r"metrics\.csv: dropped 3 unreadable rows"):
         Trainer(train_config(tiny_model, dataset_root, out, steps=6, resume="auto")).fit()
     rows = [r.split(",") for r in metrics.read_text().splitlines()[1:]]
-    assert [r[0] for r in rows] == ["1", "5", "6"] and all(len(r) == 7 for r in rows)
+    assert [r[0] for r in rows] == ["1", "5", "6"] and all(len(r) == len(CSV_FIELDS) for r in rows)
 
 
 def test_output_dir_that_is_a_file(tiny_model, dataset_root, tmp_path, capsys):
@@ -245,5 +247,5 @@ def test_output_dir_that_is_a_file(tiny_model, dataset_root, tmp_path, capsys):
     out.write_text("mine")
     assert main(train_cli(tiny_model, dataset_root, out)) == 2
     err = error_line(capsys.readouterr().err)
-    assert f"{out}: --output-dir is an existing file, not a folder" in err
+    assert f"{out}: --out is an existing file, not a folder" in err
     assert out.read_text() == "mine"

@@ -56,7 +56,7 @@ def test_eval_output_never_replaces_a_file_that_is_not_a_report(tiny_model, data
     before = pairs.read_bytes()
     args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output", str(pairs)]
     assert main(args) == 2
-    assert f"{pairs}: --output exists and is not a westar eval report" in error_line(
+    assert f"{pairs}: --out exists and is not a westar eval report" in error_line(
         capsys.readouterr().err
     )
     assert pairs.read_bytes() == before

@@ -110,7 +110,7 @@ def test_pairs_says_when_depth_is_all_invalid(data, capsys):
     np.save(data / "depth" / "img_001.npy", np.zeros((28, 28), np.float32))
     with pytest.warns(UserWarning, match=r"img_001\.npy: fewer than 2 valid depth pixels"):
         assert main(["pairs", "--data", str(data), "--overwrite"]) == 0
-    assert "1 images without valid depth got no pairs" in capsys.readouterr().out
+    assert "1 image without valid depth got no pairs" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- early errors
@@ -185,7 +185,7 @@ def test_eval_output_folder_is_refused_before_evaluation(tiny_model, data, monke
     folder.mkdir()
     args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output", str(folder)]
     assert main(args) == 2
-    assert f"{folder}: --output is a folder" in error_line(capsys.readouterr().err)
+    assert f"{folder}: --out is a folder" in error_line(capsys.readouterr().err)
     blocker = data / "a_file"
     blocker.write_text("")
     assert main(args[:-1] + [str(blocker / "eval.json")]) == 2

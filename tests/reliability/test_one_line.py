@@ -69,7 +69,7 @@ def test_image_broken_during_training_in_a_worker_is_one_line(
 def test_disk_full_at_a_checkpoint_is_one_line(
     tiny_model, data, tmp_path, monkeypatch, fault, capsys
 ):
-    import westar.train
+    import westar.training.checkpoints
 
     def full(*a, **k):
         if fault == "oserror":
@@ -78,7 +78,7 @@ def test_disk_full_at_a_checkpoint_is_one_line(
             "[enforce fail at inline_container.cc:603] . unexpected pos; file write failed"
         )
 
-    monkeypatch.setattr(westar.train, "save_file", full)
+    monkeypatch.setattr(westar.training.checkpoints, "save_file", full)
     out = tmp_path / "o"
     assert main(train_args(tiny_model, data, out, "--steps", "1")) == 2
     line = error_line(capsys.readouterr().err)

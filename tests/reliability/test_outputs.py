@@ -110,7 +110,7 @@ def test_corrupt_bad_image_leaves_no_partial_output(small_data, tmp_path, capsys
     with pytest.warns(UserWarning, match="skipping img_001.png"):
         assert main(["corrupt", str(small_data), str(dst), "--skip-bad"]) == 0
     assert sorted(p.stem for p in (dst / "images").iterdir()) == ["img_000", "img_002"]
-    assert "skipped 1 bad images" in capsys.readouterr().out
+    assert "skipped 1 bad image" in capsys.readouterr().out
 
 
 def test_corrupt_never_writes_through_links(small_data, tmp_path):

@@ -80,21 +80,21 @@ def test_eval_flags_that_score_nothing_are_refused(
     tiny_model, data, tmp_path, flags, message, capsys
 ):
     out = tmp_path / "e.json"
-    args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output", str(out), *flags]
-    assert main(args) == 2
-    assert message in error_line(capsys.readouterr().err)
+    _eval_fails(tiny_model, data, out, flags, message, capsys)
     assert not out.exists()
 
 
 def test_eval_that_scores_no_image_exits_2(tiny_model, data, tmp_path, capsys):
     for f in (data / "depth").iterdir():
         np.save(f, np.full((28, 28), 500.0, np.float32))  # every pixel beyond --max-depth 80
-    args = ["eval", "--model", str(tiny_model), "--data", str(data), "--output",
-            str(tmp_path / "e.json")]  # fmt: skip
+    message = "no image has valid depth in (--min-depth 0.001, --max-depth 80.0]"
+    _eval_fails(tiny_model, data, tmp_path / "e.json", [], message, capsys)
+
+
+def _eval_fails(model, data, out, flags, message, capsys):
+    args = ["eval", "--model", str(model), "--data", str(data), "--out", str(out), *flags]
     assert main(args) == 2
-    assert "no image has valid depth in (--min-depth 0.001, --max-depth 80.0]" in error_line(
-        capsys.readouterr().err
-    )
+    assert message in error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(

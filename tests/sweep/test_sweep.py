@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.trainer.helpers import make_tiny_depth_anything
-
 SIZE = 56
 DOMAINS = ("clean", "fog", "streets")
 MAX_DEPTH = {"clean": 50.0, "fog": 50.0, "streets": 80.0}
@@ -58,16 +56,11 @@ def make_fake_bench(root: Path, seeds=(0,), train: int = 3, val: int = 2) -> Pat
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny_depth_anything(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def bench_root(tmp_path_factory):
     return make_fake_bench(tmp_path_factory.mktemp("bench") / "bench")
 
 
-def test_runs_write_files_resume_and_skip(tiny, bench_root, tmp_path, monkeypatch):
+def test_runs_write_files_resume_and_skip(tiny_model, bench_root, tmp_path, monkeypatch):
     from westar.cli import main
     from westar.sweep import Run, _recipe, run_file, run_sweep, train_config
     from westar.train import Trainer
@@ -76,13 +69,13 @@ def test_runs_write_files_resume_and_skip(tiny, bench_root, tmp_path, monkeypatc
     bench = fake_bench()
     # an interrupted run: 1 of 2 steps done, checkpoint written
     run = Run("westar", "fog", 0)
-    cfg = train_config(run.method, _recipe(RECIPE), tiny, split_dir(bench_root, "fog", 0, "train"),
+    cfg = train_config(run.method, _recipe(RECIPE), tiny_model, split_dir(bench_root, "fog", 0, "train"),
                        out / "work" / run.name, 0, "cpu")  # fmt: skip
     Trainer(cfg).fit(stop_after=1)
     assert not run_file(out, run).exists()
 
     kw = dict(methods=["source", "westar", "oracle"], domains=["fog", "streets"], seeds=[0],
-              split="val", recipe=RECIPE, model=tiny, device="cpu", bench=bench, verbose=False)  # fmt: skip
+              split="val", recipe=RECIPE, model=tiny_model, device="cpu", bench=bench, verbose=False)  # fmt: skip
     counts = run_sweep(bench_root, out, **kw)
     assert counts == {"done": 7, "skipped": 0, "left": 0}
     names = sorted(p.stem for p in (out / "runs").glob("*.json"))
@@ -113,7 +106,7 @@ def test_runs_write_files_resume_and_skip(tiny, bench_root, tmp_path, monkeypatc
         setattr(sys.modules["westar.bench"], k, v)
     argv = ["sweep", "--data", str(bench_root), "--out", str(out), "--methods", "source",
             "westar", "oracle", "--domains", "fog", "streets", "--seeds", "0", "--split", "val",
-            "--recipe", json.dumps(RECIPE), "--model", str(tiny), "--device", "cpu"]  # fmt: skip
+            "--recipe", json.dumps(RECIPE), "--model", str(tiny_model), "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")} == stamps
     sweep = json.loads((out / "sweep.json").read_text())
@@ -250,5 +243,5 @@ def test_parallel_workers_write_the_same_run_files(tiny, bench_root, tmp_path):
     rec = json.loads((tmp_path / "par" / "runs" / "westar__fog__seed0.json").read_text())
     assert rec["train"]["adapter_change"] > 0 and rec["images"] == 2
     assert run_sweep(bench_root, tmp_path / "par", workers=2, **kw)["skipped"] == 3
-    with pytest.raises(ValueError, match="--workers"):
+    with pytest.raises(ValueError, match="--parallel-runs"):
         run_sweep(bench_root, tmp_path / "par", workers=0, **kw)

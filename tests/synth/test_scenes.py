@@ -16,10 +16,14 @@ from westar.synth.scenes import (
 SMALL = SceneParams(height=56, width=84)
 
 
-def test_deterministic_from_seed():
-    a = render_scene(7, SMALL)
-    b = render_scene(7, SMALL)
-    c = render_scene(8, SMALL)
+@pytest.mark.parametrize("family,seed", [("room", 7), ("street", 11)])
+def test_deterministic_from_seed(family, seed):
+    """Both families (rooms here, streets in test_streets.py)."""
+    from westar.synth import render
+
+    a = render(family, seed, 56, 84)
+    b = render(family, seed, 56, 84)
+    c = render(family, seed + 1, 56, 84)
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.depth, b.depth)
     np.testing.assert_array_equal(a.instances, b.instances)

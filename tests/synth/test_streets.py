@@ -19,15 +19,7 @@ from westar.synth.streets import (
 SMALL = StreetParams(height=56, width=84)
 
 
-def test_deterministic_from_seed():
-    a = render_street(11, SMALL)
-    b = render_street(11, SMALL)
-    c = render_street(12, SMALL)
-    np.testing.assert_array_equal(a.image, b.image)
-    np.testing.assert_array_equal(a.depth, b.depth)
-    np.testing.assert_array_equal(a.instances, b.instances)
-    assert a.meta == b.meta
-    assert not np.array_equal(a.image, c.image)
+# Determinism from the seed: test_scenes.py::test_deterministic_from_seed[street-11].
 
 
 @pytest.mark.parametrize("size", [(126, 126), (37, 53), (1, 1), (56, 84)])

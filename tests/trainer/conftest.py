@@ -1,11 +1,7 @@
 import pytest
 
-from tests.trainer.helpers import make_dataset, make_tiny_depth_anything
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return make_tiny_depth_anything(tmp_path_factory.mktemp("model") / "tiny-dav2")
+from tests.conftest import tiny_model  # noqa: F401  (defined there; re-exported for importers)
+from tests.trainer.helpers import make_dataset
 
 
 @pytest.fixture(scope="session")

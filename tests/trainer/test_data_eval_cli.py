@@ -263,7 +263,8 @@ def test_cli_names_the_bad_file(tiny_model, tmp_path, capsys):
     (root / "images" / "img_001.png").unlink()
     (root / "depth" / "img_000.npy").unlink()
     assert main(eval_args + ["--output", str(tmp_path / "e.json")]) == 2
-    assert "img_000.npy: ground-truth depth not found" in capsys.readouterr().err
+    err = capsys.readouterr().err  # issue 22: skipped like pairs does; none left: exit 2
+    assert "no depth map for img_000.png: nothing left to evaluate" in err
     assert not (tmp_path / "e.json").exists()
 
 

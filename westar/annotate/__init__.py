@@ -5,7 +5,7 @@
 starts a local web app (127.0.0.1) and prints its address. Per image the person answers
 `--samples` structured samples (an anchor and two points, three pairs each) with one key
 per pair: F (farther), C (closer), E (equal). Every answer is written at once to the
-pairs file (docs/formats.md), which `westar train --pairs-file` reads.
+pairs file (docs/formats.md), which `westar train --pairs` reads.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ CLI_HELP = "label ordinal depth pairs of an image folder in the browser"
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
+    from westar.cli_flags import MODEL_HELP, deprecated_alias, model_name
+
     p.add_argument("--images", required=True, help="folder of images to label")
     p.add_argument(
         "--out", required=True, help="pairs JSON to write (read and extended if it exists)"
@@ -34,18 +36,23 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the proposed points (default: 0)")
     p.add_argument(
-        "--model", help="depth model (hub id or folder): propose points where predictions disagree"
+        "--model",
+        type=model_name,
+        help=MODEL_HELP + "; points are proposed where its predictions disagree (default: none)",
     )
     p.add_argument(
         "--adapter",
-        help="peft adapter of --model: points where teacher (base) and student (adapted) disagree",
+        help="peft adapter of --model: points where teacher (base) and student (adapted) "
+        "disagree (default: none)",
     )
     p.add_argument(
-        "--size",
+        "--image-size",
+        dest="size",
         type=int,
         default=None,
         help="inference shorter side for --model (default: the model's)",
     )
+    deprecated_alias(p, "--size", "--image-size", "size", type=int)
     p.add_argument("--open", action="store_true", help="open the page in the default browser")  # fmt: skip
 
 

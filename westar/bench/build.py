@@ -124,7 +124,7 @@ def plan(
                     what = "another benchmark definition" if have else "an unknown content"
                     raise FileExistsError(
                         f"{folder}: built under {what} (split.json differs from this "
-                        f"benchmark's); pass --overwrite to rebuild it, or use another --root"
+                        f"benchmark's); pass --overwrite to rebuild it, or use another --data"
                     )
     return todo, reuse
 
@@ -154,7 +154,7 @@ def _write_split(root: Path, domain: str, seed: int, split: str, want: dict, sce
     from westar.corrupt import corrupt_image
     from westar.outputs import replace_dir
     from westar.pairs import make_pairs_file
-    from westar.synth import write_sample
+    from westar.synth import write_split_scene
 
     final = split_dir(root, domain, seed, split)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -170,13 +170,7 @@ def _write_split(root: Path, domain: str, seed: int, split: str, want: dict, sce
         if corr is not None:
             noise = D.noise_seed(corr, seed, split, i)
             image = corrupt_image(image, corr, want["severity"], seed=noise, depth=scene.depth)
-        write_sample(
-            tmp,
-            f"{split}_{scene_seed:08d}",
-            image,
-            depth=scene.depth,
-            instances=scene.instances if split == "train" else None,
-        )
+        write_split_scene(tmp, split, scene_seed, scene, image)
     if split == "train":  # the weak labels: ordinal pairs from the ground truth
         p = want["pairs"]
         make_pairs_file(
@@ -222,7 +216,7 @@ def build(
     seeds = list(D.QUICK_SEEDS if quick else D.SEEDS) if seeds is None else list(seeds)
     domains = list(D.QUICK_DOMAINS if quick else D.DOMAINS) if domains is None else list(domains)
     if root.exists() and not root.is_dir():
-        raise NotADirectoryError(20, "--root exists and is not a folder", str(root))
+        raise NotADirectoryError(20, "--data exists and is not a folder", str(root))
     todo, reuse = plan(root, seeds, domains, quick, overwrite)
     groups: dict[tuple, list] = {}
     for job in todo:

@@ -16,10 +16,13 @@ CLI_HELP = "the frozen benchmark: build its domains, score the source (table, pi
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", help="dataset folder (default: runs/bench/data; --quick: "
+    from westar.cli_flags import DEVICE_HELP, MODEL_HELP, deprecated_alias, model_name
+
+    p.add_argument("--data", help="dataset folder (default: runs/bench/data; --quick: "
                    "runs/bench/quick/data)")  # fmt: skip
+    deprecated_alias(p, "--root", "--data", "data")
     p.add_argument("--out", help="results folder (default: runs/bench; --quick: runs/bench/quick)")
-    p.add_argument("--model", help="source model folder (default: the shipped one)")
+    p.add_argument("--model", type=model_name, help=MODEL_HELP + " (default: source)")
     p.add_argument("--seeds", nargs="+", metavar="K",
                    help=f"benchmark seeds to build and score (default: {' '.join(map(str, D.SEEDS))})")  # fmt: skip
     p.add_argument("--domains", nargs="+", metavar="NAME",
@@ -32,8 +35,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild split folders built under another definition")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--workers", help="processes building the data (default: 1)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--num-workers", help="processes building the data (default: 1)")
+    deprecated_alias(p, "--workers", "--num-workers", "num_workers")
+    p.add_argument("--device", help=DEVICE_HELP)
 
 
 def _seeds(values: list[str] | None, quick: bool) -> list[int]:
@@ -70,7 +74,7 @@ def _workers(value: str | None) -> int:
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"--workers: must be a positive integer, got {value!r}")
+        raise ValueError(f"--num-workers: must be a positive integer, got {value!r}")
     return n
 
 
@@ -99,11 +103,11 @@ def cli_run(args: argparse.Namespace) -> int:
     # every argument is checked before any work
     seeds = _seeds(args.seeds, quick)
     domains = _domains(args.domains, quick)
-    workers = _workers(args.workers)
+    workers = _workers(args.num_workers)
     model = _model_arg(args.model)
     sub = "runs/bench/quick" if quick else "runs/bench"
     out = _folder_arg("--out", Path(args.out or sub))
-    root = _folder_arg("--root", Path(args.root or f"{sub}/data"))
+    root = _folder_arg("--data", Path(args.data or f"{sub}/data"))
     progress = not args.no_progress
     words = ["westar", "bench"]
     if args.calibrate:
@@ -121,7 +125,7 @@ def cli_run(args: argparse.Namespace) -> int:
         print(f"calibration: {out / 'calibration.json'}, {out / 'calibration.md'} "
               f"({report['wall_seconds']:.0f} s)")  # fmt: skip
         return 0
-    words += ["--root", str(root), "--out", str(out)] + (["--quick"] if quick else [])
+    words += ["--data", str(root), "--out", str(out)] + (["--quick"] if quick else [])
     words += ["--seeds", *map(str, seeds), "--domains", *domains]
     words += ["--model", str(model)] if model else []
     manifest = build(

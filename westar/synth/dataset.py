@@ -22,7 +22,7 @@ from PIL import Image
 
 from .scenes import SceneParams, render_scene
 
-__all__ = ["write_sample", "read_sample", "write_dataset", "list_stems"]
+__all__ = ["write_sample", "write_split_scene", "read_sample", "write_dataset", "list_stems"]
 
 IMAGES, INSTANCES, DEPTH = "images", "instances", "depth"
 
@@ -50,6 +50,14 @@ def write_sample(
     if depth is not None:
         (root / DEPTH).mkdir(parents=True, exist_ok=True)
         np.save(root / DEPTH / f"{stem}.npy", np.ascontiguousarray(depth, dtype=np.float32))
+
+
+def write_split_scene(root: str | os.PathLike, split: str, scene_seed: int, scene, image) -> None:
+    """Scene `scene_seed` of a split as sample <split>_<seed:08d>: `image` (the scene's
+    image, corrupted or not), its depth, and its instance map on the train split only (the
+    layout the benchmark and the demo write)."""
+    instances = scene.instances if split == "train" else None
+    write_sample(root, f"{split}_{scene_seed:08d}", image, depth=scene.depth, instances=instances)
 
 
 def read_sample(root: str | os.PathLike, stem: str):

@@ -194,19 +194,9 @@ class _Cylinder:
         with np.errstate(divide="ignore", invalid="ignore"):
             t0 = (-b - sq) / a
             t1 = (-b + sq) / a
-        y0 = oy + t0 * dy
-        y1 = oy + t1 * dy
-        ok0 = hit & (t0 > _EPS) & (y0 >= 0) & (y0 <= self.hgt)
-        ok1 = hit & (t1 > _EPS) & (y1 >= 0) & (y1 <= self.hgt)
-        t = np.where(ok0, t0, np.where(ok1, t1, _INF))
-        # caps
-        with np.errstate(divide="ignore", invalid="ignore"):
-            for yc in (0.0, float(self.hgt)):
-                tc = (yc - oy) / dy
-                xc = ox + tc * dx
-                zc = oz + tc * dz
-                okc = (tc > _EPS) & (xc * xc + zc * zc <= self.r * self.r)
-                t = np.where(okc & (tc < t), tc, t)
+        t = _side_hit(hit, t0, t1, oy, dy, self.hgt)
+        for yc in (0.0, float(self.hgt)):  # caps
+            t = _cap_hit(t, (ox, oy, oz), (dx, dy, dz), yc, self.r)
         return t.astype(np.float32)
 
     def normal(self, p):
@@ -220,6 +210,28 @@ class _Cylinder:
 
     def local(self, p):
         return p - self.b
+
+
+def _side_hit(hit, t0, t1, oy, dy, hgt):
+    """Nearest of two side hits t0 <= t1 (N,) whose height y lies in [0, hgt] (inf: none);
+    ray origin height oy and direction dy in the object's frame."""
+    y0 = oy + t0 * dy
+    y1 = oy + t1 * dy
+    ok0 = hit & (t0 > _EPS) & (y0 >= 0) & (y0 <= hgt)
+    ok1 = hit & (t1 > _EPS) & (y1 >= 0) & (y1 <= hgt)
+    return np.where(ok0, t0, np.where(ok1, t1, _INF))
+
+
+def _cap_hit(t, o, d, yc, r):
+    """t (N,), replaced where the ray meets the disc y = yc, x^2 + z^2 <= r^2 nearer;
+    o = (ox, oy, oz), d = (dx, dy, dz) in the object's frame."""
+    (ox, oy, oz), (dx, dy, dz) = o, d
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tc = (yc - oy) / dy
+        xc = ox + tc * dx
+        zc = oz + tc * dz
+        okc = (tc > _EPS) & (xc * xc + zc * zc <= r * r)
+        return np.where(okc & (tc < t), tc, t)
 
 
 class _Cone:
@@ -247,19 +259,8 @@ class _Cone:
         with np.errstate(divide="ignore", invalid="ignore"):
             ta = (-b - sq) / a
             tb = (-b + sq) / a
-        t0 = np.minimum(ta, tb)
-        t1 = np.maximum(ta, tb)
-        y0 = oy + t0 * dy
-        y1 = oy + t1 * dy
-        ok0 = hit & (t0 > _EPS) & (y0 >= 0) & (y0 <= self.hgt)
-        ok1 = hit & (t1 > _EPS) & (y1 >= 0) & (y1 <= self.hgt)
-        t = np.where(ok0, t0, np.where(ok1, t1, _INF))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            tc = -oy / dy
-            xc = ox + tc * dx
-            zc = oz + tc * dz
-            okc = (tc > _EPS) & (xc * xc + zc * zc <= self.r * self.r)
-            t = np.where(okc & (tc < t), tc, t)
+        t = _side_hit(hit, np.minimum(ta, tb), np.maximum(ta, tb), oy, dy, self.hgt)
+        t = _cap_hit(t, (ox, oy, oz), (dx, dy, dz), 0.0, self.r)  # the base disc
         return t.astype(np.float32)
 
     def normal(self, p):
