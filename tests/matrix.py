@@ -327,3 +327,17 @@ def normalized_ordinal_loss_and_grad(backend, device, source, pred, target, vali
     (grad,) = torch.autograd.grad(loss, p)
     assert loss.dtype == pred.dtype and grad.dtype == pred.dtype and grad.shape == pred.shape
     return loss.detach().cpu(), grad.cpu()
+
+
+def random_pairs(batch: int, height: int, width: int, n: int, gen: torch.Generator):
+    """(pairs (batch, n, 2, 2) of (y, x) inside the image, labels (batch, n) drawn from
+    {1, -1, 0, -100}: ordered both ways, equal, ignored) for the compile tests."""
+    pairs = torch.stack(
+        [
+            torch.randint(0, height, (batch, n, 2), generator=gen),
+            torch.randint(0, width, (batch, n, 2), generator=gen),
+        ],
+        dim=-1,
+    )
+    labels = torch.tensor([1, -1, 0, -100])[torch.randint(0, 4, (batch, n), generator=gen)]
+    return pairs, labels

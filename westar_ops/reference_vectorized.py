@@ -19,7 +19,11 @@ All memberships (level, pixel) are processed at once (M = levels x B x H x W):
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+from westar_ops import reference
 
 __all__ = ["sa_hdn_loss"]
 
@@ -41,6 +45,7 @@ def _levels(ok: torch.Tensor, instances, include_global: bool) -> torch.Tensor:
 
 
 _SENTINEL = torch.iinfo(torch.int64).max
+_REFERENCE_SIGNATURE = inspect.signature(reference.sa_hdn_loss)
 
 
 def _normalized(x, key, eps: float, stats_grad: str, min_pixels: int):
@@ -77,18 +82,16 @@ def _normalized(x, key, eps: float, stats_grad: str, min_pixels: int):
     return out, keep
 
 
-def sa_hdn_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    instances: torch.Tensor | None = None,
-    valid: torch.Tensor | None = None,
-    *,
-    include_global: bool = True,
-    eps: float = 1e-6,
-    min_pixels: int = 1,
-    stats_grad: str = "full",
-) -> torch.Tensor:
-    """As ``westar_ops.reference.sa_hdn_loss`` (same arguments and result), vectorized."""
+def sa_hdn_loss(*args, **kwargs) -> torch.Tensor:
+    """As ``westar_ops.reference.sa_hdn_loss``, vectorized: the arguments and their
+    defaults are the reference's own (bound against its signature, so they cannot drift
+    apart), and so is the result."""
+    bound = _REFERENCE_SIGNATURE.bind(*args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    pred, target, instances, valid = a["pred"], a["target"], a["instances"], a["valid"]
+    include_global, eps, min_pixels = a["include_global"], a["eps"], a["min_pixels"]
+    stats_grad = a["stats_grad"]
     batch, height, width = pred.shape[0], pred.shape[-2], pred.shape[-1]
     cdt = torch.float64 if pred.dtype == torch.float64 else torch.float32
     p = pred.reshape(batch, height, width).to(cdt)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import westar_ops
+from tests.matrix import random_pairs
 from tests.ops.helpers import distinct_values, random_instances, target_values
 
 
@@ -19,14 +20,7 @@ def make_inputs(gen):
     target = target_values((b, 1, h, w), torch.float32, gen)
     inst = random_instances(b, 2, h, w, gen).to(torch.int32)
     valid = torch.rand(b, h, w, generator=gen) > 0.2
-    pairs = torch.stack(
-        [
-            torch.randint(0, h, (b, 10, 2), generator=gen),
-            torch.randint(0, w, (b, 10, 2), generator=gen),
-        ],
-        dim=-1,
-    )
-    labels = torch.tensor([1, -1, 0, -100])[torch.randint(0, 4, (b, 10), generator=gen)]
+    pairs, labels = random_pairs(b, h, w, 10, gen)
     A = torch.randn(3, 8, generator=gen)
     B = torch.randn(5, 3, generator=gen)
     return pred, target, inst, valid, pairs, labels, A, B

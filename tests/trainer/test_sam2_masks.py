@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from westar.cli import main
@@ -14,28 +13,16 @@ S = 128  # the tiny model's square input
 
 
 def make_tiny_sam2(path):
-    """A ~0.1 M parameter random-init Sam2Model (Hiera with 5 blocks) saved to `path`."""
-    from transformers import Sam2Config, Sam2Model
+    """A ~0.1 M parameter random-init Sam2Model (Hiera with 5 blocks) saved to `path`: the
+    GPU check's builder (scripts/gpu_train_check.py), at the tests' square side S."""
+    import importlib.util
+    from pathlib import Path
 
-    torch.manual_seed(0)
-    backbone = dict(
-        model_type="sam2_hiera_det_model", hidden_size=8, num_attention_heads=1,
-        image_size=[S, S], blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[8, 16, 32, 64],
-        num_attention_heads_per_stage=[1, 1, 1, 1], window_size_per_stage=[4, 4, 4, 4],
-        global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4],
-    )  # fmt: skip
-    config = Sam2Config(
-        vision_config=dict(
-            backbone_config=backbone, backbone_channel_list=[64, 32, 16, 8],
-            backbone_feature_sizes=[[S // 4] * 2, [S // 8] * 2, [S // 16] * 2], fpn_hidden_size=32,
-        ),
-        prompt_encoder_config=dict(hidden_size=32, image_size=S, patch_size=16,
-                                   mask_input_channels=4),
-        mask_decoder_config=dict(hidden_size=32, mlp_dim=32, num_attention_heads=2,
-                                 iou_head_hidden_dim=16),
-    )  # fmt: skip
-    Sam2Model(config).eval().save_pretrained(str(path))
-    return path
+    script = Path(__file__).resolve().parents[2] / "scripts" / "gpu_train_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_check_sam2", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_sam2(path, S)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ backward, against eager (the Triton ops are opaque custom ops in the graph)."""
 import torch
 
 import westar_ops
-from tests.matrix import assert_compiled_matches_eager
+from tests.matrix import assert_compiled_matches_eager, random_pairs
 
 
 def _inputs(rng, device):
@@ -13,14 +13,7 @@ def _inputs(rng, device):
     target = torch.rand(b, 1, h, w, generator=rng) + 0.5
     inst = torch.randint(0, 3, (b, 1, h, w), generator=rng, dtype=torch.int32)
     valid = torch.rand(b, h, w, generator=rng) > 0.2
-    pairs = torch.stack(
-        [
-            torch.randint(0, h, (b, 6, 2), generator=rng),
-            torch.randint(0, w, (b, 6, 2), generator=rng),
-        ],
-        dim=-1,
-    )
-    labels = torch.tensor([1, -1, 0, -100])[torch.randint(0, 4, (b, 6), generator=rng)]
+    pairs, labels = random_pairs(b, h, w, 6, rng)
     return [t.to(device) for t in (pred, target, inst, valid, pairs, labels)]
 
 
