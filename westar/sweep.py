@@ -366,9 +366,9 @@ def run_sweep(
     workers: int = 1,
 ) -> dict[str, int]:
     """Every planned run whose file is missing, in order; {"done", "skipped", "left"}.
-    With workers > 1 (--parallel-runs), that many processes run them in parallel (cores / workers torch
-    threads each; the benchmark module is imported in each), method by method in the
-    order of `methods`."""
+    With workers > 1 (--parallel-runs), that many processes run them in parallel
+    (cores / workers torch threads each; the benchmark module is imported in each),
+    method by method in the order of `methods`."""
     bench = bench or _bench()
     if workers < 1:
         raise ValueError(f"--parallel-runs must be >= 1, got {workers}")

@@ -86,7 +86,8 @@ def test_runs_write_files_resume_and_skip(tiny_model, bench_root, tmp_path, monk
     rec = json.loads(run_file(out, run).read_text())
     assert rec["train"]["resumed"] is True and rec["train"]["adapter_change"] > 0
     assert rec["config"]["ablation"] == "westar" and rec["config"]["steps"] == 2
-    assert rec["config"]["lambda_w"] == 1.0 and rec["config"]["seed"] == 0  # the recipe's
+    assert rec["config"]["lambda_w"] == _recipe(RECIPE)["lambda_w"]  # the recipe's
+    assert rec["config"]["seed"] == 0
     assert rec["split"] == "val" and rec["images"] == 2 and rec["reported"] == "adapter"
     assert rec["torch_threads"] >= 1 and "git_commit" in rec and rec["wall_seconds"] > 0
     assert rec["eval_dir"].endswith("fog/seed0/val") and rec["max_depth"] == 50.0
@@ -231,11 +232,11 @@ def test_heldout_accuracy_is_aggregated_with_the_source_at_step_0():
     assert "0.850 ± 0.050" in format_markdown(sweep)
 
 
-def test_parallel_workers_write_the_same_run_files(tiny, bench_root, tmp_path):
+def test_parallel_workers_write_the_same_run_files(tiny_model, bench_root, tmp_path):
     from westar.sweep import run_sweep
 
     kw = dict(methods=["source", "westar"], domains=["fog"], seeds=[0], split="val",
-              recipe=RECIPE, model=tiny, device="cpu", bench=fake_bench(), verbose=False)  # fmt: skip
+              recipe=RECIPE, model=tiny_model, device="cpu", bench=fake_bench(), verbose=False)  # fmt: skip
     counts = run_sweep(bench_root, tmp_path / "par", workers=2, **kw)
     assert counts == {"done": 3, "skipped": 0, "left": 0}
     names = sorted(p.stem for p in (tmp_path / "par" / "runs").glob("*.json"))
