@@ -27,3 +27,15 @@ def tiny_model(tmp_path_factory):
 def rng() -> torch.Generator:
     """A fresh, seeded generator per test (the seed is printed on failure by the test id)."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (device, mixed precision): a test that
+    trains in bf16 in this process (tests/trainer/test_gpu_check_tiny.py) must not leave
+    it to the next test, whose Trainer asks for another precision."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
