@@ -22,6 +22,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """These stages run bf16 in this process: Accelerate's state (a singleton) would refuse
+    the next test's precision, so it is reset after each test."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def _load(relpath: str, name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
     module = importlib.util.module_from_spec(spec)
