@@ -82,12 +82,16 @@ SEED_STRIDE = 100_000  # scenes per (split, seed) block
 
 MAX_DEPTH = 50.0  # evaluation cap in meters; the rooms are at most ~25 m deep
 STREETS = "streets"  # the natural shift: street scenes the source never saw (no corruption)
-STREETS_MAX_DEPTH = 80.0  # as the benchmark (westar.bench.MAX_DEPTH): backdrop <= ~80 m
 
 
 def max_depth(shift: str) -> float:
-    """Evaluation depth cap of a demo shift, meters."""
-    return STREETS_MAX_DEPTH if shift == STREETS else MAX_DEPTH
+    """Evaluation depth cap of a demo shift, meters: the benchmark's for streets
+    (westar.bench.MAX_DEPTH, the backdrop is at most ~80 m), MAX_DEPTH for rooms."""
+    if shift == STREETS:
+        from westar.bench.frozen import MAX_DEPTH as BENCH_MAX_DEPTH
+
+        return BENCH_MAX_DEPTH[STREETS]
+    return MAX_DEPTH
 
 
 # The demo's recipe is the benchmark sweep's (westar.sweep.DEFAULT_RECIPE), chosen on the

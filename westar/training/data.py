@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from westar.config import TrainConfig
-from westar.data import AdaptationDataset, DataError, collate, list_images, load_pairs
+from westar.data import AdaptationDataset, DataError, collate, load_pairs
 from westar.holdout import HeldOutPairs, split_pairs
 
 __all__ = [
@@ -108,16 +108,10 @@ def build_dataset(
                 "ordinal pairs file not found: make one with `westar pairs`, or train "
                 "without weak labels (--ablation no_weak or --lambda-w 0)",
             )
+    held = None
     if cfg.holdout_pairs > 0:
         pairs, held = split_pairs(load_pairs(pairs_file), cfg.holdout_pairs, cfg.seed)
-        images = {p.stem: p for p in list_images(cfg.resolved_images_dir())}
-        heldout = HeldOutPairs(images, held, cfg.output_space)
-        if heldout.num_pairs == 0:
-            raise DataError(
-                pairs_file,
-                f"--holdout-pairs {cfg.holdout_pairs:g} holds out no ordered pair "
-                "(too few pairs per image): raise it or use 0",
-            )
+        held_file = pairs_file
         if cfg.lambda_w == 0:  # held-out pairs measured, none trained on
             pairs_file = pairs = None
     depth_dir = None
@@ -138,6 +132,15 @@ def build_dataset(
         seed=cfg.seed,
         pairs=pairs,
     )
+    if held is not None:  # the images the dataset checked (and kept, with --skip-bad)
+        images = {s.stem: s.image for s in dataset.samples}
+        heldout = HeldOutPairs(images, held, cfg.output_space)
+        if heldout.num_pairs == 0:
+            raise DataError(
+                held_file,
+                f"--holdout-pairs {cfg.holdout_pairs:g} holds out no ordered pair "
+                "(too few pairs per image): raise it or use 0",
+            )
     return dataset, heldout
 
 
